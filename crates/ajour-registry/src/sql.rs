@@ -1,0 +1,344 @@
+//! The registry in SQL: SQLite or PostgreSQL through `sqlx`'s `Any` driver, so both run the same
+//! queries and the same migrations (`migrations/`). Placeholders are `$n`, which both accept.
+
+use crate::credentials::hash_plain_passwords;
+use crate::model::{Key, ListParams, Metadata, Resource, Scope};
+use crate::selector::LabelSelector;
+use crate::{Registry, RegistryError};
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How often a status write is retried when other writers keep changing the object.
+const STATUS_WRITE_ATTEMPTS: usize = 10;
+
+#[derive(Debug, Clone)]
+pub struct SqlRegistryOptions {
+    /// bcrypt cost for passwords given in plain text.
+    pub password_cost: u32,
+    pub max_connections: u32,
+}
+
+impl Default for SqlRegistryOptions {
+    fn default() -> Self {
+        Self {
+            password_cost: 10,
+            max_connections: 8,
+        }
+    }
+}
+
+/// The registry on SQLite or PostgreSQL.
+#[derive(Clone)]
+pub struct SqlRegistry {
+    pool: AnyPool,
+    options: SqlRegistryOptions,
+}
+
+const COLUMNS: &str =
+    "name, uid, creation_timestamp, generation, resource_version, labels, annotations, spec, status";
+
+impl SqlRegistry {
+    /// Connect to `url` (`sqlite://...` or `postgres://...`) and bring the schema up to date.
+    pub async fn connect(url: &str, options: SqlRegistryOptions) -> Result<Self, RegistryError> {
+        sqlx::any::install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            // SQLite serialises writers anyway; a few connections serve concurrent readers.
+            .max_connections(if is_sqlite { options.max_connections.min(4) } else { options.max_connections })
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool, options })
+    }
+
+    /// The SQLite database file in `data_dir`, created when missing.
+    pub fn sqlite_url(data_dir: &Path) -> String {
+        format!("sqlite://{}?mode=rwc", data_dir.join("ajour.db").display())
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    async fn fetch_row(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
+        let row = match key {
+            Key::App(app) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM applications WHERE name = $1"))
+                    .bind(app.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+            Key::Device(app, device) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM devices WHERE application = $1 AND name = $2"))
+                    .bind(app.as_str())
+                    .bind(device.as_str())
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
+        row.map(|row| resource_from_row(&row, key)).transpose()
+    }
+
+    /// Write `resource` over the stored object if its resource version is still `expected`.
+    /// Returns false when someone else wrote in between.
+    async fn replace_if_unchanged(&self, key: &Key, resource: &Resource, expected: &str) -> Result<bool, RegistryError> {
+        let m = &resource.metadata;
+        let (table, key_clause) = match key {
+            Key::App(_) => ("applications", "name = $6"),
+            Key::Device(..) => ("devices", "application = $7 AND name = $6"),
+        };
+        let sql = format!(
+            "UPDATE {table} SET generation = $1, resource_version = $2, labels = $3, annotations = $4, spec = $5, status = $8 \
+             WHERE {key_clause} AND resource_version = $9"
+        );
+        let (app, name) = key_parts(key);
+        let result = sqlx::query(&sql)
+            .bind(m.generation as i64)
+            .bind(m.resource_version.as_str())
+            .bind(to_text(&m.labels)?)
+            .bind(to_text(&m.annotations)?)
+            .bind(to_text(&resource.spec)?)
+            .bind(name)
+            .bind(app)
+            .bind(to_text(&resource.status)?)
+            .bind(expected)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    async fn hash_passwords(&self, key: &Key, spec: &mut Map<String, Value>) -> Result<(), RegistryError> {
+        if !matches!(key, Key::Device(..)) {
+            return Ok(());
+        }
+        let cost = self.options.password_cost;
+        let mut owned = std::mem::take(spec);
+        // bcrypt is deliberately slow; keep it off the async workers.
+        let hashed = tokio::task::spawn_blocking(move || hash_plain_passwords(&mut owned, cost).map(|_| owned))
+            .await
+            .map_err(|e| RegistryError::Hashing(e.to_string()))??;
+        *spec = hashed;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Registry for SqlRegistry {
+    async fn create(&self, key: &Key, mut resource: Resource) -> Result<Resource, RegistryError> {
+        check_names(key, &resource.metadata)?;
+        if let Key::Device(app, _) = key {
+            if self.fetch_row(&Key::App(app.clone())).await?.is_none() {
+                return Err(RegistryError::NotFound(format!("application '{app}'")));
+            }
+        }
+        self.hash_passwords(key, &mut resource.spec).await?;
+        let (app, name) = key_parts(key);
+        let m = &mut resource.metadata;
+        m.application = app.map(str::to_string);
+        m.uid = uuid::Uuid::new_v4().to_string();
+        m.creation_timestamp = Some(now());
+        m.generation = 1;
+        m.resource_version = uuid::Uuid::new_v4().to_string();
+        let sql = match key {
+            Key::App(_) => format!(
+                "INSERT INTO applications ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+            Key::Device(..) => format!(
+                "INSERT INTO devices (application, {COLUMNS}) VALUES ($10, $1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            ),
+        };
+        let mut query = sqlx::query(&sql)
+            .bind(name)
+            .bind(m.uid.as_str())
+            .bind(m.creation_timestamp.as_deref().unwrap_or_default())
+            .bind(m.generation as i64)
+            .bind(m.resource_version.as_str())
+            .bind(to_text(&m.labels)?)
+            .bind(to_text(&m.annotations)?)
+            .bind(to_text(&resource.spec)?)
+            .bind(to_text(&resource.status)?);
+        if let Some(app) = app {
+            query = query.bind(app);
+        }
+        match query.execute(&self.pool).await {
+            Ok(_) => Ok(resource),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RegistryError::AlreadyExists(key.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
+        self.fetch_row(key).await
+    }
+
+    async fn list(&self, scope: &Scope, params: &ListParams) -> Result<Vec<Resource>, RegistryError> {
+        let selector = LabelSelector::parse(params.labels.as_deref().unwrap_or_default())?;
+        let rows = match scope {
+            Scope::Apps => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM applications ORDER BY name"))
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            Scope::Devices(app) => {
+                sqlx::query(&format!("SELECT {COLUMNS} FROM devices WHERE application = $1 ORDER BY name"))
+                    .bind(app.as_str())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+        };
+        let application = match scope {
+            Scope::Apps => None,
+            Scope::Devices(app) => Some(app.as_str()),
+        };
+        let mut out = Vec::new();
+        // Labels are JSON text, so the selector is applied here rather than in SQL.
+        for row in rows {
+            let resource = resource_from_parts(&row, application)?;
+            if selector.matches(&resource.metadata.labels) {
+                out.push(resource);
+            }
+        }
+        let offset = params.offset.unwrap_or(0);
+        let limit = params.limit.unwrap_or(usize::MAX);
+        Ok(out.into_iter().skip(offset).take(limit).collect())
+    }
+
+    async fn update(&self, key: &Key, mut resource: Resource) -> Result<Resource, RegistryError> {
+        check_names(key, &resource.metadata)?;
+        let current = self
+            .fetch_row(key)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+        let given = &resource.metadata;
+        if (!given.resource_version.is_empty() && given.resource_version != current.metadata.resource_version)
+            || (!given.uid.is_empty() && given.uid != current.metadata.uid)
+        {
+            return Err(RegistryError::Conflict);
+        }
+        self.hash_passwords(key, &mut resource.spec).await?;
+        let m = &mut resource.metadata;
+        m.uid = current.metadata.uid.clone();
+        m.creation_timestamp = current.metadata.creation_timestamp.clone();
+        m.application = current.metadata.application.clone();
+        m.generation = current.metadata.generation + u64::from(resource.spec != current.spec);
+        m.resource_version = uuid::Uuid::new_v4().to_string();
+        if self
+            .replace_if_unchanged(key, &resource, &current.metadata.resource_version)
+            .await?
+        {
+            Ok(resource)
+        } else {
+            // Changed (or deleted) between our read and our write.
+            Err(RegistryError::Conflict)
+        }
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), RegistryError> {
+        let deleted = match key {
+            Key::App(app) => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("DELETE FROM devices WHERE application = $1")
+                    .bind(app.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                let result = sqlx::query("DELETE FROM applications WHERE name = $1")
+                    .bind(app.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                result.rows_affected()
+            }
+            Key::Device(app, device) => sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
+                .bind(app.as_str())
+                .bind(device.as_str())
+                .execute(&self.pool)
+                .await?
+                .rows_affected(),
+        };
+        if deleted == 0 {
+            return Err(RegistryError::NotFound(key.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
+        for _ in 0..STATUS_WRITE_ATTEMPTS {
+            let mut resource = self
+                .fetch_row(key)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+            let expected = std::mem::take(&mut resource.metadata.resource_version);
+            resource.status.insert(section.to_string(), value.clone());
+            resource.metadata.resource_version = uuid::Uuid::new_v4().to_string();
+            if self.replace_if_unchanged(key, &resource, &expected).await? {
+                return Ok(());
+            }
+        }
+        Err(RegistryError::Conflict)
+    }
+}
+
+fn check_names(key: &Key, metadata: &Metadata) -> Result<(), RegistryError> {
+    let (app, name) = key_parts(key);
+    if metadata.name != name {
+        return Err(RegistryError::Invalid(format!(
+            "metadata.name '{}' does not match the name in the path '{name}'",
+            metadata.name
+        )));
+    }
+    match (app, metadata.application.as_deref()) {
+        (None, Some(_)) => Err(RegistryError::Invalid("an application has no metadata.application".into())),
+        (Some(app), Some(given)) if given != app => Err(RegistryError::Invalid(format!(
+            "metadata.application '{given}' does not match the application in the path '{app}'"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn key_parts(key: &Key) -> (Option<&str>, &str) {
+    match key {
+        Key::App(app) => (None, app.as_str()),
+        Key::Device(app, device) => (Some(app.as_str()), device.as_str()),
+    }
+}
+
+fn resource_from_row(row: &AnyRow, key: &Key) -> Result<Resource, RegistryError> {
+    resource_from_parts(row, key_parts(key).0)
+}
+
+fn resource_from_parts(row: &AnyRow, application: Option<&str>) -> Result<Resource, RegistryError> {
+    let generation: i64 = row.try_get("generation")?;
+    let metadata = Metadata {
+        name: row.try_get("name")?,
+        application: application.map(str::to_string),
+        uid: row.try_get("uid")?,
+        creation_timestamp: Some(row.try_get("creation_timestamp")?),
+        generation: generation as u64,
+        resource_version: row.try_get("resource_version")?,
+        labels: from_text::<BTreeMap<String, String>>(row, "labels")?,
+        annotations: from_text::<BTreeMap<String, String>>(row, "annotations")?,
+        ..Default::default()
+    };
+    Ok(Resource {
+        metadata,
+        spec: from_text(row, "spec")?,
+        status: from_text(row, "status")?,
+    })
+}
+
+fn from_text<T: serde::de::DeserializeOwned>(row: &AnyRow, column: &str) -> Result<T, RegistryError> {
+    let text: String = row.try_get(column)?;
+    serde_json::from_str(&text).map_err(|e| RegistryError::Corrupt(format!("column {column}: {e}")))
+}
+
+fn to_text<T: serde::Serialize>(value: &T) -> Result<String, RegistryError> {
+    serde_json::to_string(value).map_err(|e| RegistryError::Corrupt(e.to_string()))
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

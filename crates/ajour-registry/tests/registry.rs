@@ -1,0 +1,178 @@
+//! The registry's behaviour, run against both backends: SQLite in a temp dir and a PostgreSQL
+//! database of the test's own.
+
+use ajour_registry::*;
+use ajour_testkit::TestDatabase;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+struct Backend {
+    registry: SqlRegistry,
+    _sqlite_dir: Option<tempfile::TempDir>,
+    _postgres: Option<TestDatabase>,
+}
+
+async fn backends() -> Vec<(&'static str, Backend)> {
+    let options = SqlRegistryOptions { password_cost: 4, ..Default::default() };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqlRegistry::connect(&SqlRegistry::sqlite_url(dir.path()), options.clone()).await.unwrap();
+    let db = TestDatabase::create().await;
+    let postgres = SqlRegistry::connect(db.url(), options).await.unwrap();
+    vec![
+        ("sqlite", Backend { registry: sqlite, _sqlite_dir: Some(dir), _postgres: None }),
+        ("postgres", Backend { registry: postgres, _sqlite_dir: None, _postgres: Some(db) }),
+    ]
+}
+
+fn app_key(name: &str) -> Key {
+    Key::App(AppName::parse(name).unwrap())
+}
+
+fn device_key(app: &str, name: &str) -> Key {
+    Key::Device(AppName::parse(app).unwrap(), DeviceName::parse(name).unwrap())
+}
+
+fn resource(value: Value) -> Resource {
+    serde_json::from_value(value).unwrap()
+}
+
+#[tokio::test]
+async fn create_get_list_delete() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        let app = r
+            .create(&app_key("my-app"), resource(json!({"metadata": {"name": "my-app", "labels": {"env": "prod"}}, "spec": {"firmware": {"file": {"name": "fw"}}}})))
+            .await
+            .unwrap();
+        assert_eq!(app.metadata.generation, 1, "{backend}");
+        assert!(!app.metadata.uid.is_empty() && !app.metadata.resource_version.is_empty());
+        assert!(matches!(
+            r.create(&app_key("my-app"), resource(json!({"metadata": {"name": "my-app"}}))).await,
+            Err(RegistryError::AlreadyExists(_))
+        ), "{backend}");
+        r.create(&app_key("other"), resource(json!({"metadata": {"name": "other"}}))).await.unwrap();
+
+        let got = r.get(&app_key("my-app")).await.unwrap().unwrap();
+        assert_eq!(got, app, "{backend}");
+
+        let all = r.list(&Scope::Apps, &ListParams::default()).await.unwrap();
+        assert_eq!(all.iter().map(|a| a.metadata.name.as_str()).collect::<Vec<_>>(), ["my-app", "other"], "{backend}");
+        let prod = r.list(&Scope::Apps, &ListParams { labels: Some("env=prod".into()), ..Default::default() }).await.unwrap();
+        assert_eq!(prod.len(), 1, "{backend}");
+        let paged = r.list(&Scope::Apps, &ListParams { offset: Some(1), limit: Some(1), ..Default::default() }).await.unwrap();
+        assert_eq!(paged[0].metadata.name, "other", "{backend}");
+
+        // Devices need their application.
+        assert!(matches!(
+            r.create(&device_key("missing", "d1"), resource(json!({"metadata": {"name": "d1"}}))).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        let device = r
+            .create(&device_key("my-app", "d1"), resource(json!({"metadata": {"name": "d1", "application": "my-app"}})))
+            .await
+            .unwrap();
+        assert_eq!(device.metadata.application.as_deref(), Some("my-app"));
+        let devices = r.list(&Scope::Devices(AppName::parse("my-app").unwrap()), &ListParams::default()).await.unwrap();
+        assert_eq!(devices.len(), 1, "{backend}");
+
+        // Deleting the application deletes its devices.
+        r.delete(&app_key("my-app")).await.unwrap();
+        assert!(r.get(&device_key("my-app", "d1")).await.unwrap().is_none(), "{backend}");
+        assert!(matches!(r.delete(&app_key("my-app")).await, Err(RegistryError::NotFound(_))));
+    }
+}
+
+#[tokio::test]
+async fn names_must_match_the_path() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        assert!(matches!(
+            r.create(&app_key("a"), resource(json!({"metadata": {"name": "b"}}))).await,
+            Err(RegistryError::Invalid(_))
+        ), "{backend}");
+        r.create(&app_key("a"), resource(json!({"metadata": {"name": "a"}}))).await.unwrap();
+        assert!(matches!(
+            r.create(&device_key("a", "d"), resource(json!({"metadata": {"name": "d", "application": "z"}}))).await,
+            Err(RegistryError::Invalid(_))
+        ), "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn optimistic_locking_and_generation() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        let created = r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}, "spec": {"a": 1}}))).await.unwrap();
+
+        // Same spec, new labels: generation unchanged, resource version changed.
+        let mut same_spec = created.clone();
+        same_spec.metadata.labels.insert("x".into(), "y".into());
+        let updated = r.update(&app_key("app"), same_spec).await.unwrap();
+        assert_eq!(updated.metadata.generation, 1, "{backend}");
+        assert_ne!(updated.metadata.resource_version, created.metadata.resource_version);
+
+        // A stale resource version is a conflict.
+        let mut stale = created.clone();
+        stale.spec.insert("a".into(), json!(2));
+        assert!(matches!(r.update(&app_key("app"), stale).await, Err(RegistryError::Conflict)), "{backend}");
+
+        // Spec change with the current version bumps the generation.
+        let mut fresh = updated.clone();
+        fresh.spec.insert("a".into(), json!(2));
+        let bumped = r.update(&app_key("app"), fresh).await.unwrap();
+        assert_eq!(bumped.metadata.generation, 2, "{backend}");
+
+        // An empty resource version means no check; a wrong uid is a conflict.
+        let mut unchecked = bumped.clone();
+        unchecked.metadata.resource_version.clear();
+        r.update(&app_key("app"), unchecked).await.unwrap();
+        let mut wrong_uid = r.get(&app_key("app")).await.unwrap().unwrap();
+        wrong_uid.metadata.uid = "not-it".into();
+        assert!(matches!(r.update(&app_key("app"), wrong_uid).await, Err(RegistryError::Conflict)), "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn passwords_are_stored_hashed() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}}))).await.unwrap();
+        let device = r
+            .create(&device_key("app", "d"), resource(json!({"metadata": {"name": "d"}, "spec": {"authentication": {"credentials": [{"pass": "hey-rodney"}]}}})))
+            .await
+            .unwrap();
+        let stored = r.get(&device_key("app", "d")).await.unwrap().unwrap();
+        assert_eq!(stored, device);
+        assert!(!serde_json::to_string(&stored).unwrap().contains("hey-rodney"), "{backend}");
+        assert_eq!(verify_password(&stored.spec, "d", "hey-rodney"), PasswordCheck::Valid);
+        assert_eq!(verify_password(&stored.spec, "d", "nope"), PasswordCheck::Invalid);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_status_writes_all_land_and_keep_the_spec() {
+    for (backend, b) in backends().await {
+        let r = Arc::new(b.registry.clone());
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}}))).await.unwrap();
+        r.create(&device_key("app", "d"), resource(json!({"metadata": {"name": "d"}, "spec": {"keep": true}}))).await.unwrap();
+        let writers: Vec<_> = (0..8)
+            .map(|i| {
+                let r = r.clone();
+                tokio::spawn(async move { r.set_status_section(&device_key("app", "d"), &format!("s{i}"), json!(i)).await })
+            })
+            .collect();
+        for w in writers {
+            w.await.unwrap().unwrap();
+        }
+        let device = r.get(&device_key("app", "d")).await.unwrap().unwrap();
+        for i in 0..8 {
+            assert_eq!(device.status.get(&format!("s{i}")), Some(&json!(i)), "{backend}: status s{i}");
+        }
+        assert_eq!(device.spec.get("keep"), Some(&json!(true)));
+        assert_eq!(device.metadata.generation, 1, "{backend}: status writes keep the generation");
+        assert!(matches!(
+            r.set_status_section(&device_key("app", "gone"), "firmware", json!({})).await,
+            Err(RegistryError::NotFound(_))
+        ));
+    }
+}
