@@ -27,7 +27,7 @@ pub enum DecodeError {
     Empty,
     #[error("payload of {size} bytes is larger than the {max} bytes a status may have")]
     TooLarge { size: usize, max: usize },
-    #[error("invalid CBOR at byte {offset}: {reason}")]
+    #[error("invalid CBOR status: {reason}")]
     Malformed { offset: u64, reason: String },
     #[error("invalid checksum: a Swap carries a 32-byte SHA-256, got {0} bytes")]
     ChecksumLength(usize),

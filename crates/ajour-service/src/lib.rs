@@ -1,1 +1,199 @@
-//! placeholder
+//! The update service: one device status in, one command out.
+//!
+//! [`UpdateService::handle_status`] is what every transport calls. It finds the firmware the device
+//! should run (the device's `spec.firmware` over its application's, read through a short-lived
+//! cache rather than from the database on every block), gets the image from the firmware source,
+//! asks the engine for the next command, and records the device's progress in
+//! `status.firmware` without writing to the database for every block (see [`tracker`]).
+//!
+//! It also checks device passwords ([`UpdateService::authenticate`]): the slow hash is verified once,
+//! after which the same credential is recognised by a keyed hash held in memory.
+//!
+//! This crate does no network I/O of its own; the registry and firmware source are traits.
+
+mod auth;
+mod context;
+pub mod tracker;
+
+pub use auth::AuthError;
+pub use tracker::{FirmwareState, FirmwareStatus};
+
+use ajour_engine::{decide, wait, EngineConfig, Outcome, Target};
+use ajour_protocol::{encode_command, Status};
+use ajour_registry::{Key, Registry, Resource};
+use ajour_store::FirmwareSource;
+use context::ContextCache;
+use std::sync::Arc;
+use std::time::Duration;
+use tracker::StatusTracker;
+
+/// Tunables of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub engine: EngineConfig,
+    /// Seconds a device with no firmware set waits before asking again.
+    pub unmanaged_poll: u32,
+    /// How long a device's and application's spec are reused before being read again. Changes
+    /// made through this server's API take effect at once; other writers within this bound.
+    pub spec_cache_ttl: Duration,
+    /// Progress is written to the registry at most this often per device.
+    pub progress_interval: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            unmanaged_poll: 300,
+            spec_cache_ttl: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The answer to one status: the encoded command and its kind (`wait`, `sync`, `write`, `swap`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub command: Vec<u8>,
+    pub kind: &'static str,
+}
+
+pub struct UpdateService {
+    registry: Arc<dyn Registry>,
+    firmware: Arc<dyn FirmwareSource>,
+    config: ServiceConfig,
+    contexts: ContextCache,
+    auth: auth::CredentialCache,
+    tracker: StatusTracker,
+}
+
+impl UpdateService {
+    pub fn new(registry: Arc<dyn Registry>, firmware: Arc<dyn FirmwareSource>, config: ServiceConfig) -> Self {
+        Self {
+            contexts: ContextCache::new(config.spec_cache_ttl),
+            auth: auth::CredentialCache::new(),
+            tracker: StatusTracker::new(registry.clone(), config.progress_interval),
+            registry,
+            firmware,
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &ServiceConfig {
+        &self.config
+    }
+
+    /// Decide what device `key` gets for `status`. Never fails: whatever goes wrong on the
+    /// server's side (registry down, firmware missing or corrupt) makes the device wait, and the
+    /// device's status says why.
+    pub async fn handle_status(&self, key: &Key, status: &Status) -> Reply {
+        let correlation_id = status.correlation_id;
+        let context = match self.contexts.get(self.registry.as_ref(), key).await {
+            Ok(Some(context)) => context,
+            Ok(None) => {
+                tracing::debug!(%key, "status from a device not in the registry");
+                return reply(&wait(correlation_id, self.config.unmanaged_poll).command);
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "registry unavailable; device told to wait");
+                return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+            }
+        };
+        let current = String::from_utf8_lossy(&status.version).into_owned();
+        let spec = match &context.firmware {
+            Ok(Some(spec)) => spec,
+            Ok(None) => return reply(&wait(correlation_id, self.config.unmanaged_poll).command),
+            Err(reason) => {
+                self.tracker.record(key, FirmwareStatus::error(current, reason.clone())).await;
+                return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+            }
+        };
+        let image = match self.firmware.fetch(spec).await {
+            Ok(image) => image,
+            Err(error) => {
+                self.tracker.record(key, FirmwareStatus::error(current, error.to_string())).await;
+                return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+            }
+        };
+        let decision = decide(status, Target::Ready(&image), &self.config.engine);
+        let target = image.version().to_string();
+        let state = match decision.outcome {
+            Outcome::InSync => FirmwareState::InSync,
+            Outcome::Writing { offset, len, size } => FirmwareState::Updating {
+                percent: percent(offset as u64 + len as u64, size as u64),
+            },
+            Outcome::Swapping => FirmwareState::Updating { percent: 100.0 },
+            Outcome::Waiting => FirmwareState::Error {
+                reason: "firmware image is empty".into(),
+            },
+        };
+        self.tracker.record(key, FirmwareStatus { current, target, state }).await;
+        reply(&decision.command)
+    }
+
+    /// Check the password a device presented as `username` (its own name, or the user name of a
+    /// `user` credential). Unknown devices and wrong passwords are both [`AuthError::Denied`].
+    pub async fn authenticate(&self, key: &Key, username: &str, password: &str) -> Result<(), AuthError> {
+        let context = self
+            .contexts
+            .get(self.registry.as_ref(), key)
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?
+            .ok_or(AuthError::Denied)?;
+        self.auth.check(key, &context, username, password).await
+    }
+
+    /// Forget what is cached about `key` (an application: all its devices), after a write.
+    pub fn invalidate(&self, key: &Key) {
+        self.contexts.invalidate(key);
+        self.auth.invalidate(key);
+    }
+
+    /// Put the device's latest firmware status into `resource`, including progress not written
+    /// to the registry yet, so the API always shows where a device is.
+    pub fn overlay_status(&self, key: &Key, resource: &mut Resource) {
+        if let Some(pending) = self.tracker.pending_json(key) {
+            resource.status.insert("firmware".into(), pending);
+        }
+    }
+
+    /// Write progress that is due. Called periodically by [`Self::run_status_writer`], and on shutdown.
+    pub async fn flush_status(&self, force: bool) {
+        self.tracker.flush(force).await;
+    }
+
+    /// Write pending progress every `progress_interval` until `shutdown` resolves, then write all
+    /// that is left.
+    pub async fn run_status_writer(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
+        let mut tick = tokio::time::interval((self.config.progress_interval / 2).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.flush_status(false).await,
+                _ = &mut shutdown => break,
+            }
+        }
+        self.flush_status(true).await;
+    }
+
+    /// The number of registry writes of `status.firmware` so far (for benchmarks and tests).
+    pub fn status_writes(&self) -> u64 {
+        self.tracker.writes()
+    }
+}
+
+fn reply(command: &ajour_protocol::Command<'_>) -> Reply {
+    Reply {
+        command: encode_command(command),
+        kind: command.kind(),
+    }
+}
+
+fn percent(done: u64, size: u64) -> f64 {
+    if size == 0 {
+        100.0
+    } else {
+        done as f64 * 100.0 / size as f64
+    }
+}

@@ -1,0 +1,137 @@
+//! `/api/registry/v1alpha1`: applications and their devices.
+
+use crate::{ApiError, ApiState};
+use ajour_registry::{AppName, DeviceName, Key, ListParams, Resource, Scope};
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+const BASE: &str = "/api/registry/v1alpha1";
+
+pub(crate) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route(&format!("{BASE}/apps"), get(list_apps).post(create_app))
+        .route(&format!("{BASE}/apps/{{app}}"), get(get_app).put(update_app).delete(delete_app))
+        .route(&format!("{BASE}/apps/{{app}}/devices"), get(list_devices).post(create_device))
+        .route(
+            &format!("{BASE}/apps/{{app}}/devices/{{device}}"),
+            get(get_device).put(update_device).delete(delete_device),
+        )
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn app_key(app: &str) -> Result<Key, ApiError> {
+    Ok(Key::App(AppName::parse(app)?))
+}
+
+fn device_key(app: &str, device: &str) -> Result<Key, ApiError> {
+    Ok(Key::Device(AppName::parse(app)?, DeviceName::parse(device)?))
+}
+
+/// Parse a body ourselves, so a malformed one gets a message saying what is wrong.
+fn parse_body(body: &Bytes) -> Result<Resource, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid object: {e}")))
+}
+
+async fn list(state: &ApiState, scope: Scope, params: ListParams) -> ApiResult {
+    let items = state.registry.list(&scope, &params).await?;
+    let items: Vec<Resource> = match scope {
+        Scope::Apps => items,
+        Scope::Devices(app) => items
+            .into_iter()
+            .map(|mut device| {
+                if let Ok(name) = DeviceName::parse(&device.metadata.name) {
+                    state.service.overlay_status(&Key::Device(app.clone(), name), &mut device);
+                }
+                device
+            })
+            .collect(),
+    };
+    Ok(Json(items).into_response())
+}
+
+async fn get_one(state: &ApiState, key: Key) -> ApiResult {
+    let mut resource = state
+        .registry
+        .get(&key)
+        .await?
+        .ok_or_else(|| ajour_registry::RegistryError::NotFound(key.to_string()))?;
+    state.service.overlay_status(&key, &mut resource);
+    Ok(Json(resource).into_response())
+}
+
+async fn create(state: &ApiState, key: Key, body: Bytes, location: String) -> ApiResult {
+    let mut resource = parse_body(&body)?;
+    if let Key::Device(app, _) = &key {
+        // Drogue lets clients omit the application on create; the path says it.
+        resource.metadata.application.get_or_insert_with(|| app.to_string());
+    }
+    let created = state.registry.create(&key, resource).await?;
+    state.service.invalidate(&key);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(created)).into_response())
+}
+
+async fn update(state: &ApiState, key: Key, body: Bytes) -> ApiResult {
+    let resource = parse_body(&body)?;
+    state.registry.update(&key, resource).await?;
+    state.service.invalidate(&key);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn delete(state: &ApiState, key: Key) -> ApiResult {
+    state.registry.delete(&key).await?;
+    state.service.invalidate(&key);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_apps(State(state): State<ApiState>, Query(params): Query<ListParams>) -> ApiResult {
+    list(&state, Scope::Apps, params).await
+}
+
+async fn create_app(State(state): State<ApiState>, body: Bytes) -> ApiResult {
+    let name = parse_body(&body)?.metadata.name;
+    let key = app_key(&name)?;
+    create(&state, key, body, format!("{BASE}/apps/{name}")).await
+}
+
+async fn get_app(State(state): State<ApiState>, Path(app): Path<String>) -> ApiResult {
+    get_one(&state, app_key(&app)?).await
+}
+
+async fn update_app(State(state): State<ApiState>, Path(app): Path<String>, body: Bytes) -> ApiResult {
+    update(&state, app_key(&app)?, body).await
+}
+
+async fn delete_app(State(state): State<ApiState>, Path(app): Path<String>) -> ApiResult {
+    delete(&state, app_key(&app)?).await
+}
+
+async fn list_devices(State(state): State<ApiState>, Path(app): Path<String>, Query(params): Query<ListParams>) -> ApiResult {
+    let app = AppName::parse(&app)?;
+    if state.registry.get(&Key::App(app.clone())).await?.is_none() {
+        return Err(ajour_registry::RegistryError::NotFound(format!("application '{app}'")).into());
+    }
+    list(&state, Scope::Devices(app), params).await
+}
+
+async fn create_device(State(state): State<ApiState>, Path(app): Path<String>, body: Bytes) -> ApiResult {
+    let name = parse_body(&body)?.metadata.name;
+    let key = device_key(&app, &name)?;
+    create(&state, key, body, format!("{BASE}/apps/{app}/devices/{name}")).await
+}
+
+async fn get_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>) -> ApiResult {
+    get_one(&state, device_key(&app, &device)?).await
+}
+
+async fn update_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>, body: Bytes) -> ApiResult {
+    update(&state, device_key(&app, &device)?, body).await
+}
+
+async fn delete_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>) -> ApiResult {
+    delete(&state, device_key(&app, &device)?).await
+}

@@ -1,0 +1,95 @@
+//! What the service needs to know about a device, read from the registry and reused for a short
+//! while: a device sends one status per block, and reading two objects from the database for each
+//! would make the database the bottleneck.
+
+use ajour_registry::{Key, Registry, RegistryError, Resource};
+use ajour_store::FirmwareSpec;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+/// A device's firmware and credentials, resolved.
+#[derive(Debug)]
+pub(crate) struct DeviceContext {
+    /// The firmware to run: the device's section over the application's; `None` when neither has
+    /// one (the device is not managed); `Err` when the applicable section is malformed.
+    pub firmware: Result<Option<FirmwareSpec>, String>,
+    /// The device's spec, for its credentials.
+    pub spec: serde_json::Map<String, Value>,
+    /// SHA-256 of the device's credentials: a credential verified against other ones is void.
+    pub credentials_fingerprint: [u8; 32],
+}
+
+pub(crate) struct ContextCache {
+    ttl: Duration,
+    entries: RwLock<HashMap<Key, (Instant, Arc<DeviceContext>)>>,
+}
+
+impl ContextCache {
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: RwLock::default(),
+        }
+    }
+
+    /// The context of device `key`; `None` when the device (or its application) does not exist.
+    /// Only existing devices are cached, so names sent by strangers take no memory.
+    pub async fn get(&self, registry: &dyn Registry, key: &Key) -> Result<Option<Arc<DeviceContext>>, RegistryError> {
+        if let Some((at, context)) = self.entries.read().unwrap().get(key) {
+            if at.elapsed() < self.ttl {
+                return Ok(Some(context.clone()));
+            }
+        }
+        let Key::Device(app, _) = key else {
+            return Ok(None);
+        };
+        let Some(device) = registry.get(key).await? else {
+            return Ok(None);
+        };
+        let Some(application) = registry.get(&Key::App(app.clone())).await? else {
+            return Ok(None);
+        };
+        let context = Arc::new(resolve(&device, &application));
+        self.entries
+            .write()
+            .unwrap()
+            .insert(key.clone(), (Instant::now(), context.clone()));
+        Ok(Some(context))
+    }
+
+    pub fn invalidate(&self, key: &Key) {
+        let mut entries = self.entries.write().unwrap();
+        match key {
+            Key::Device(..) => {
+                entries.remove(key);
+            }
+            Key::App(app) => entries.retain(|k, _| k.app() != app),
+        }
+    }
+}
+
+fn resolve(device: &Resource, application: &Resource) -> DeviceContext {
+    // A device section that fails to parse is an error, not a fall-through to the application's:
+    // silently serving the application's firmware to a device meant to differ would be worse.
+    let firmware = match (device.spec.get("firmware"), application.spec.get("firmware")) {
+        (Some(section), _) | (None, Some(section)) => FirmwareSpec::from_json(section)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        (None, None) => Ok(None),
+    };
+    let mut hasher = Sha256::new();
+    for section in ["authentication", "credentials"] {
+        if let Some(value) = device.spec.get(section) {
+            hasher.update(section.as_bytes());
+            hasher.update(value.to_string().as_bytes());
+        }
+    }
+    DeviceContext {
+        firmware,
+        spec: device.spec.clone(),
+        credentials_fingerprint: hasher.finalize().into(),
+    }
+}

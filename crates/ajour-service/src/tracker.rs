@@ -1,0 +1,231 @@
+//! `status.firmware` of each device, kept current without a database write per block.
+//!
+//! Every status a device sends updates the device's entry here. A change of phase (in sync,
+//! updating, failing; or a new current or target version) is written to the registry at once;
+//! progress within a phase at most once per interval, by the caller when the interval has passed
+//! or by the periodic flush. Writes for one device are serialised and always write the newest
+//! state, so a late progress write can never overwrite the final "in sync".
+
+use ajour_registry::{Key, Registry, RegistryError};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a device is with its firmware.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FirmwareState {
+    InSync,
+    Updating { percent: f64 },
+    Error { reason: String },
+}
+
+/// A device's firmware status: what it runs, what it should run, and how far along it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FirmwareStatus {
+    pub current: String,
+    pub target: String,
+    pub state: FirmwareState,
+}
+
+impl FirmwareStatus {
+    /// The firmware could not be had; the original's shape: target "Unknown".
+    pub fn error(current: String, reason: String) -> Self {
+        Self {
+            current,
+            target: "Unknown".into(),
+            state: FirmwareState::Error { reason },
+        }
+    }
+
+    /// Equal but for progress within an update.
+    fn same_phase(&self, other: &Self) -> bool {
+        let phase = |s: &FirmwareState| match s {
+            FirmwareState::Updating { .. } => None,
+            other => Some(other.clone()),
+        };
+        self.current == other.current && self.target == other.target && phase(&self.state) == phase(&other.state)
+    }
+
+    /// The conditions in Drogue's shape.
+    fn conditions(&self) -> Vec<Condition> {
+        match &self.state {
+            FirmwareState::InSync => vec![Condition::new("InSync", "True", None, None)],
+            FirmwareState::Updating { percent } => vec![
+                Condition::new("InSync", "False", None, None),
+                Condition::new("UpdateProgress", "Unknown", None, Some(format!("{percent:.2}"))),
+            ],
+            FirmwareState::Error { reason } => vec![Condition::new(
+                "InSync",
+                "False",
+                Some(reason.clone()),
+                Some("Error retrieving firmware metadata".into()),
+            )],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Condition {
+    kind: &'static str,
+    status: &'static str,
+    reason: Option<String>,
+    message: Option<String>,
+}
+
+impl Condition {
+    fn new(kind: &'static str, status: &'static str, reason: Option<String>, message: Option<String>) -> Self {
+        Self {
+            kind,
+            status,
+            reason,
+            message,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tracked {
+    written: Option<FirmwareStatus>,
+    pending: Option<FirmwareStatus>,
+    last_write: Option<Instant>,
+    /// When each condition type last changed its status: `lastTransitionTime` moves only then.
+    transitions: HashMap<&'static str, (&'static str, String)>,
+    write_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Tracked {
+    fn to_json(&mut self, status: &FirmwareStatus) -> Value {
+        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let conditions: Vec<Value> = status
+            .conditions()
+            .into_iter()
+            .map(|c| {
+                let since = match self.transitions.get(c.kind) {
+                    Some((status, since)) if *status == c.status => since.clone(),
+                    _ => {
+                        self.transitions.insert(c.kind, (c.status, now.clone()));
+                        now.clone()
+                    }
+                };
+                let mut condition = json!({"type": c.kind, "status": c.status, "lastTransitionTime": since});
+                if let Some(reason) = c.reason {
+                    condition["reason"] = reason.into();
+                }
+                if let Some(message) = c.message {
+                    condition["message"] = message.into();
+                }
+                condition
+            })
+            .collect();
+        json!({"current": status.current, "target": status.target, "conditions": conditions})
+    }
+
+    fn due(&self, interval: Duration) -> bool {
+        self.last_write.map(|at| at.elapsed() >= interval).unwrap_or(true)
+    }
+}
+
+pub(crate) struct StatusTracker {
+    registry: Arc<dyn Registry>,
+    interval: Duration,
+    devices: Mutex<HashMap<Key, Tracked>>,
+    writes: AtomicU64,
+}
+
+impl StatusTracker {
+    pub fn new(registry: Arc<dyn Registry>, interval: Duration) -> Self {
+        Self {
+            registry,
+            interval,
+            devices: Mutex::default(),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    /// Note the device's status; write it now when its phase changed or the interval has passed.
+    pub async fn record(&self, key: &Key, status: FirmwareStatus) {
+        let write_now = {
+            let mut devices = self.devices.lock().unwrap();
+            let tracked = devices.entry(key.clone()).or_default();
+            if tracked.pending.is_none() && tracked.written.as_ref() == Some(&status) {
+                return;
+            }
+            let phase_changed = match (&tracked.pending, &tracked.written) {
+                (Some(last), _) | (None, Some(last)) => !last.same_phase(&status),
+                (None, None) => true,
+            };
+            let write_now = phase_changed || tracked.due(self.interval);
+            tracked.pending = Some(status);
+            write_now
+        };
+        if write_now {
+            self.write_latest(key).await;
+        }
+    }
+
+    /// The status not yet written for `key`, as JSON.
+    pub fn pending_json(&self, key: &Key) -> Option<Value> {
+        let mut devices = self.devices.lock().unwrap();
+        let tracked = devices.get_mut(key)?;
+        let pending = tracked.pending.clone()?;
+        Some(tracked.to_json(&pending))
+    }
+
+    /// Write pending progress that is due (or all of it, when `force`).
+    pub async fn flush(&self, force: bool) {
+        let due: Vec<Key> = {
+            let devices = self.devices.lock().unwrap();
+            devices
+                .iter()
+                .filter(|(_, t)| t.pending.is_some() && (force || t.due(self.interval)))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
+        for key in due {
+            self.write_latest(&key).await;
+        }
+    }
+
+    /// Write the newest pending status of `key`, one write at a time per device.
+    async fn write_latest(&self, key: &Key) {
+        let Some(lock) = self.devices.lock().unwrap().get(key).map(|t| t.write_lock.clone()) else {
+            return;
+        };
+        let _writing = lock.lock().await;
+        let (status, value) = {
+            let mut devices = self.devices.lock().unwrap();
+            let Some(tracked) = devices.get_mut(key) else { return };
+            let Some(status) = tracked.pending.take() else { return };
+            let value = tracked.to_json(&status);
+            (status, value)
+        };
+        let result = self.registry.set_status_section(key, "firmware", value).await;
+        let mut devices = self.devices.lock().unwrap();
+        match result {
+            Ok(()) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
+                if let Some(tracked) = devices.get_mut(key) {
+                    tracked.written = Some(status);
+                    tracked.last_write = Some(Instant::now());
+                }
+            }
+            Err(RegistryError::NotFound(_)) => {
+                devices.remove(key);
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "writing firmware status failed; will retry");
+                if let Some(tracked) = devices.get_mut(key) {
+                    // Keep the newest: a status recorded meanwhile wins over the one that failed.
+                    tracked.pending.get_or_insert(status);
+                    tracked.last_write = Some(Instant::now());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Drogue-compatible HTTP device endpoint.
+//!
+//! `POST /v1/{channel}[?ct=N][&application=APP]`, Basic auth `device@app:password` (or
+//! `device:password` with `?application=`). On channel `dfu` the body is a CBOR status and the
+//! answer is `200` with header `command: dfu` and the CBOR command as body, at once: a command is
+//! always ready, so `ct` needs no waiting. Other channels are accepted with `202` and no body.
+//!
+//! | case | answer |
+//! |---|---|
+//! | no or malformed `Authorization` | 401 |
+//! | unknown device or wrong password | 403 |
+//! | body larger than a status can be | 413 |
+//! | body that is not a status | 400, naming what is wrong |
+//! | registry unreachable while authenticating | 503 |
+
+use ajour_protocol::{decode_status, MAX_STATUS_SIZE};
+use ajour_registry::{AppName, DeviceName, Key};
+use ajour_service::{AuthError, UpdateService};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use base64::Engine;
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// The channel DFU statuses arrive on, and the name of the command they are answered with.
+pub const DFU_CHANNEL: &str = "dfu";
+
+#[derive(Debug, Deserialize)]
+pub struct EndpointQuery {
+    /// How long the device is willing to wait for a command. Ajour answers at once.
+    #[allow(dead_code)]
+    ct: Option<u64>,
+    application: Option<String>,
+    #[serde(rename = "as")]
+    as_device: Option<String>,
+}
+
+/// The device endpoint's routes.
+pub fn router(service: Arc<UpdateService>) -> Router {
+    Router::new()
+        .route("/v1/{channel}", post(publish))
+        .with_state(service)
+}
+
+async fn publish(
+    State(service): State<Arc<UpdateService>>,
+    Path(channel): Path<String>,
+    Query(query): Query<EndpointQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Some((user, password)) = basic_credentials(&headers) else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"ajour\"")],
+            "missing or malformed Basic authorization: use device@application:password\n",
+        )
+            .into_response();
+    };
+    if query.as_device.is_some() {
+        return (
+            StatusCode::FORBIDDEN,
+            "publishing on behalf of another device (as=) is not supported by this endpoint\n",
+        )
+            .into_response();
+    }
+    let key = match parse_key(&user, query.application.as_deref()) {
+        Ok(key) => key,
+        Err(KeyError::NoApplication) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                "no application: authenticate as device@application or add ?application=\n",
+            )
+                .into_response()
+        }
+        // A name that cannot exist is an unknown device: the same answer as a wrong password.
+        Err(KeyError::InvalidName) => return StatusCode::FORBIDDEN.into_response(),
+    };
+    let username = user.split_once('@').map(|(d, _)| d).unwrap_or(&user);
+    match service.authenticate(&key, username, &password).await {
+        Ok(()) => {}
+        Err(AuthError::Denied) => return StatusCode::FORBIDDEN.into_response(),
+        Err(AuthError::Unavailable(reason)) => {
+            tracing::warn!(%reason, "device authentication unavailable");
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
+        Ok(bytes) => bytes,
+        Err(_) => {
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("a status is at most {MAX_STATUS_SIZE} bytes\n"),
+            )
+                .into_response()
+        }
+    };
+    if channel != DFU_CHANNEL {
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let status = match decode_status(&bytes) {
+        Ok(status) => status,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+    };
+    let reply = service.handle_status(&key, &status).await;
+    tracing::trace!(%key, command = reply.kind, "status answered");
+    (
+        StatusCode::OK,
+        [
+            ("command", HeaderValue::from_static(DFU_CHANNEL)),
+            (header::CONTENT_TYPE.as_str(), HeaderValue::from_static("application/cbor")),
+        ],
+        reply.command,
+    )
+        .into_response()
+}
+
+/// `(user, password)` from a Basic `Authorization` header.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some((user.to_string(), password.to_string()))
+}
+
+/// Why a request's user names no device.
+enum KeyError {
+    NoApplication,
+    InvalidName,
+}
+
+/// `device@app`, or `device` with the application from the query.
+fn parse_key(user: &str, application: Option<&str>) -> Result<Key, KeyError> {
+    let (device, app) = match user.split_once('@') {
+        Some((device, app)) => (device, app),
+        None => (user, application.ok_or(KeyError::NoApplication)?),
+    };
+    let app = AppName::parse(app).map_err(|_| KeyError::InvalidName)?;
+    let device = DeviceName::parse(device).map_err(|_| KeyError::InvalidName)?;
+    Ok(Key::Device(app, device))
+}

@@ -1,0 +1,482 @@
+//! The command line: `serve`, the management commands over the REST API, `firmware add`, and
+//! `simulate`.
+
+use crate::client::ApiClient;
+use crate::server::{self, ServerConfig};
+use crate::simulate::{self, SimulateArgs};
+use ajour_store::{FileStore, FirmwareName};
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Parser)]
+#[command(name = "ajour", version, about = "Firmware updates for fleets of small devices")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server: device endpoint and REST API.
+    Serve(ServeArgs),
+    /// Manage applications.
+    #[command(subcommand)]
+    App(AppCommand),
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Manage firmware images.
+    #[command(subcommand)]
+    Firmware(FirmwareCommand),
+    /// Play one device, or a fleet, updating over the HTTP endpoint.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Where the database (by default), firmware files and API token live.
+    #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
+    pub data_dir: PathBuf,
+    /// Address to listen on; port 0 picks a free port (the bound address is printed).
+    #[arg(long, env = "AJOUR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Registry database: `postgres://...` or `sqlite://...` (default: SQLite in the data directory).
+    #[arg(long, env = "AJOUR_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// API token (default: the one saved in the data directory, or a new one, printed once).
+    #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Block size for devices that state no mtu (or 0).
+    #[arg(long, default_value_t = 512)]
+    pub default_mtu: u32,
+    /// Largest block sent, whatever a device asks for.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_mtu: u32,
+    /// Seconds a device waits when its firmware is not available.
+    #[arg(long, default_value_t = 30)]
+    pub wait_poll: u32,
+    /// Seconds a device without firmware set waits before asking again.
+    #[arg(long, default_value_t = 300)]
+    pub unmanaged_poll: u32,
+    /// Seconds a device in sync waits before reporting again (default: the device decides).
+    #[arg(long)]
+    pub sync_poll: Option<u32>,
+    /// Milliseconds a device's spec is reused before it is read from the registry again.
+    #[arg(long, default_value_t = 5000)]
+    pub spec_cache_ms: u64,
+    /// Update progress is written to the registry at most this often per device (milliseconds).
+    #[arg(long, default_value_t = 10_000)]
+    pub progress_interval_ms: u64,
+    /// Milliseconds between checks of firmware files for replacement.
+    #[arg(long, default_value_t = 1000)]
+    pub firmware_recheck_ms: u64,
+    /// bcrypt cost for device passwords given in plain text.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    pub password_cost: u32,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> ServerConfig {
+        let mut config = ServerConfig::new(&self.data_dir);
+        config.database_url = self.database_url.clone();
+        config.api_token = self.api_token.clone();
+        config.service.engine.default_mtu = self.default_mtu;
+        config.service.engine.max_mtu = self.max_mtu;
+        config.service.engine.wait_poll = self.wait_poll;
+        config.service.engine.sync_poll = self.sync_poll;
+        config.service.unmanaged_poll = self.unmanaged_poll;
+        config.service.spec_cache_ttl = Duration::from_millis(self.spec_cache_ms);
+        config.service.progress_interval = Duration::from_millis(self.progress_interval_ms);
+        config.firmware_recheck = Duration::from_millis(self.firmware_recheck_ms);
+        config.password_cost = self.password_cost;
+        config
+    }
+}
+
+/// Where the API is and how to authenticate: shared by the management commands.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Base URL of the Ajour server.
+    #[arg(long, env = "AJOUR_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub url: String,
+    /// API token (default: read from the data directory's `api-token`).
+    #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// Data directory to read the API token from when none is given.
+    #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data", global = true)]
+    pub data_dir: PathBuf,
+}
+
+impl Connection {
+    fn client(&self) -> anyhow::Result<ApiClient> {
+        let token = match &self.token {
+            Some(token) => token.clone(),
+            None => {
+                let path = server::token_path(&self.data_dir);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("no --token given and none readable at {}", path.display()))?
+                    .trim()
+                    .to_string()
+            }
+        };
+        ApiClient::new(&self.url, &token)
+    }
+}
+
+/// Which firmware an application or device should run.
+#[derive(Debug, Args, Default)]
+#[group(multiple = false)]
+pub struct FirmwareChoice {
+    /// Firmware files `NAME.json`/`NAME.bin` in the server's firmware directory.
+    #[arg(long = "firmware-file", value_name = "NAME")]
+    pub file: Option<String>,
+    /// An image in an OCI registry.
+    #[arg(long = "firmware-image", value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// A Hawkbit controller id.
+    #[arg(long = "firmware-hawkbit", value_name = "CONTROLLER")]
+    pub hawkbit: Option<String>,
+}
+
+impl FirmwareChoice {
+    fn to_spec(&self) -> Option<Value> {
+        if let Some(name) = &self.file {
+            return Some(json!({"file": {"name": name}}));
+        }
+        if let Some(image) = &self.image {
+            return Some(json!({"container": {"image": image}}));
+        }
+        self.hawkbit.as_ref().map(|c| json!({"hawkbit": {"controller": c}}))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppCommand {
+    /// Create an application.
+    Create {
+        name: String,
+        #[command(flatten)]
+        firmware: FirmwareChoice,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List applications.
+    List {
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show an application as JSON.
+    Get {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete an application and its devices.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Set (or with none given, clear) the firmware of an application's devices.
+    SetFirmware {
+        name: String,
+        #[command(flatten)]
+        firmware: FirmwareChoice,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceCommand {
+    /// Create a device (with --count N, devices NAME-0 .. NAME-(N-1)).
+    Create {
+        app: String,
+        name: String,
+        /// The device's password (stored hashed).
+        #[arg(long)]
+        password: Option<String>,
+        #[arg(long)]
+        count: Option<u32>,
+        #[command(flatten)]
+        firmware: FirmwareChoice,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// List an application's devices with their firmware status.
+    List {
+        app: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a device as JSON.
+    Get {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete a device.
+    Delete {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Set (or with none given, clear) a device's own firmware, overriding its application's.
+    SetFirmware {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        firmware: FirmwareChoice,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a device's current and target firmware and its update progress.
+    Status {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FirmwareCommand {
+    /// Store an image as files in the data directory's firmware store (`NAME.bin` + `NAME.json`).
+    Add {
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
+        data_dir: PathBuf,
+    },
+}
+
+/// Run a command to completion.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::App(command) => app(command).await,
+        Command::Device(command) => device(command).await,
+        Command::Firmware(FirmwareCommand::Add {
+            name,
+            version,
+            file,
+            data_dir,
+        }) => {
+            let name = FirmwareName::parse(&name)?;
+            anyhow::ensure!(!version.trim().is_empty(), "--version must not be empty");
+            let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let store = FileStore::new(server::firmware_dir(&data_dir), Duration::ZERO);
+            let metadata = store.add(&name, &version, &data)?;
+            crate::say!(
+                "firmware '{name}' version {} ({} bytes, sha256 {}) stored in {}",
+                metadata.version,
+                metadata.size,
+                metadata.checksum,
+                store.dir().display()
+            );
+            Ok(())
+        }
+        Command::Simulate(args) => simulate::run(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let config = args.config();
+    let running = server::start(listener, config.clone()).await?;
+    if running.token_generated {
+        crate::say!(
+            "Generated an API token, saved in {} (shown only this once): {}",
+            server::token_path(&config.data_dir).display(),
+            running.token
+        );
+    }
+    crate::say!("Ajour listening on http://{}", running.addr);
+    crate::say!("Data directory: {}", config.data_dir.display());
+    let shutdown = running.shutdown_handle();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down");
+        let _ = shutdown.send(true);
+    });
+    running.wait().await
+}
+
+fn print_json(value: &Value) {
+    crate::say!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn set_firmware(object: &mut Value, firmware: Option<Value>) {
+    let spec = object
+        .as_object_mut()
+        .map(|o| o.entry("spec").or_insert_with(|| json!({})));
+    if let Some(Value::Object(spec)) = spec {
+        match firmware {
+            Some(firmware) => spec.insert("firmware".into(), firmware),
+            None => spec.remove("firmware"),
+        };
+    }
+}
+
+async fn app(command: AppCommand) -> anyhow::Result<()> {
+    match command {
+        AppCommand::Create {
+            name,
+            firmware,
+            connection,
+        } => {
+            let mut spec = json!({});
+            if let Some(f) = firmware.to_spec() {
+                spec["firmware"] = f;
+            }
+            connection
+                .client()?
+                .create("apps", &json!({"metadata": {"name": name}, "spec": spec}))
+                .await?;
+            crate::say!("application '{name}' created");
+        }
+        AppCommand::List { connection } => {
+            let apps = connection.client()?.get("apps").await?;
+            for app in apps.as_array().into_iter().flatten() {
+                crate::say!(
+                    "{}\t{}",
+                    app["metadata"]["name"].as_str().unwrap_or_default(),
+                    describe_firmware(&app["spec"]["firmware"])
+                );
+            }
+        }
+        AppCommand::Get { name, connection } => print_json(&connection.client()?.get(&format!("apps/{name}")).await?),
+        AppCommand::Delete { name, connection } => {
+            connection.client()?.delete(&format!("apps/{name}")).await?;
+            crate::say!("application '{name}' deleted");
+        }
+        AppCommand::SetFirmware {
+            name,
+            firmware,
+            connection,
+        } => {
+            let spec = firmware.to_spec();
+            connection
+                .client()?
+                .modify(&format!("apps/{name}"), |o| set_firmware(o, spec.clone()))
+                .await?;
+            crate::say!("application '{name}': firmware {}", describe_firmware(&spec.unwrap_or(Value::Null)));
+        }
+    }
+    Ok(())
+}
+
+async fn device(command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Create {
+            app,
+            name,
+            password,
+            count,
+            firmware,
+            connection,
+        } => {
+            let client = connection.client()?;
+            let names: Vec<String> = match count {
+                Some(n) => (0..n).map(|i| format!("{name}-{i}")).collect(),
+                None => vec![name],
+            };
+            let mut spec = json!({});
+            if let Some(password) = &password {
+                spec["authentication"] = json!({"credentials": [{"pass": password}]});
+            }
+            if let Some(f) = firmware.to_spec() {
+                spec["firmware"] = f;
+            }
+            let progress = crate::simulate::progress_bar(names.len() as u64, "creating devices");
+            for device in &names {
+                client
+                    .create(
+                        &format!("apps/{app}/devices"),
+                        &json!({"metadata": {"name": device, "application": app}, "spec": spec}),
+                    )
+                    .await?;
+                progress.inc(1);
+            }
+            progress.finish_and_clear();
+            crate::say!("{} device(s) created in application '{app}'", names.len());
+        }
+        DeviceCommand::List { app, connection } => {
+            let devices = connection.client()?.get(&format!("apps/{app}/devices")).await?;
+            crate::say!("NAME\tCURRENT\tTARGET\tSTATE");
+            for device in devices.as_array().into_iter().flatten() {
+                let (current, target, state) = firmware_status(device);
+                crate::say!(
+                    "{}\t{current}\t{target}\t{state}",
+                    device["metadata"]["name"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        DeviceCommand::Get { app, name, connection } => {
+            print_json(&connection.client()?.get(&format!("apps/{app}/devices/{name}")).await?)
+        }
+        DeviceCommand::Delete { app, name, connection } => {
+            connection.client()?.delete(&format!("apps/{app}/devices/{name}")).await?;
+            crate::say!("device '{name}' deleted");
+        }
+        DeviceCommand::SetFirmware {
+            app,
+            name,
+            firmware,
+            connection,
+        } => {
+            let spec = firmware.to_spec();
+            connection
+                .client()?
+                .modify(&format!("apps/{app}/devices/{name}"), |o| set_firmware(o, spec.clone()))
+                .await?;
+            crate::say!("device '{name}': firmware {}", describe_firmware(&spec.unwrap_or(Value::Null)));
+        }
+        DeviceCommand::Status { app, name, connection } => {
+            let device = connection.client()?.get(&format!("apps/{app}/devices/{name}")).await?;
+            let (current, target, state) = firmware_status(&device);
+            crate::say!("current: {current}\ntarget:  {target}\nstate:   {state}");
+        }
+    }
+    Ok(())
+}
+
+fn describe_firmware(firmware: &Value) -> String {
+    if let Some(name) = firmware["file"]["name"].as_str() {
+        format!("file {name}")
+    } else if let Some(image) = firmware["container"]["image"].as_str().or(firmware["oci"]["image"].as_str()) {
+        format!("image {image}")
+    } else if let Some(controller) = firmware["hawkbit"]["controller"].as_str() {
+        format!("hawkbit {controller}")
+    } else {
+        "none".into()
+    }
+}
+
+/// `(current, target, state)` from `status.firmware`, for people.
+pub fn firmware_status(device: &Value) -> (String, String, String) {
+    let firmware = &device["status"]["firmware"];
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let conditions = firmware["conditions"].as_array().cloned().unwrap_or_default();
+    let find = |kind: &str| conditions.iter().find(|c| c["type"] == kind).cloned();
+    let state = match (find("InSync"), find("UpdateProgress")) {
+        (Some(sync), _) if sync["status"] == "True" => "in sync".to_string(),
+        (_, Some(progress)) => format!("updating {}%", progress["message"].as_str().unwrap_or("?")),
+        (Some(sync), None) => match sync["reason"].as_str() {
+            Some(reason) => format!("error: {reason}"),
+            None => "not in sync".into(),
+        },
+        (None, None) => "unknown (no status reported yet)".into(),
+    };
+    (text(&firmware["current"]), text(&firmware["target"]), state)
+}
