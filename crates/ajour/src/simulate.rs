@@ -131,7 +131,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     );
     failed.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, error) in failed.iter().take(20) {
-        ecrate::say!("{name}: FAILED: {error:#}");
+        eprintln!("{name}: FAILED: {error:#}");
     }
     if !failed.is_empty() {
         bail!("{} device(s) failed", failed.len());
