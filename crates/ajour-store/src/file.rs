@@ -142,7 +142,7 @@ impl FirmwareSource for FileStore {
         };
         let name = FirmwareName::parse(name).map_err(|e| FetchError::Invalid {
             name: e.name.clone(),
-            reason: e.reason.to_string(),
+            reason: format!("invalid firmware name: {}", e.reason),
         })?;
         self.fetch_name(name).await
     }

@@ -1,0 +1,136 @@
+//! The REST API behaves as Drogue Cloud's registry API does.
+
+use crate::support::*;
+use reqwest::{Method, StatusCode};
+use serde_json::json;
+
+#[tokio::test]
+async fn registry_api_is_drogue_compatible() {
+    for backend in BACKENDS {
+        let server = TestServer::start(backend).await;
+
+        // Token required.
+        let response = server.http.get(server.api("apps")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let response = server.http.get(server.api("apps")).bearer_auth("wrong").send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        // Drogue clients send Basic user:token.
+        let response = server.http.get(server.api("apps")).basic_auth("me", Some(&server.token)).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+
+        // POST -> 201 + Location.
+        let response = server
+            .http
+            .post(server.api("apps"))
+            .bearer_auth(&server.token)
+            .json(&json!({"metadata": {"name": "my-app", "labels": {"tier": "gold"}}, "spec": {"firmware": {"oci": {"image": "fw:1"}}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "{backend:?}");
+        assert_eq!(response.headers()["location"], "/api/registry/v1alpha1/apps/my-app");
+        let (status, _) = server.api_send(Method::POST, "apps", Some(json!({"metadata": {"name": "my-app"}}))).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        server.create_app("plain", None).await;
+
+        // List with labels / limit / offset.
+        let (_, all) = server.api_send(Method::GET, "apps", None).await;
+        assert_eq!(all.as_array().unwrap().len(), 2);
+        let (_, gold) = server.api_send(Method::GET, "apps?labels=tier%3Dgold", None).await;
+        assert_eq!(gold[0]["metadata"]["name"], "my-app");
+        assert_eq!(gold.as_array().unwrap().len(), 1);
+        let (_, page) = server.api_send(Method::GET, "apps?limit=1&offset=1", None).await;
+        assert_eq!(page[0]["metadata"]["name"], "plain");
+
+        // PUT replaces (204); resourceVersion -> 409 when stale; generation on spec change only.
+        let (_, app) = server.api_send(Method::GET, "apps/my-app", None).await;
+        assert_eq!(app["metadata"]["generation"], 1);
+        let mut relabelled = app.clone();
+        relabelled["metadata"]["labels"]["tier"] = json!("silver");
+        let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(relabelled)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, after_labels) = server.api_send(Method::GET, "apps/my-app", None).await;
+        assert_eq!(after_labels["metadata"]["generation"], 1);
+        let mut stale = app.clone();
+        stale["spec"]["firmware"] = json!({"container": {"image": "fw:2"}});
+        let (status, body) = server.api_send(Method::PUT, "apps/my-app", Some(stale)).await;
+        assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("Conflict")));
+        let mut fresh = after_labels.clone();
+        fresh["spec"]["firmware"] = json!({"container": {"image": "fw:2"}});
+        let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(fresh)).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (_, bumped) = server.api_send(Method::GET, "apps/my-app", None).await;
+        assert_eq!(bumped["metadata"]["generation"], 2);
+
+        // Devices: the password is stored hashed and never returned in plain text.
+        server.create_device("my-app", "dev1", "hey-rodney", None).await;
+        let device = server.device("my-app", "dev1").await;
+        assert_eq!(device["metadata"]["application"], "my-app");
+        assert!(!device.to_string().contains("hey-rodney"), "{device}");
+        assert!(device["spec"]["authentication"]["credentials"][0]["pass"]["bcrypt"].is_string());
+
+        // Bad requests: malformed JSON, unknown metadata fields, names not matching the path,
+        // hostile names, unknown objects.
+        let response = server
+            .http
+            .post(server.api("apps"))
+            .bearer_auth(&server.token)
+            .body("{not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+        for (path, body) in [
+            ("apps", json!({"metadata": {"name": "x", "colour": "red"}})),
+            ("apps", json!({"metadata": {"name": "../../etc/passwd"}})),
+            ("apps/my-app/devices", json!({"metadata": {"name": "d", "application": "other"}})),
+        ] {
+            let (status, body) = server.api_send(Method::POST, path, Some(body)).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+            assert!(body["message"].is_string());
+        }
+        let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(json!({"metadata": {"name": "other"}}))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _) = server.api_send(Method::GET, "apps/nope", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (status, _) = server.api_send(Method::GET, "apps/nope/devices", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // DELETE -> 204, then 404.
+        let (status, _) = server.api_send(Method::DELETE, "apps/my-app", None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, _) = server.api_send(Method::GET, "apps/my-app/devices/dev1", None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
+    use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
+    let server = TestServer::start_with(Backend::Sqlite, |c| c.service.spec_cache_ttl = std::time::Duration::from_secs(3600)).await;
+    server.add_firmware("a", "1.0.0", &firmware_bytes(100, 1));
+    server.add_firmware("b", "2.0.0", &firmware_bytes(100, 2));
+    server.create_app("app", Some(json!({"file": {"name": "a"}}))).await;
+    server.create_device("app", "d", "pw", None).await;
+    let status = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
+    let (_, _, body) = server.post_dfu("d@app", "pw", status.clone()).await;
+    assert!(matches!(decode_command(&body).unwrap(), Command::Sync { .. }));
+
+    let (_, mut app) = server.api_send(Method::GET, "apps/app", None).await;
+    app["spec"]["firmware"] = json!({"file": {"name": "b"}});
+    let (code, _) = server.api_send(Method::PUT, "apps/app", Some(app)).await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    let (_, _, body) = server.post_dfu("d@app", "pw", status).await;
+    assert!(matches!(decode_command(&body).unwrap(), Command::Write { version: b"2.0.0", offset: 0, .. }));
+
+    // Changing the password through the API voids the remembered credential.
+    let mut device = server.device("app", "d").await;
+    device["spec"]["authentication"] = json!({"credentials": [{"pass": "new"}]});
+    let (code, _) = server.api_send(Method::PUT, "apps/app/devices/d", Some(device)).await;
+    assert_eq!(code, StatusCode::NO_CONTENT);
+    let first = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
+    assert_eq!(server.post_dfu("d@app", "pw", first.clone()).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(server.post_dfu("d@app", "new", first).await.0, StatusCode::OK);
+    server.stop().await;
+}
