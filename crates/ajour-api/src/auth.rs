@@ -29,7 +29,11 @@ impl std::fmt::Debug for ApiToken {
     }
 }
 
-pub(crate) async fn require_token(State(token): State<Arc<ApiToken>>, request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(token): State<Arc<ApiToken>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -48,7 +52,9 @@ fn presented_token(header: &str) -> Option<String> {
         return Some(value.trim().to_string());
     }
     if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.trim())
+            .ok()?;
         let decoded = String::from_utf8(decoded).ok()?;
         return decoded.split_once(':').map(|(_, token)| token.to_string());
     }

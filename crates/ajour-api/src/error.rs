@@ -23,7 +23,9 @@ impl From<RegistryError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error, message) = match self {
-            ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, "Unauthorized", message.to_string()),
+            ApiError::Unauthorized(message) => {
+                (StatusCode::UNAUTHORIZED, "Unauthorized", message.to_string())
+            }
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
             ApiError::Registry(error) => match error {
                 RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound", error.to_string()),
@@ -32,7 +34,11 @@ impl IntoResponse for ApiError {
                 RegistryError::Invalid(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
                 other => {
                     tracing::error!(error = %other, "registry failure");
-                    (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "registry unavailable".to_string())
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        "registry unavailable".to_string(),
+                    )
                 }
             },
         };

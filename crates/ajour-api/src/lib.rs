@@ -32,6 +32,9 @@ pub struct ApiState {
 pub fn router(state: ApiState, token: ApiToken) -> Router {
     registry::routes()
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(Arc::new(token), auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(token),
+            auth::require_token,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }

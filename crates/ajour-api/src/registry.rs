@@ -14,8 +14,14 @@ const BASE: &str = "/api/registry/v1alpha1";
 pub(crate) fn routes() -> Router<ApiState> {
     Router::new()
         .route(&format!("{BASE}/apps"), get(list_apps).post(create_app))
-        .route(&format!("{BASE}/apps/{{app}}"), get(get_app).put(update_app).delete(delete_app))
-        .route(&format!("{BASE}/apps/{{app}}/devices"), get(list_devices).post(create_device))
+        .route(
+            &format!("{BASE}/apps/{{app}}"),
+            get(get_app).put(update_app).delete(delete_app),
+        )
+        .route(
+            &format!("{BASE}/apps/{{app}}/devices"),
+            get(list_devices).post(create_device),
+        )
         .route(
             &format!("{BASE}/apps/{{app}}/devices/{{device}}"),
             get(get_device).put(update_device).delete(delete_device),
@@ -45,7 +51,9 @@ async fn list(state: &ApiState, scope: Scope, params: ListParams) -> ApiResult {
             .into_iter()
             .map(|mut device| {
                 if let Ok(name) = DeviceName::parse(&device.metadata.name) {
-                    state.service.overlay_status(&Key::Device(app.clone(), name), &mut device);
+                    state
+                        .service
+                        .overlay_status(&Key::Device(app.clone(), name), &mut device);
                 }
                 device
             })
@@ -68,7 +76,10 @@ async fn create(state: &ApiState, key: Key, body: Bytes, location: String) -> Ap
     let mut resource = parse_body(&body)?;
     if let Key::Device(app, _) = &key {
         // Drogue lets clients omit the application on create; the path says it.
-        resource.metadata.application.get_or_insert_with(|| app.to_string());
+        resource
+            .metadata
+            .application
+            .get_or_insert_with(|| app.to_string());
     }
     let created = state.registry.create(&key, resource).await?;
     state.service.invalidate(&key);
@@ -110,7 +121,11 @@ async fn delete_app(State(state): State<ApiState>, Path(app): Path<String>) -> A
     delete(&state, app_key(&app)?).await
 }
 
-async fn list_devices(State(state): State<ApiState>, Path(app): Path<String>, Query(params): Query<ListParams>) -> ApiResult {
+async fn list_devices(
+    State(state): State<ApiState>,
+    Path(app): Path<String>,
+    Query(params): Query<ListParams>,
+) -> ApiResult {
     let app = AppName::parse(&app)?;
     if state.registry.get(&Key::App(app.clone())).await?.is_none() {
         return Err(ajour_registry::RegistryError::NotFound(format!("application '{app}'")).into());
@@ -128,10 +143,17 @@ async fn get_device(State(state): State<ApiState>, Path((app, device)): Path<(St
     get_one(&state, device_key(&app, &device)?).await
 }
 
-async fn update_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>, body: Bytes) -> ApiResult {
+async fn update_device(
+    State(state): State<ApiState>,
+    Path((app, device)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult {
     update(&state, device_key(&app, &device)?, body).await
 }
 
-async fn delete_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>) -> ApiResult {
+async fn delete_device(
+    State(state): State<ApiState>,
+    Path((app, device)): Path<(String, String)>,
+) -> ApiResult {
     delete(&state, device_key(&app, &device)?).await
 }

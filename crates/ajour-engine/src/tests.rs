@@ -59,9 +59,18 @@ fn device_on_target_version_is_in_sync() {
 fn first_status_starts_writing_at_zero_with_default_mtu() {
     let img = image("0.2.0", 2000);
     for mtu in [None, Some(0)] {
-        let decision = decide(&status_at(mtu, None, None), Target::Ready(&img), &EngineConfig::default());
+        let decision = decide(
+            &status_at(mtu, None, None),
+            Target::Ready(&img),
+            &EngineConfig::default(),
+        );
         match decision.command {
-            Command::Write { offset, data, version, .. } => {
+            Command::Write {
+                offset,
+                data,
+                version,
+                ..
+            } => {
                 assert_eq!(offset, 0);
                 assert_eq!(data.len(), 512, "mtu {mtu:?} uses the default block size");
                 assert_eq!(version, b"0.2.0");
@@ -80,7 +89,14 @@ fn mtu_above_maximum_is_clamped() {
         ..Default::default()
     };
     let decision = decide(&status_at(Some(4096), None, None), Target::Ready(&img), &config);
-    assert_eq!(decision.outcome, Outcome::Writing { offset: 0, len: 1024, size: 10_000 });
+    assert_eq!(
+        decision.outcome,
+        Outcome::Writing {
+            offset: 0,
+            len: 1024,
+            size: 10_000
+        }
+    );
 }
 
 #[test]
@@ -92,7 +108,12 @@ fn continues_from_reported_offset_and_shortens_the_last_block() {
         &EngineConfig::default(),
     );
     match decision.command {
-        Command::Write { offset, data, correlation_id, .. } => {
+        Command::Write {
+            offset,
+            data,
+            correlation_id,
+            ..
+        } => {
             assert_eq!((offset, data.len(), correlation_id), (512, 488, Some(9)));
             assert_eq!(data, &img.data()[512..]);
         }
@@ -104,10 +125,18 @@ fn continues_from_reported_offset_and_shortens_the_last_block() {
 fn offset_for_another_version_or_past_the_image_restarts_at_zero() {
     let img = image("0.2.0", 1000);
     for update in [("0.1.9", 512), ("0.2.0", 1001), ("0.2.0", u32::MAX)] {
-        let decision = decide(&status_at(Some(256), None, Some(update)), Target::Ready(&img), &EngineConfig::default());
+        let decision = decide(
+            &status_at(Some(256), None, Some(update)),
+            Target::Ready(&img),
+            &EngineConfig::default(),
+        );
         assert_eq!(
             decision.outcome,
-            Outcome::Writing { offset: 0, len: 256, size: 1000 },
+            Outcome::Writing {
+                offset: 0,
+                len: 256,
+                size: 1000
+            },
             "update {update:?}"
         );
     }
@@ -135,7 +164,11 @@ fn complete_image_gets_swap_with_sha256() {
 #[test]
 fn empty_image_is_never_swapped_to() {
     let img = image("0.2.0", 0);
-    let decision = decide(&status_at(None, None, None), Target::Ready(&img), &EngineConfig::default());
+    let decision = decide(
+        &status_at(None, None, None),
+        Target::Ready(&img),
+        &EngineConfig::default(),
+    );
     assert_eq!(decision.outcome, Outcome::Waiting);
 }
 
@@ -147,7 +180,10 @@ fn verified_refuses_wrong_size_and_checksum() {
     assert!(FirmwareImage::verified("1", data.clone(), 10, &sum.to_uppercase()).is_ok());
     assert!(matches!(
         FirmwareImage::verified("1", data.clone(), 11, &sum),
-        Err(InvalidImage::SizeMismatch { declared: 11, actual: 10 })
+        Err(InvalidImage::SizeMismatch {
+            declared: 11,
+            actual: 10
+        })
     ));
     assert!(matches!(
         FirmwareImage::verified("1", data, 10, &"0".repeat(64)),
@@ -158,7 +194,12 @@ fn verified_refuses_wrong_size_and_checksum() {
 
 /// A device as `embedded-update` behaves: it trusts each Write, appends the block, reports the
 /// new offset; on Swap it "reboots" into the new version and reports again.
-fn run_device(img: &FirmwareImage, mtus: &[Option<u32>], config: &EngineConfig, cid: Option<u32>) -> (Vec<u8>, [u8; 32]) {
+fn run_device(
+    img: &FirmwareImage,
+    mtus: &[Option<u32>],
+    config: &EngineConfig,
+    cid: Option<u32>,
+) -> (Vec<u8>, [u8; 32]) {
     let mut written: Vec<u8> = Vec::new();
     let mut update: Option<UpdateStatus> = None;
     let mut version = b"0.0.1".to_vec();
@@ -174,18 +215,32 @@ fn run_device(img: &FirmwareImage, mtus: &[Option<u32>], config: &EngineConfig, 
         let decision = decide(&status, Target::Ready(img), config);
         assert_eq!(decision.command.correlation_id(), cid);
         match decision.command {
-            Command::Write { version: v, offset, data, .. } => {
+            Command::Write {
+                version: v,
+                offset,
+                data,
+                ..
+            } => {
                 assert!(!data.is_empty(), "a Write always makes progress");
                 let limit = config.block_size(status.mtu);
                 assert!(data.len() as u32 <= limit);
                 if offset == 0 {
                     written.clear();
                 }
-                assert_eq!(offset as usize, written.len(), "Write at the offset the device holds");
+                assert_eq!(
+                    offset as usize,
+                    written.len(),
+                    "Write at the offset the device holds"
+                );
                 written.extend_from_slice(data);
-                update = Some(UpdateStatus { version: v.to_vec(), offset: written.len() as u32 });
+                update = Some(UpdateStatus {
+                    version: v.to_vec(),
+                    offset: written.len() as u32,
+                });
             }
-            Command::Swap { version: v, checksum, .. } => {
+            Command::Swap {
+                version: v, checksum, ..
+            } => {
                 swap_checksum = Some(<[u8; 32]>::try_from(checksum).unwrap());
                 version = v.to_vec();
                 update = None;

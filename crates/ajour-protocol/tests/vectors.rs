@@ -103,15 +103,26 @@ fn statuses_decode_from_both_forms_and_encode_back() {
 #[test]
 fn missing_optional_keys_mean_null() {
     // {"version": b"1.0"} alone, named form.
-    let bytes = [0xa1, 0x67, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x43, b'1', b'.', b'0'];
-    assert_eq!(decode_status(&bytes).unwrap(), Status::first(b"1.0".to_vec(), None, None));
+    let bytes = [
+        0xa1, 0x67, b'v', b'e', b'r', b's', b'i', b'o', b'n', 0x43, b'1', b'.', b'0',
+    ];
+    assert_eq!(
+        decode_status(&bytes).unwrap(),
+        Status::first(b"1.0".to_vec(), None, None)
+    );
 }
 
 #[test]
 fn bad_input_gets_typed_errors() {
     assert_eq!(decode_status(&[]), Err(DecodeError::Empty));
-    assert!(matches!(decode_status(&[0xff]), Err(DecodeError::Malformed { .. })));
-    assert!(matches!(decode_status(&[0xa4, 0x00]), Err(DecodeError::Malformed { .. })));
+    assert!(matches!(
+        decode_status(&[0xff]),
+        Err(DecodeError::Malformed { .. })
+    ));
+    assert!(matches!(
+        decode_status(&[0xa4, 0x00]),
+        Err(DecodeError::Malformed { .. })
+    ));
     assert!(matches!(
         decode_status(&vec![0u8; MAX_STATUS_SIZE + 1]),
         Err(DecodeError::TooLarge { .. })
@@ -119,9 +130,16 @@ fn bad_input_gets_typed_errors() {
     // A valid status followed by garbage is refused, not half-read.
     let mut bytes = encode_status(&Status::first(b"1".to_vec(), None, None), Encoding::Packed);
     bytes.push(0x00);
-    assert!(matches!(decode_status(&bytes), Err(DecodeError::Malformed { .. })));
+    assert!(matches!(
+        decode_status(&bytes),
+        Err(DecodeError::Malformed { .. })
+    ));
     // A Swap whose checksum is not 32 bytes.
-    let short = encode_command(&Command::Swap { version: b"1", correlation_id: None, checksum: &[1, 2, 3] });
+    let short = encode_command(&Command::Swap {
+        version: b"1",
+        correlation_id: None,
+        checksum: &[1, 2, 3],
+    });
     assert_eq!(decode_command(&short), Err(DecodeError::ChecksumLength(3)));
 }
 
@@ -131,7 +149,10 @@ fn interoperates_with_the_embedded_update_types() {
     use embedded_update::{Command as DevCommand, Status as DevStatus};
 
     let dev = DevStatus::update(b"0.1.0", Some(256), 4096, b"0.2.0", Some(7));
-    for bytes in [serde_cbor::ser::to_vec_packed(&dev).unwrap(), serde_cbor::to_vec(&dev).unwrap()] {
+    for bytes in [
+        serde_cbor::ser::to_vec_packed(&dev).unwrap(),
+        serde_cbor::to_vec(&dev).unwrap(),
+    ] {
         assert_eq!(
             decode_status(&bytes).unwrap(),
             Status::updating(b"0.1.0".to_vec(), Some(256), Some(7), b"0.2.0".to_vec(), 4096)
@@ -139,11 +160,22 @@ fn interoperates_with_the_embedded_update_types() {
     }
 
     let data: Vec<u8> = (0..=255).collect();
-    let ours = encode_command(&Command::Write { version: b"0.2.0", correlation_id: Some(7), offset: 4096, data: &data });
-    let theirs = serde_cbor::ser::to_vec_packed(&DevCommand::new_write(b"0.2.0", 4096, &data, Some(7))).unwrap();
+    let ours = encode_command(&Command::Write {
+        version: b"0.2.0",
+        correlation_id: Some(7),
+        offset: 4096,
+        data: &data,
+    });
+    let theirs =
+        serde_cbor::ser::to_vec_packed(&DevCommand::new_write(b"0.2.0", 4096, &data, Some(7))).unwrap();
     assert_eq!(ours, theirs);
     match serde_cbor::from_slice::<DevCommand>(&ours).unwrap() {
-        DevCommand::Write { offset, data: d, correlation_id, .. } => {
+        DevCommand::Write {
+            offset,
+            data: d,
+            correlation_id,
+            ..
+        } => {
             assert_eq!((offset, &d[..], correlation_id), (4096, &data[..], Some(7)));
         }
         other => panic!("device decoded {other:?}"),

@@ -31,7 +31,8 @@ pub(crate) fn hash_plain_passwords(spec: &mut Map<String, Value>, cost: u32) -> 
             };
             if let Some(password) = password {
                 if let Some(plain) = plain_text(password) {
-                    let hash = bcrypt::hash(plain, cost).map_err(|e| RegistryError::Hashing(e.to_string()))?;
+                    let hash =
+                        bcrypt::hash(plain, cost).map_err(|e| RegistryError::Hashing(e.to_string()))?;
                     *password = json!({ "bcrypt": hash });
                 }
             }
@@ -135,7 +136,8 @@ mod tests {
     #[test]
     fn legacy_credentials_and_existing_hashes_are_understood() {
         let hash = bcrypt::hash("pw", 4).unwrap();
-        let mut s = spec(json!({"credentials": {"credentials": [{"pass": {"bcrypt": hash}}, {"pass": "legacy"}]}}));
+        let mut s =
+            spec(json!({"credentials": {"credentials": [{"pass": {"bcrypt": hash}}, {"pass": "legacy"}]}}));
         hash_plain_passwords(&mut s, 4).unwrap();
         assert_eq!(verify_password(&s, "d", "pw"), PasswordCheck::Valid);
         assert_eq!(verify_password(&s, "d", "legacy"), PasswordCheck::Valid);

@@ -57,7 +57,9 @@ pub struct DeviceName(String);
 impl AppName {
     pub fn parse(name: &str) -> Result<Self, RegistryError> {
         let valid = (1..=63).contains(&name.len())
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !name.starts_with('-')
             && !name.ends_with('-');
         if valid {

@@ -53,7 +53,11 @@ mod tests {
 
     #[test]
     fn selects_by_equality_and_existence() {
-        let labels: BTreeMap<_, _> = [("env".to_string(), "prod".to_string()), ("zone".into(), "a".into())].into();
+        let labels: BTreeMap<_, _> = [
+            ("env".to_string(), "prod".to_string()),
+            ("zone".into(), "a".into()),
+        ]
+        .into();
         for (selector, expected) in [
             ("", true),
             ("env=prod", true),
@@ -65,7 +69,11 @@ mod tests {
             ("!missing,env=prod", true),
             ("env=prod, zone=b", false),
         ] {
-            assert_eq!(LabelSelector::parse(selector).unwrap().matches(&labels), expected, "{selector}");
+            assert_eq!(
+                LabelSelector::parse(selector).unwrap().matches(&labels),
+                expected,
+                "{selector}"
+            );
         }
         assert!(LabelSelector::parse("env in (a,b)").is_err());
     }

@@ -48,7 +48,11 @@ impl SqlRegistry {
         let is_sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
             // SQLite serialises writers anyway; a few connections serve concurrent readers.
-            .max_connections(if is_sqlite { options.max_connections.min(4) } else { options.max_connections })
+            .max_connections(if is_sqlite {
+                options.max_connections.min(4)
+            } else {
+                options.max_connections
+            })
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
@@ -73,11 +77,13 @@ impl SqlRegistry {
                     .await?
             }
             Key::Device(app, device) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM devices WHERE application = $1 AND name = $2"))
-                    .bind(app.as_str())
-                    .bind(device.as_str())
-                    .fetch_optional(&self.pool)
-                    .await?
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM devices WHERE application = $1 AND name = $2"
+                ))
+                .bind(app.as_str())
+                .bind(device.as_str())
+                .fetch_optional(&self.pool)
+                .await?
             }
         };
         row.map(|row| resource_from_row(&row, key)).transpose()
@@ -85,7 +91,12 @@ impl SqlRegistry {
 
     /// Write `resource` over the stored object if its resource version is still `expected`.
     /// Returns false when someone else wrote in between.
-    async fn replace_if_unchanged(&self, key: &Key, resource: &Resource, expected: &str) -> Result<bool, RegistryError> {
+    async fn replace_if_unchanged(
+        &self,
+        key: &Key,
+        resource: &Resource,
+        expected: &str,
+    ) -> Result<bool, RegistryError> {
         let m = &resource.metadata;
         let (table, key_clause) = match key {
             Key::App(_) => ("applications", "name = $6"),
@@ -118,9 +129,10 @@ impl SqlRegistry {
         let cost = self.options.password_cost;
         let mut owned = std::mem::take(spec);
         // bcrypt is deliberately slow; keep it off the async workers.
-        let hashed = tokio::task::spawn_blocking(move || hash_plain_passwords(&mut owned, cost).map(|_| owned))
-            .await
-            .map_err(|e| RegistryError::Hashing(e.to_string()))??;
+        let hashed =
+            tokio::task::spawn_blocking(move || hash_plain_passwords(&mut owned, cost).map(|_| owned))
+                .await
+                .map_err(|e| RegistryError::Hashing(e.to_string()))??;
         *spec = hashed;
         Ok(())
     }
@@ -166,7 +178,9 @@ impl Registry for SqlRegistry {
         }
         match query.execute(&self.pool).await {
             Ok(_) => Ok(resource),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RegistryError::AlreadyExists(key.to_string())),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(RegistryError::AlreadyExists(key.to_string()))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -184,10 +198,12 @@ impl Registry for SqlRegistry {
                     .await?
             }
             Scope::Devices(app) => {
-                sqlx::query(&format!("SELECT {COLUMNS} FROM devices WHERE application = $1 ORDER BY name"))
-                    .bind(app.as_str())
-                    .fetch_all(&self.pool)
-                    .await?
+                sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM devices WHERE application = $1 ORDER BY name"
+                ))
+                .bind(app.as_str())
+                .fetch_all(&self.pool)
+                .await?
             }
         };
         let application = match scope {
@@ -252,12 +268,14 @@ impl Registry for SqlRegistry {
                 tx.commit().await?;
                 result.rows_affected()
             }
-            Key::Device(app, device) => sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
-                .bind(app.as_str())
-                .bind(device.as_str())
-                .execute(&self.pool)
-                .await?
-                .rows_affected(),
+            Key::Device(app, device) => {
+                sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
+                    .bind(app.as_str())
+                    .bind(device.as_str())
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected()
+            }
         };
         if deleted == 0 {
             return Err(RegistryError::NotFound(key.to_string()));
@@ -291,7 +309,9 @@ fn check_names(key: &Key, metadata: &Metadata) -> Result<(), RegistryError> {
         )));
     }
     match (app, metadata.application.as_deref()) {
-        (None, Some(_)) => Err(RegistryError::Invalid("an application has no metadata.application".into())),
+        (None, Some(_)) => Err(RegistryError::Invalid(
+            "an application has no metadata.application".into(),
+        )),
         (Some(app), Some(given)) if given != app => Err(RegistryError::Invalid(format!(
             "metadata.application '{given}' does not match the application in the path '{app}'"
         ))),

@@ -13,14 +13,33 @@ struct Backend {
 }
 
 async fn backends() -> Vec<(&'static str, Backend)> {
-    let options = SqlRegistryOptions { password_cost: 4, ..Default::default() };
+    let options = SqlRegistryOptions {
+        password_cost: 4,
+        ..Default::default()
+    };
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqlRegistry::connect(&SqlRegistry::sqlite_url(dir.path()), options.clone()).await.unwrap();
+    let sqlite = SqlRegistry::connect(&SqlRegistry::sqlite_url(dir.path()), options.clone())
+        .await
+        .unwrap();
     let db = TestDatabase::create().await;
     let postgres = SqlRegistry::connect(db.url(), options).await.unwrap();
     vec![
-        ("sqlite", Backend { registry: sqlite, _sqlite_dir: Some(dir), _postgres: None }),
-        ("postgres", Backend { registry: postgres, _sqlite_dir: None, _postgres: Some(db) }),
+        (
+            "sqlite",
+            Backend {
+                registry: sqlite,
+                _sqlite_dir: Some(dir),
+                _postgres: None,
+            },
+        ),
+        (
+            "postgres",
+            Backend {
+                registry: postgres,
+                _sqlite_dir: None,
+                _postgres: Some(db),
+            },
+        ),
     ]
 }
 
@@ -46,39 +65,93 @@ async fn create_get_list_delete() {
             .unwrap();
         assert_eq!(app.metadata.generation, 1, "{backend}");
         assert!(!app.metadata.uid.is_empty() && !app.metadata.resource_version.is_empty());
-        assert!(matches!(
-            r.create(&app_key("my-app"), resource(json!({"metadata": {"name": "my-app"}}))).await,
-            Err(RegistryError::AlreadyExists(_))
-        ), "{backend}");
-        r.create(&app_key("other"), resource(json!({"metadata": {"name": "other"}}))).await.unwrap();
+        assert!(
+            matches!(
+                r.create(
+                    &app_key("my-app"),
+                    resource(json!({"metadata": {"name": "my-app"}}))
+                )
+                .await,
+                Err(RegistryError::AlreadyExists(_))
+            ),
+            "{backend}"
+        );
+        r.create(
+            &app_key("other"),
+            resource(json!({"metadata": {"name": "other"}})),
+        )
+        .await
+        .unwrap();
 
         let got = r.get(&app_key("my-app")).await.unwrap().unwrap();
         assert_eq!(got, app, "{backend}");
 
         let all = r.list(&Scope::Apps, &ListParams::default()).await.unwrap();
-        assert_eq!(all.iter().map(|a| a.metadata.name.as_str()).collect::<Vec<_>>(), ["my-app", "other"], "{backend}");
-        let prod = r.list(&Scope::Apps, &ListParams { labels: Some("env=prod".into()), ..Default::default() }).await.unwrap();
+        assert_eq!(
+            all.iter().map(|a| a.metadata.name.as_str()).collect::<Vec<_>>(),
+            ["my-app", "other"],
+            "{backend}"
+        );
+        let prod = r
+            .list(
+                &Scope::Apps,
+                &ListParams {
+                    labels: Some("env=prod".into()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(prod.len(), 1, "{backend}");
-        let paged = r.list(&Scope::Apps, &ListParams { offset: Some(1), limit: Some(1), ..Default::default() }).await.unwrap();
+        let paged = r
+            .list(
+                &Scope::Apps,
+                &ListParams {
+                    offset: Some(1),
+                    limit: Some(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         assert_eq!(paged[0].metadata.name, "other", "{backend}");
 
         // Devices need their application.
         assert!(matches!(
-            r.create(&device_key("missing", "d1"), resource(json!({"metadata": {"name": "d1"}}))).await,
+            r.create(
+                &device_key("missing", "d1"),
+                resource(json!({"metadata": {"name": "d1"}}))
+            )
+            .await,
             Err(RegistryError::NotFound(_))
         ));
         let device = r
-            .create(&device_key("my-app", "d1"), resource(json!({"metadata": {"name": "d1", "application": "my-app"}})))
+            .create(
+                &device_key("my-app", "d1"),
+                resource(json!({"metadata": {"name": "d1", "application": "my-app"}})),
+            )
             .await
             .unwrap();
         assert_eq!(device.metadata.application.as_deref(), Some("my-app"));
-        let devices = r.list(&Scope::Devices(AppName::parse("my-app").unwrap()), &ListParams::default()).await.unwrap();
+        let devices = r
+            .list(
+                &Scope::Devices(AppName::parse("my-app").unwrap()),
+                &ListParams::default(),
+            )
+            .await
+            .unwrap();
         assert_eq!(devices.len(), 1, "{backend}");
 
         // Deleting the application deletes its devices.
         r.delete(&app_key("my-app")).await.unwrap();
-        assert!(r.get(&device_key("my-app", "d1")).await.unwrap().is_none(), "{backend}");
-        assert!(matches!(r.delete(&app_key("my-app")).await, Err(RegistryError::NotFound(_))));
+        assert!(
+            r.get(&device_key("my-app", "d1")).await.unwrap().is_none(),
+            "{backend}"
+        );
+        assert!(matches!(
+            r.delete(&app_key("my-app")).await,
+            Err(RegistryError::NotFound(_))
+        ));
     }
 }
 
@@ -86,15 +159,28 @@ async fn create_get_list_delete() {
 async fn names_must_match_the_path() {
     for (backend, b) in backends().await {
         let r = &b.registry;
-        assert!(matches!(
-            r.create(&app_key("a"), resource(json!({"metadata": {"name": "b"}}))).await,
-            Err(RegistryError::Invalid(_))
-        ), "{backend}");
-        r.create(&app_key("a"), resource(json!({"metadata": {"name": "a"}}))).await.unwrap();
-        assert!(matches!(
-            r.create(&device_key("a", "d"), resource(json!({"metadata": {"name": "d", "application": "z"}}))).await,
-            Err(RegistryError::Invalid(_))
-        ), "{backend}");
+        assert!(
+            matches!(
+                r.create(&app_key("a"), resource(json!({"metadata": {"name": "b"}})))
+                    .await,
+                Err(RegistryError::Invalid(_))
+            ),
+            "{backend}"
+        );
+        r.create(&app_key("a"), resource(json!({"metadata": {"name": "a"}})))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                r.create(
+                    &device_key("a", "d"),
+                    resource(json!({"metadata": {"name": "d", "application": "z"}}))
+                )
+                .await,
+                Err(RegistryError::Invalid(_))
+            ),
+            "{backend}"
+        );
     }
 }
 
@@ -102,19 +188,34 @@ async fn names_must_match_the_path() {
 async fn optimistic_locking_and_generation() {
     for (backend, b) in backends().await {
         let r = &b.registry;
-        let created = r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}, "spec": {"a": 1}}))).await.unwrap();
+        let created = r
+            .create(
+                &app_key("app"),
+                resource(json!({"metadata": {"name": "app"}, "spec": {"a": 1}})),
+            )
+            .await
+            .unwrap();
 
         // Same spec, new labels: generation unchanged, resource version changed.
         let mut same_spec = created.clone();
         same_spec.metadata.labels.insert("x".into(), "y".into());
         let updated = r.update(&app_key("app"), same_spec).await.unwrap();
         assert_eq!(updated.metadata.generation, 1, "{backend}");
-        assert_ne!(updated.metadata.resource_version, created.metadata.resource_version);
+        assert_ne!(
+            updated.metadata.resource_version,
+            created.metadata.resource_version
+        );
 
         // A stale resource version is a conflict.
         let mut stale = created.clone();
         stale.spec.insert("a".into(), json!(2));
-        assert!(matches!(r.update(&app_key("app"), stale).await, Err(RegistryError::Conflict)), "{backend}");
+        assert!(
+            matches!(
+                r.update(&app_key("app"), stale).await,
+                Err(RegistryError::Conflict)
+            ),
+            "{backend}"
+        );
 
         // Spec change with the current version bumps the generation.
         let mut fresh = updated.clone();
@@ -128,7 +229,13 @@ async fn optimistic_locking_and_generation() {
         r.update(&app_key("app"), unchecked).await.unwrap();
         let mut wrong_uid = r.get(&app_key("app")).await.unwrap().unwrap();
         wrong_uid.metadata.uid = "not-it".into();
-        assert!(matches!(r.update(&app_key("app"), wrong_uid).await, Err(RegistryError::Conflict)), "{backend}");
+        assert!(
+            matches!(
+                r.update(&app_key("app"), wrong_uid).await,
+                Err(RegistryError::Conflict)
+            ),
+            "{backend}"
+        );
     }
 }
 
@@ -136,15 +243,23 @@ async fn optimistic_locking_and_generation() {
 async fn passwords_are_stored_hashed() {
     for (backend, b) in backends().await {
         let r = &b.registry;
-        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}}))).await.unwrap();
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
         let device = r
             .create(&device_key("app", "d"), resource(json!({"metadata": {"name": "d"}, "spec": {"authentication": {"credentials": [{"pass": "hey-rodney"}]}}})))
             .await
             .unwrap();
         let stored = r.get(&device_key("app", "d")).await.unwrap().unwrap();
         assert_eq!(stored, device);
-        assert!(!serde_json::to_string(&stored).unwrap().contains("hey-rodney"), "{backend}");
-        assert_eq!(verify_password(&stored.spec, "d", "hey-rodney"), PasswordCheck::Valid);
+        assert!(
+            !serde_json::to_string(&stored).unwrap().contains("hey-rodney"),
+            "{backend}"
+        );
+        assert_eq!(
+            verify_password(&stored.spec, "d", "hey-rodney"),
+            PasswordCheck::Valid
+        );
         assert_eq!(verify_password(&stored.spec, "d", "nope"), PasswordCheck::Invalid);
     }
 }
@@ -153,12 +268,22 @@ async fn passwords_are_stored_hashed() {
 async fn concurrent_status_writes_all_land_and_keep_the_spec() {
     for (backend, b) in backends().await {
         let r = Arc::new(b.registry.clone());
-        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}}))).await.unwrap();
-        r.create(&device_key("app", "d"), resource(json!({"metadata": {"name": "d"}, "spec": {"keep": true}}))).await.unwrap();
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
+        r.create(
+            &device_key("app", "d"),
+            resource(json!({"metadata": {"name": "d"}, "spec": {"keep": true}})),
+        )
+        .await
+        .unwrap();
         let writers: Vec<_> = (0..8)
             .map(|i| {
                 let r = r.clone();
-                tokio::spawn(async move { r.set_status_section(&device_key("app", "d"), &format!("s{i}"), json!(i)).await })
+                tokio::spawn(async move {
+                    r.set_status_section(&device_key("app", "d"), &format!("s{i}"), json!(i))
+                        .await
+                })
             })
             .collect();
         for w in writers {
@@ -166,12 +291,20 @@ async fn concurrent_status_writes_all_land_and_keep_the_spec() {
         }
         let device = r.get(&device_key("app", "d")).await.unwrap().unwrap();
         for i in 0..8 {
-            assert_eq!(device.status.get(&format!("s{i}")), Some(&json!(i)), "{backend}: status s{i}");
+            assert_eq!(
+                device.status.get(&format!("s{i}")),
+                Some(&json!(i)),
+                "{backend}: status s{i}"
+            );
         }
         assert_eq!(device.spec.get("keep"), Some(&json!(true)));
-        assert_eq!(device.metadata.generation, 1, "{backend}: status writes keep the generation");
+        assert_eq!(
+            device.metadata.generation, 1,
+            "{backend}: status writes keep the generation"
+        );
         assert!(matches!(
-            r.set_status_section(&device_key("app", "gone"), "firmware", json!({})).await,
+            r.set_status_section(&device_key("app", "gone"), "firmware", json!({}))
+                .await,
             Err(RegistryError::NotFound(_))
         ));
     }

@@ -54,7 +54,13 @@ impl CredentialCache {
         mac.finalize().into_bytes().into()
     }
 
-    pub async fn check(&self, key: &Key, context: &DeviceContext, username: &str, password: &str) -> Result<(), AuthError> {
+    pub async fn check(
+        &self,
+        key: &Key,
+        context: &DeviceContext,
+        username: &str,
+        password: &str,
+    ) -> Result<(), AuthError> {
         let tag = self.tag(key, username, password);
         if let Some(verified) = self.verified.read().unwrap().get(key) {
             let same_tag: bool = verified.tag.ct_eq(&tag).into();
@@ -65,9 +71,10 @@ impl CredentialCache {
         let spec = context.spec.clone();
         let (username_owned, password_owned) = (username.to_string(), password.to_string());
         // bcrypt takes tens of milliseconds by design; keep it off the async workers.
-        let check = tokio::task::spawn_blocking(move || verify_password(&spec, &username_owned, &password_owned))
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let check =
+            tokio::task::spawn_blocking(move || verify_password(&spec, &username_owned, &password_owned))
+                .await
+                .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         if check != PasswordCheck::Valid {
             return Err(AuthError::Denied);
         }

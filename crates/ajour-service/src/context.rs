@@ -37,7 +37,11 @@ impl ContextCache {
 
     /// The context of device `key`; `None` when the device (or its application) does not exist.
     /// Only existing devices are cached, so names sent by strangers take no memory.
-    pub async fn get(&self, registry: &dyn Registry, key: &Key) -> Result<Option<Arc<DeviceContext>>, RegistryError> {
+    pub async fn get(
+        &self,
+        registry: &dyn Registry,
+        key: &Key,
+    ) -> Result<Option<Arc<DeviceContext>>, RegistryError> {
         if let Some((at, context)) = self.entries.read().unwrap().get(key) {
             if at.elapsed() < self.ttl {
                 return Ok(Some(context.clone()));

@@ -68,7 +68,11 @@ pub struct UpdateService {
 }
 
 impl UpdateService {
-    pub fn new(registry: Arc<dyn Registry>, firmware: Arc<dyn FirmwareSource>, config: ServiceConfig) -> Self {
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        firmware: Arc<dyn FirmwareSource>,
+        config: ServiceConfig,
+    ) -> Self {
         Self {
             contexts: ContextCache::new(config.spec_cache_ttl),
             auth: auth::CredentialCache::new(),
@@ -104,14 +108,18 @@ impl UpdateService {
             Ok(Some(spec)) => spec,
             Ok(None) => return reply(&wait(correlation_id, self.config.unmanaged_poll).command),
             Err(reason) => {
-                self.tracker.record(key, FirmwareStatus::error(current, reason.clone())).await;
+                self.tracker
+                    .record(key, FirmwareStatus::error(current, reason.clone()))
+                    .await;
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
         let image = match self.firmware.fetch(spec).await {
             Ok(image) => image,
             Err(error) => {
-                self.tracker.record(key, FirmwareStatus::error(current, error.to_string())).await;
+                self.tracker
+                    .record(key, FirmwareStatus::error(current, error.to_string()))
+                    .await;
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
@@ -127,7 +135,16 @@ impl UpdateService {
                 reason: "firmware image is empty".into(),
             },
         };
-        self.tracker.record(key, FirmwareStatus { current, target, state }).await;
+        self.tracker
+            .record(
+                key,
+                FirmwareStatus {
+                    current,
+                    target,
+                    state,
+                },
+            )
+            .await;
         reply(&decision.command)
     }
 
@@ -165,7 +182,8 @@ impl UpdateService {
     /// Write pending progress every `progress_interval` until `shutdown` resolves, then write all
     /// that is left.
     pub async fn run_status_writer(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
-        let mut tick = tokio::time::interval((self.config.progress_interval / 2).max(Duration::from_millis(100)));
+        let mut tick =
+            tokio::time::interval((self.config.progress_interval / 2).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {

@@ -45,7 +45,9 @@ impl FirmwareStatus {
             FirmwareState::Updating { .. } => None,
             other => Some(other.clone()),
         };
-        self.current == other.current && self.target == other.target && phase(&self.state) == phase(&other.state)
+        self.current == other.current
+            && self.target == other.target
+            && phase(&self.state) == phase(&other.state)
     }
 
     /// The conditions in Drogue's shape.
@@ -75,7 +77,12 @@ struct Condition {
 }
 
 impl Condition {
-    fn new(kind: &'static str, status: &'static str, reason: Option<String>, message: Option<String>) -> Self {
+    fn new(
+        kind: &'static str,
+        status: &'static str,
+        reason: Option<String>,
+        message: Option<String>,
+    ) -> Self {
         Self {
             kind,
             status,
@@ -96,7 +103,7 @@ struct Tracked {
 }
 
 impl Tracked {
-    fn to_json(&mut self, status: &FirmwareStatus) -> Value {
+    fn render(&mut self, status: &FirmwareStatus) -> Value {
         let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let conditions: Vec<Value> = status
             .conditions()
@@ -174,7 +181,7 @@ impl StatusTracker {
         let mut devices = self.devices.lock().unwrap();
         let tracked = devices.get_mut(key)?;
         let pending = tracked.pending.clone()?;
-        Some(tracked.to_json(&pending))
+        Some(tracked.render(&pending))
     }
 
     /// Write pending progress that is due (or all of it, when `force`).
@@ -194,15 +201,25 @@ impl StatusTracker {
 
     /// Write the newest pending status of `key`, one write at a time per device.
     async fn write_latest(&self, key: &Key) {
-        let Some(lock) = self.devices.lock().unwrap().get(key).map(|t| t.write_lock.clone()) else {
+        let Some(lock) = self
+            .devices
+            .lock()
+            .unwrap()
+            .get(key)
+            .map(|t| t.write_lock.clone())
+        else {
             return;
         };
         let _writing = lock.lock().await;
         let (status, value) = {
             let mut devices = self.devices.lock().unwrap();
-            let Some(tracked) = devices.get_mut(key) else { return };
-            let Some(status) = tracked.pending.take() else { return };
-            let value = tracked.to_json(&status);
+            let Some(tracked) = devices.get_mut(key) else {
+                return;
+            };
+            let Some(status) = tracked.pending.take() else {
+                return;
+            };
+            let value = tracked.render(&status);
             (status, value)
         };
         let result = self.registry.set_status_section(key, "firmware", value).await;

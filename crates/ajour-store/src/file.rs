@@ -103,7 +103,9 @@ impl FileStore {
         let (json_path, bin_path) = self.paths(&name);
         let stamp = stamp(&json_path, &bin_path).await;
         let result = match (&previous, &stamp) {
-            (Some(previous), Some(stamp)) if previous.stamp.as_ref() == Some(stamp) => previous.result.clone(),
+            (Some(previous), Some(stamp)) if previous.stamp.as_ref() == Some(stamp) => {
+                previous.result.clone()
+            }
             (_, None) => Err(FetchError::NotFound(name.to_string())),
             (_, Some(_)) => load(&name, &json_path, &bin_path).await,
         };
@@ -124,7 +126,12 @@ impl FileStore {
         if let Some(entry) = self.entries.read().unwrap().get(name) {
             return entry.clone();
         }
-        self.entries.write().unwrap().entry(name.clone()).or_default().clone()
+        self.entries
+            .write()
+            .unwrap()
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
     fn fresh(&self, entry: &Entry) -> Option<Result<Arc<FirmwareImage>, FetchError>> {
@@ -158,7 +165,11 @@ async fn stamp(json: &Path, bin: &Path) -> Option<Stamp> {
     })
 }
 
-async fn load(name: &FirmwareName, json_path: &Path, bin_path: &Path) -> Result<Arc<FirmwareImage>, FetchError> {
+async fn load(
+    name: &FirmwareName,
+    json_path: &Path,
+    bin_path: &Path,
+) -> Result<Arc<FirmwareImage>, FetchError> {
     let invalid = |reason: String| FetchError::Invalid {
         name: name.to_string(),
         reason,
@@ -202,13 +213,19 @@ mod tests {
         let name = FirmwareName::parse("app").unwrap();
         store.add(&name, "1.0.0", b"first image").unwrap();
         let first = store.fetch(&spec("app")).await.unwrap();
-        assert_eq!((first.version(), &first.data()[..]), ("1.0.0", &b"first image"[..]));
+        assert_eq!(
+            (first.version(), &first.data()[..]),
+            ("1.0.0", &b"first image"[..])
+        );
         // Unchanged files: the very same shared image, not a new read.
         assert!(Arc::ptr_eq(&first, &store.fetch(&spec("app")).await.unwrap()));
 
         store.add(&name, "1.0.1", b"second image, longer").unwrap();
         let second = store.fetch(&spec("app")).await.unwrap();
-        assert_eq!((second.version(), &second.data()[..]), ("1.0.1", &b"second image, longer"[..]));
+        assert_eq!(
+            (second.version(), &second.data()[..]),
+            ("1.0.1", &b"second image, longer"[..])
+        );
     }
 
     #[tokio::test]
@@ -237,14 +254,20 @@ mod tests {
         assert!(error.to_string().contains("size mismatch"), "{error}");
 
         std::fs::write(dir.path().join("app.json"), b"{not json").unwrap();
-        assert!(matches!(store.fetch(&spec("app")).await, Err(FetchError::Invalid { .. })));
+        assert!(matches!(
+            store.fetch(&spec("app")).await,
+            Err(FetchError::Invalid { .. })
+        ));
     }
 
     #[tokio::test]
     async fn missing_and_hostile_names_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::new(dir.path().join("firmware"), Duration::ZERO);
-        assert_eq!(store.fetch(&spec("nope")).await, Err(FetchError::NotFound("nope".into())));
+        assert_eq!(
+            store.fetch(&spec("nope")).await,
+            Err(FetchError::NotFound("nope".into()))
+        );
         assert!(matches!(
             store.fetch(&spec("../../etc/passwd")).await,
             Err(FetchError::Invalid { .. })

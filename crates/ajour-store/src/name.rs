@@ -57,7 +57,17 @@ mod tests {
 
     #[test]
     fn hostile_names_are_refused() {
-        for name in ["", "../../etc/passwd", "..", ".hidden", "a/b", "a\\b", "a\0b", "ä", &"x".repeat(129)] {
+        for name in [
+            "",
+            "../../etc/passwd",
+            "..",
+            ".hidden",
+            "a/b",
+            "a\\b",
+            "a\0b",
+            "ä",
+            &"x".repeat(129),
+        ] {
             assert!(FirmwareName::parse(name).is_err(), "{name:?}");
         }
     }

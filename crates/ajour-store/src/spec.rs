@@ -60,7 +60,9 @@ impl FirmwareSpec {
         let object = section
             .as_object()
             .ok_or_else(|| SpecError("expected an object".into()))?;
-        let mut kinds = object.keys().filter(|k| matches!(k.as_str(), "container" | "oci" | "hawkbit" | "file"));
+        let mut kinds = object
+            .keys()
+            .filter(|k| matches!(k.as_str(), "container" | "oci" | "hawkbit" | "file"));
         let kind = match (kinds.next(), kinds.next()) {
             (Some(kind), None) => kind.as_str(),
             (None, _) => {
@@ -70,7 +72,10 @@ impl FirmwareSpec {
             }
             (Some(a), Some(b)) => return Err(SpecError(format!("both '{a}' and '{b}' are set; choose one"))),
         };
-        if let Some(unknown) = object.keys().find(|k| !matches!(k.as_str(), "container" | "oci" | "hawkbit" | "file")) {
+        if let Some(unknown) = object
+            .keys()
+            .find(|k| !matches!(k.as_str(), "container" | "oci" | "hawkbit" | "file"))
+        {
             return Err(SpecError(format!("unknown field '{unknown}'")));
         }
         let body = object[kind].clone();
@@ -114,16 +119,25 @@ mod tests {
     #[test]
     fn parses_every_kind_and_the_oci_alias() {
         assert_eq!(
-            FirmwareSpec::from_json(&json!({"container": {"image": "fw:1", "imagePullPolicy": "Always"}})).unwrap(),
-            FirmwareSpec::Container { image: "fw:1".into(), pull_policy: ImagePullPolicy::Always }
+            FirmwareSpec::from_json(&json!({"container": {"image": "fw:1", "imagePullPolicy": "Always"}}))
+                .unwrap(),
+            FirmwareSpec::Container {
+                image: "fw:1".into(),
+                pull_policy: ImagePullPolicy::Always
+            }
         );
         assert_eq!(
             FirmwareSpec::from_json(&json!({"oci": {"image": "fw:1"}})).unwrap(),
-            FirmwareSpec::Container { image: "fw:1".into(), pull_policy: ImagePullPolicy::IfNotPresent }
+            FirmwareSpec::Container {
+                image: "fw:1".into(),
+                pull_policy: ImagePullPolicy::IfNotPresent
+            }
         );
         assert_eq!(
             FirmwareSpec::from_json(&json!({"hawkbit": {"controller": "c1"}})).unwrap(),
-            FirmwareSpec::Hawkbit { controller: "c1".into() }
+            FirmwareSpec::Hawkbit {
+                controller: "c1".into()
+            }
         );
         assert_eq!(
             FirmwareSpec::from_json(&json!({"file": {"name": "app"}})).unwrap(),

@@ -112,7 +112,10 @@ async fn publish(
         StatusCode::OK,
         [
             ("command", HeaderValue::from_static(DFU_CHANNEL)),
-            (header::CONTENT_TYPE.as_str(), HeaderValue::from_static("application/cbor")),
+            (
+                header::CONTENT_TYPE.as_str(),
+                HeaderValue::from_static("application/cbor"),
+            ),
         ],
         reply.command,
     )
@@ -126,7 +129,9 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_string(), password.to_string()))

@@ -12,7 +12,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Parser)]
-#[command(name = "ajour", version, about = "Firmware updates for fleets of small devices")]
+#[command(
+    name = "ajour",
+    version,
+    about = "Firmware updates for fleets of small devices"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -100,7 +104,12 @@ impl ServeArgs {
 #[derive(Debug, Args)]
 pub struct Connection {
     /// Base URL of the Ajour server.
-    #[arg(long, env = "AJOUR_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "AJOUR_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     pub url: String,
     /// API token (default: read from the data directory's `api-token`).
     #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true, global = true)]
@@ -149,7 +158,9 @@ impl FirmwareChoice {
         if let Some(image) = &self.image {
             return Some(json!({"container": {"image": image}}));
         }
-        self.hawkbit.as_ref().map(|c| json!({"hawkbit": {"controller": c}}))
+        self.hawkbit
+            .as_ref()
+            .map(|c| json!({"hawkbit": {"controller": c}}))
     }
 }
 
@@ -355,7 +366,9 @@ async fn app(command: AppCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        AppCommand::Get { name, connection } => print_json(&connection.client()?.get(&format!("apps/{name}")).await?),
+        AppCommand::Get { name, connection } => {
+            print_json(&connection.client()?.get(&format!("apps/{name}")).await?)
+        }
         AppCommand::Delete { name, connection } => {
             connection.client()?.delete(&format!("apps/{name}")).await?;
             crate::say!("application '{name}' deleted");
@@ -370,7 +383,10 @@ async fn app(command: AppCommand) -> anyhow::Result<()> {
                 .client()?
                 .modify(&format!("apps/{name}"), |o| set_firmware(o, spec.clone()))
                 .await?;
-            crate::say!("application '{name}': firmware {}", describe_firmware(&spec.unwrap_or(Value::Null)));
+            crate::say!(
+                "application '{name}': firmware {}",
+                describe_firmware(&spec.unwrap_or(Value::Null))
+            );
         }
     }
     Ok(())
@@ -422,11 +438,25 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        DeviceCommand::Get { app, name, connection } => {
-            print_json(&connection.client()?.get(&format!("apps/{app}/devices/{name}")).await?)
-        }
-        DeviceCommand::Delete { app, name, connection } => {
-            connection.client()?.delete(&format!("apps/{app}/devices/{name}")).await?;
+        DeviceCommand::Get {
+            app,
+            name,
+            connection,
+        } => print_json(
+            &connection
+                .client()?
+                .get(&format!("apps/{app}/devices/{name}"))
+                .await?,
+        ),
+        DeviceCommand::Delete {
+            app,
+            name,
+            connection,
+        } => {
+            connection
+                .client()?
+                .delete(&format!("apps/{app}/devices/{name}"))
+                .await?;
             crate::say!("device '{name}' deleted");
         }
         DeviceCommand::SetFirmware {
@@ -438,12 +468,24 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
             let spec = firmware.to_spec();
             connection
                 .client()?
-                .modify(&format!("apps/{app}/devices/{name}"), |o| set_firmware(o, spec.clone()))
+                .modify(&format!("apps/{app}/devices/{name}"), |o| {
+                    set_firmware(o, spec.clone())
+                })
                 .await?;
-            crate::say!("device '{name}': firmware {}", describe_firmware(&spec.unwrap_or(Value::Null)));
+            crate::say!(
+                "device '{name}': firmware {}",
+                describe_firmware(&spec.unwrap_or(Value::Null))
+            );
         }
-        DeviceCommand::Status { app, name, connection } => {
-            let device = connection.client()?.get(&format!("apps/{app}/devices/{name}")).await?;
+        DeviceCommand::Status {
+            app,
+            name,
+            connection,
+        } => {
+            let device = connection
+                .client()?
+                .get(&format!("apps/{app}/devices/{name}"))
+                .await?;
             let (current, target, state) = firmware_status(&device);
             crate::say!("current: {current}\ntarget:  {target}\nstate:   {state}");
         }
@@ -454,7 +496,10 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
 fn describe_firmware(firmware: &Value) -> String {
     if let Some(name) = firmware["file"]["name"].as_str() {
         format!("file {name}")
-    } else if let Some(image) = firmware["container"]["image"].as_str().or(firmware["oci"]["image"].as_str()) {
+    } else if let Some(image) = firmware["container"]["image"]
+        .as_str()
+        .or(firmware["oci"]["image"].as_str())
+    {
         format!("image {image}")
     } else if let Some(controller) = firmware["hawkbit"]["controller"].as_str() {
         format!("hawkbit {controller}")

@@ -43,8 +43,16 @@ impl ApiClient {
         format!("{}/{REGISTRY}/{path}", self.base)
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<(StatusCode, Value)> {
-        let mut request = self.http.request(method.clone(), self.url(path)).bearer_auth(&self.token);
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self
+            .http
+            .request(method.clone(), self.url(path))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -65,7 +73,11 @@ impl ApiClient {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| value.to_string());
-            return Err(HttpError { status, message: format!("{method} {path}: {status}: {message}") }.into());
+            return Err(HttpError {
+                status,
+                message: format!("{method} {path}: {status}: {message}"),
+            }
+            .into());
         }
         Ok((status, value))
     }
@@ -94,7 +106,9 @@ impl ApiClient {
             change(&mut object);
             match self.send(Method::PUT, path, Some(&object)).await {
                 Ok(_) => return Ok(object),
-                Err(e) if e.downcast_ref::<HttpError>().map(|e| e.status) == Some(StatusCode::CONFLICT) => continue,
+                Err(e) if e.downcast_ref::<HttpError>().map(|e| e.status) == Some(StatusCode::CONFLICT) => {
+                    continue
+                }
                 Err(e) => return Err(e),
             }
         }

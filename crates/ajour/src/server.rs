@@ -100,10 +100,17 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let registry: Arc<dyn Registry> = Arc::new(registry);
 
     let firmware: Arc<dyn FirmwareSource> = Arc::new(Firmware {
-        file: Some(Arc::new(FileStore::new(config.firmware_dir(), config.firmware_recheck))),
+        file: Some(Arc::new(FileStore::new(
+            config.firmware_dir(),
+            config.firmware_recheck,
+        ))),
         ..Default::default()
     });
-    let service = Arc::new(UpdateService::new(registry.clone(), firmware, config.service.clone()));
+    let service = Arc::new(UpdateService::new(
+        registry.clone(),
+        firmware,
+        config.service.clone(),
+    ));
 
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
@@ -159,7 +166,11 @@ fn api_token(config: &ServerConfig) -> anyhow::Result<(String, bool)> {
     let path = token_path(&config.data_dir);
     if let Ok(saved) = std::fs::read_to_string(&path) {
         let saved = saved.trim().to_string();
-        anyhow::ensure!(!saved.is_empty(), "{} is empty: delete it to generate a new token", path.display());
+        anyhow::ensure!(
+            !saved.is_empty(),
+            "{} is empty: delete it to generate a new token",
+            path.display()
+        );
         return Ok((saved, false));
     }
     let mut bytes = [0u8; 24];

@@ -140,7 +140,11 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
 }
 
 /// One device, from its first status to Sync.
-pub async fn simulate_device(http: &reqwest::Client, args: &SimulateArgs, name: &str) -> anyhow::Result<Outcome> {
+pub async fn simulate_device(
+    http: &reqwest::Client,
+    args: &SimulateArgs,
+    name: &str,
+) -> anyhow::Result<Outcome> {
     let url = format!("{}/v1/dfu?ct=30", args.url.trim_end_matches('/'));
     let authorization = format!(
         "Basic {}",
@@ -177,10 +181,18 @@ pub async fn simulate_device(http: &reqwest::Client, args: &SimulateArgs, name: 
             bail!("authentication refused (403): check application, device and password");
         }
         if code != reqwest::StatusCode::OK {
-            bail!("unexpected answer {code}: {}", String::from_utf8_lossy(&bytes).trim());
+            bail!(
+                "unexpected answer {code}: {}",
+                String::from_utf8_lossy(&bytes).trim()
+            );
         }
         match decode_command(&bytes).context("decoding the server's command")? {
-            Command::Write { version: v, offset, data, .. } => {
+            Command::Write {
+                version: v,
+                offset,
+                data,
+                ..
+            } => {
                 let v = String::from_utf8_lossy(v).into_owned();
                 if offset == 0 {
                     written.clear();
@@ -190,14 +202,19 @@ pub async fn simulate_device(http: &reqwest::Client, args: &SimulateArgs, name: 
                     bail!("Write of version {v} while writing {writing:?}");
                 }
                 if offset as usize != written.len() {
-                    bail!("Write at offset {offset}, but the device holds {} bytes", written.len());
+                    bail!(
+                        "Write at offset {offset}, but the device holds {} bytes",
+                        written.len()
+                    );
                 }
                 if data.is_empty() {
                     bail!("empty Write at offset {offset}: the update would never progress");
                 }
                 written.extend_from_slice(data);
             }
-            Command::Swap { version: v, checksum, .. } => {
+            Command::Swap {
+                version: v, checksum, ..
+            } => {
                 let v = String::from_utf8_lossy(v).into_owned();
                 if writing.as_deref() != Some(v.as_str()) {
                     bail!("Swap to {v}, but the device wrote {writing:?}");

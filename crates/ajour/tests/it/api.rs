@@ -12,10 +12,22 @@ async fn registry_api_is_drogue_compatible() {
         // Token required.
         let response = server.http.get(server.api("apps")).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-        let response = server.http.get(server.api("apps")).bearer_auth("wrong").send().await.unwrap();
+        let response = server
+            .http
+            .get(server.api("apps"))
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         // Drogue clients send Basic user:token.
-        let response = server.http.get(server.api("apps")).basic_auth("me", Some(&server.token)).send().await.unwrap();
+        let response = server
+            .http
+            .get(server.api("apps"))
+            .basic_auth("me", Some(&server.token))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
 
         // POST -> 201 + Location.
@@ -28,15 +40,26 @@ async fn registry_api_is_drogue_compatible() {
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::CREATED, "{backend:?}");
-        assert_eq!(response.headers()["location"], "/api/registry/v1alpha1/apps/my-app");
-        let (status, _) = server.api_send(Method::POST, "apps", Some(json!({"metadata": {"name": "my-app"}}))).await;
+        assert_eq!(
+            response.headers()["location"],
+            "/api/registry/v1alpha1/apps/my-app"
+        );
+        let (status, _) = server
+            .api_send(
+                Method::POST,
+                "apps",
+                Some(json!({"metadata": {"name": "my-app"}})),
+            )
+            .await;
         assert_eq!(status, StatusCode::CONFLICT);
         server.create_app("plain", None).await;
 
         // List with labels / limit / offset.
         let (_, all) = server.api_send(Method::GET, "apps", None).await;
         assert_eq!(all.as_array().unwrap().len(), 2);
-        let (_, gold) = server.api_send(Method::GET, "apps?labels=tier%3Dgold", None).await;
+        let (_, gold) = server
+            .api_send(Method::GET, "apps?labels=tier%3Dgold", None)
+            .await;
         assert_eq!(gold[0]["metadata"]["name"], "my-app");
         assert_eq!(gold.as_array().unwrap().len(), 1);
         let (_, page) = server.api_send(Method::GET, "apps?limit=1&offset=1", None).await;
@@ -47,14 +70,19 @@ async fn registry_api_is_drogue_compatible() {
         assert_eq!(app["metadata"]["generation"], 1);
         let mut relabelled = app.clone();
         relabelled["metadata"]["labels"]["tier"] = json!("silver");
-        let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(relabelled)).await;
+        let (status, _) = server
+            .api_send(Method::PUT, "apps/my-app", Some(relabelled))
+            .await;
         assert_eq!(status, StatusCode::NO_CONTENT);
         let (_, after_labels) = server.api_send(Method::GET, "apps/my-app", None).await;
         assert_eq!(after_labels["metadata"]["generation"], 1);
         let mut stale = app.clone();
         stale["spec"]["firmware"] = json!({"container": {"image": "fw:2"}});
         let (status, body) = server.api_send(Method::PUT, "apps/my-app", Some(stale)).await;
-        assert_eq!((status, body["error"].as_str()), (StatusCode::CONFLICT, Some("Conflict")));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::CONFLICT, Some("Conflict"))
+        );
         let mut fresh = after_labels.clone();
         fresh["spec"]["firmware"] = json!({"container": {"image": "fw:2"}});
         let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(fresh)).await;
@@ -83,13 +111,22 @@ async fn registry_api_is_drogue_compatible() {
         for (path, body) in [
             ("apps", json!({"metadata": {"name": "x", "colour": "red"}})),
             ("apps", json!({"metadata": {"name": "../../etc/passwd"}})),
-            ("apps/my-app/devices", json!({"metadata": {"name": "d", "application": "other"}})),
+            (
+                "apps/my-app/devices",
+                json!({"metadata": {"name": "d", "application": "other"}}),
+            ),
         ] {
             let (status, body) = server.api_send(Method::POST, path, Some(body)).await;
             assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
             assert!(body["message"].is_string());
         }
-        let (status, _) = server.api_send(Method::PUT, "apps/my-app", Some(json!({"metadata": {"name": "other"}}))).await;
+        let (status, _) = server
+            .api_send(
+                Method::PUT,
+                "apps/my-app",
+                Some(json!({"metadata": {"name": "other"}})),
+            )
+            .await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         let (status, _) = server.api_send(Method::GET, "apps/nope", None).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
@@ -99,7 +136,9 @@ async fn registry_api_is_drogue_compatible() {
         // DELETE -> 204, then 404.
         let (status, _) = server.api_send(Method::DELETE, "apps/my-app", None).await;
         assert_eq!(status, StatusCode::NO_CONTENT);
-        let (status, _) = server.api_send(Method::GET, "apps/my-app/devices/dev1", None).await;
+        let (status, _) = server
+            .api_send(Method::GET, "apps/my-app/devices/dev1", None)
+            .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         server.stop().await;
     }
@@ -108,10 +147,15 @@ async fn registry_api_is_drogue_compatible() {
 #[tokio::test]
 async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
     use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
-    let server = TestServer::start_with(Backend::Sqlite, |c| c.service.spec_cache_ttl = std::time::Duration::from_secs(3600)).await;
+    let server = TestServer::start_with(Backend::Sqlite, |c| {
+        c.service.spec_cache_ttl = std::time::Duration::from_secs(3600)
+    })
+    .await;
     server.add_firmware("a", "1.0.0", &firmware_bytes(100, 1));
     server.add_firmware("b", "2.0.0", &firmware_bytes(100, 2));
-    server.create_app("app", Some(json!({"file": {"name": "a"}}))).await;
+    server
+        .create_app("app", Some(json!({"file": {"name": "a"}})))
+        .await;
     server.create_device("app", "d", "pw", None).await;
     let status = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
     let (_, _, body) = server.post_dfu("d@app", "pw", status.clone()).await;
@@ -122,15 +166,27 @@ async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
     let (code, _) = server.api_send(Method::PUT, "apps/app", Some(app)).await;
     assert_eq!(code, StatusCode::NO_CONTENT);
     let (_, _, body) = server.post_dfu("d@app", "pw", status).await;
-    assert!(matches!(decode_command(&body).unwrap(), Command::Write { version: b"2.0.0", offset: 0, .. }));
+    assert!(matches!(
+        decode_command(&body).unwrap(),
+        Command::Write {
+            version: b"2.0.0",
+            offset: 0,
+            ..
+        }
+    ));
 
     // Changing the password through the API voids the remembered credential.
     let mut device = server.device("app", "d").await;
     device["spec"]["authentication"] = json!({"credentials": [{"pass": "new"}]});
-    let (code, _) = server.api_send(Method::PUT, "apps/app/devices/d", Some(device)).await;
+    let (code, _) = server
+        .api_send(Method::PUT, "apps/app/devices/d", Some(device))
+        .await;
     assert_eq!(code, StatusCode::NO_CONTENT);
     let first = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
-    assert_eq!(server.post_dfu("d@app", "pw", first.clone()).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        server.post_dfu("d@app", "pw", first.clone()).await.0,
+        StatusCode::FORBIDDEN
+    );
     assert_eq!(server.post_dfu("d@app", "new", first).await.0, StatusCode::OK);
     server.stop().await;
 }

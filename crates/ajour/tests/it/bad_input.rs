@@ -6,13 +6,18 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 fn first(version: &str, mtu: Option<u32>) -> Vec<u8> {
-    encode_status(&Status::first(version.as_bytes().to_vec(), mtu, Some(5)), Encoding::Packed)
+    encode_status(
+        &Status::first(version.as_bytes().to_vec(), mtu, Some(5)),
+        Encoding::Packed,
+    )
 }
 
 async fn setup() -> TestServer {
     let server = TestServer::start(Backend::Sqlite).await;
     server.add_firmware("fw", "1.0.0", &firmware_bytes(2000, 9));
-    server.create_app("app", Some(json!({"file": {"name": "fw"}}))).await;
+    server
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
     server.create_device("app", "d", "pw", None).await;
     server
 }
@@ -23,12 +28,24 @@ async fn endpoint_answers_bad_requests_and_keeps_serving() {
     let url = format!("{}/v1/dfu", server.url);
 
     // No credentials: 401 with a Basic challenge.
-    let response = server.http.post(&url).body(first("0.1.0", None)).send().await.unwrap();
+    let response = server
+        .http
+        .post(&url)
+        .body(first("0.1.0", None))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(response.headers().contains_key("www-authenticate"));
 
     // Wrong password, unknown device, unknown application, hostile names: 403, all alike.
-    for (user, password) in [("d@app", "wrong"), ("ghost@app", "pw"), ("d@nowhere", "pw"), ("../../etc/passwd@app", "pw"), ("d@../app", "pw")] {
+    for (user, password) in [
+        ("d@app", "wrong"),
+        ("ghost@app", "pw"),
+        ("d@nowhere", "pw"),
+        ("../../etc/passwd@app", "pw"),
+        ("d@../app", "pw"),
+    ] {
         let (status, _, _) = server.post_dfu(user, password, first("0.1.0", None)).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{user}:{password}");
     }
@@ -49,7 +66,9 @@ async fn endpoint_answers_bad_requests_and_keeps_serving() {
     let (status, _, body) = server.post_dfu("d@app", "pw", first("0.1.0", Some(0))).await;
     assert_eq!(status, StatusCode::OK);
     match decode_command(&body).unwrap() {
-        Command::Write { data, correlation_id, .. } => assert_eq!((data.len(), correlation_id), (512, Some(5))),
+        Command::Write {
+            data, correlation_id, ..
+        } => assert_eq!((data.len(), correlation_id), (512, Some(5))),
         other => panic!("expected Write, got {other:?}"),
     }
 
@@ -66,7 +85,10 @@ async fn endpoint_answers_bad_requests_and_keeps_serving() {
 
     // Still serving.
     let (status, headers, _) = server.post_dfu("d@app", "pw", first("0.1.0", None)).await;
-    assert_eq!((status, headers["command"].to_str().unwrap()), (StatusCode::OK, "dfu"));
+    assert_eq!(
+        (status, headers["command"].to_str().unwrap()),
+        (StatusCode::OK, "dfu")
+    );
     server.stop().await;
 }
 
@@ -77,28 +99,64 @@ async fn devices_wait_when_firmware_is_missing_unusable_or_not_set() {
     server.create_app("bare", None).await;
     server.create_device("bare", "d", "pw", None).await;
     let (_, _, body) = server.post_dfu("d@bare", "pw", first("0.1.0", None)).await;
-    assert_eq!(decode_command(&body).unwrap(), Command::Wait { correlation_id: Some(5), poll: Some(600) });
-    assert!(server.device("bare", "d").await["status"].get("firmware").is_none());
+    assert_eq!(
+        decode_command(&body).unwrap(),
+        Command::Wait {
+            correlation_id: Some(5),
+            poll: Some(600)
+        }
+    );
+    assert!(server.device("bare", "d").await["status"]
+        .get("firmware")
+        .is_none());
 
     // Firmware named with a path, missing, corrupt, or an unparsable section: Wait with the
     // configured poll, and the device's status says why.
     std::fs::write(server.data_dir.path().join("firmware/fw.bin"), b"tampered").unwrap();
     for (name, firmware, reason) in [
-        ("hostile", json!({"file": {"name": "../../etc/passwd"}}), "invalid firmware name"),
+        (
+            "hostile",
+            json!({"file": {"name": "../../etc/passwd"}}),
+            "invalid firmware name",
+        ),
         ("missing", json!({"file": {"name": "nope"}}), "not found"),
         ("corrupt", json!({"file": {"name": "fw"}}), "mismatch"),
-        ("unparsable", json!({"file": {"nom": "fw"}}), "invalid spec.firmware"),
-        ("unconfigured", json!({"hawkbit": {"controller": "c"}}), "not configured"),
+        (
+            "unparsable",
+            json!({"file": {"nom": "fw"}}),
+            "invalid spec.firmware",
+        ),
+        (
+            "unconfigured",
+            json!({"hawkbit": {"controller": "c"}}),
+            "not configured",
+        ),
     ] {
         server.create_device("app", name, "pw", Some(firmware)).await;
-        let (status, _, body) = server.post_dfu(&format!("{name}@app"), "pw", first("0.1.0", None)).await;
+        let (status, _, body) = server
+            .post_dfu(&format!("{name}@app"), "pw", first("0.1.0", None))
+            .await;
         assert_eq!(status, StatusCode::OK);
-        assert_eq!(decode_command(&body).unwrap(), Command::Wait { correlation_id: Some(5), poll: Some(7) }, "{name}");
+        assert_eq!(
+            decode_command(&body).unwrap(),
+            Command::Wait {
+                correlation_id: Some(5),
+                poll: Some(7)
+            },
+            "{name}"
+        );
         let device = server.device("app", name).await;
         let condition = &device["status"]["firmware"]["conditions"][0];
-        assert_eq!((condition["type"].as_str(), condition["status"].as_str()), (Some("InSync"), Some("False")), "{name}");
+        assert_eq!(
+            (condition["type"].as_str(), condition["status"].as_str()),
+            (Some("InSync"), Some("False")),
+            "{name}"
+        );
         let why = condition["reason"].as_str().unwrap_or_default();
-        assert!(why.contains(reason), "{name}: reason '{why}' should contain '{reason}'");
+        assert!(
+            why.contains(reason),
+            "{name}: reason '{why}' should contain '{reason}'"
+        );
         assert_eq!(device["status"]["firmware"]["target"], "Unknown");
     }
     // Nothing outside the firmware directory was touched or served.

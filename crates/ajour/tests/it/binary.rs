@@ -26,7 +26,11 @@ fn ajour(data_dir: &std::path::Path, url: &str, args: &[&str]) -> std::process::
 
 fn ok(output: std::process::Output) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     stdout
 }
 
@@ -55,32 +59,105 @@ fn quick_start_from_the_readme() {
         }
     };
     let token = std::fs::read_to_string(data.join("api-token")).unwrap();
-    assert!(printed.iter().any(|l| l.contains(token.trim())), "the generated token is printed once");
+    assert!(
+        printed.iter().any(|l| l.contains(token.trim())),
+        "the generated token is printed once"
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(data.join("api-token")).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600, "the token file is readable only by its owner");
+        let mode = std::fs::metadata(data.join("api-token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "the token file is readable only by its owner"
+        );
     }
 
     let firmware = dir.path().join("fw.bin");
     std::fs::write(&firmware, crate::support::firmware_bytes(20_000, 8)).unwrap();
     let firmware = firmware.to_str().unwrap();
-    ok(ajour(&data, &url, &["firmware", "add", "my-fw", "--version", "0.2.0", "--file", firmware]));
-    ok(ajour(&data, &url, &["app", "create", "my-app", "--firmware-file", "my-fw"]));
-    ok(ajour(&data, &url, &["device", "create", "my-app", "dev", "--password", "hey-rodney"]));
-    let simulated = ok(ajour(&data, &url, &["simulate", "--app", "my-app", "--device", "dev", "--password", "hey-rodney", "--version", "0.1.0"]));
+    ok(ajour(
+        &data,
+        &url,
+        &[
+            "firmware",
+            "add",
+            "my-fw",
+            "--version",
+            "0.2.0",
+            "--file",
+            firmware,
+        ],
+    ));
+    ok(ajour(
+        &data,
+        &url,
+        &["app", "create", "my-app", "--firmware-file", "my-fw"],
+    ));
+    ok(ajour(
+        &data,
+        &url,
+        &["device", "create", "my-app", "dev", "--password", "hey-rodney"],
+    ));
+    let simulated = ok(ajour(
+        &data,
+        &url,
+        &[
+            "simulate",
+            "--app",
+            "my-app",
+            "--device",
+            "dev",
+            "--password",
+            "hey-rodney",
+            "--version",
+            "0.1.0",
+        ],
+    ));
     assert!(simulated.contains("updated 0.1.0 -> 0.2.0"), "{simulated}");
     let status = ok(ajour(&data, &url, &["device", "status", "my-app", "dev"]));
-    assert!(status.contains("current: 0.2.0") && status.contains("in sync"), "{status}");
+    assert!(
+        status.contains("current: 0.2.0") && status.contains("in sync"),
+        "{status}"
+    );
     let listed = ok(ajour(&data, &url, &["app", "list"]));
     assert!(listed.contains("my-app\tfile my-fw"), "{listed}");
 
     // Failures exit non-zero with a message.
-    let wrong = ajour(&data, &url, &["simulate", "--app", "my-app", "--device", "dev", "--password", "nope", "--version", "0.1.0"]);
+    let wrong = ajour(
+        &data,
+        &url,
+        &[
+            "simulate",
+            "--app",
+            "my-app",
+            "--device",
+            "dev",
+            "--password",
+            "nope",
+            "--version",
+            "0.1.0",
+        ],
+    );
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("403"));
-    let hostile = ajour(&data, &url, &["firmware", "add", "../../etc/passwd", "--version", "1", "--file", firmware]);
+    let hostile = ajour(
+        &data,
+        &url,
+        &[
+            "firmware",
+            "add",
+            "../../etc/passwd",
+            "--version",
+            "1",
+            "--file",
+            firmware,
+        ],
+    );
     assert!(!hostile.status.success());
     assert!(String::from_utf8_lossy(&hostile.stderr).contains("invalid firmware name"));
     let no_token = ajour(&dir.path().join("elsewhere"), &url, &["app", "list"]);

@@ -47,7 +47,10 @@ impl Device {
 
     async fn send(&self, server: &TestServer, status: &DeviceStatus<'_>) -> Vec<u8> {
         let (body, content_type) = match self.form {
-            Form::Packed => (serde_cbor::ser::to_vec_packed(status).unwrap(), Some("application/cbor")),
+            Form::Packed => (
+                serde_cbor::ser::to_vec_packed(status).unwrap(),
+                Some("application/cbor"),
+            ),
             Form::Named => (serde_cbor::to_vec(status).unwrap(), None),
         };
         let mut request = server
@@ -73,20 +76,39 @@ impl Device {
             let version = self.version.clone().into_bytes();
             let status = match &next_version {
                 None => DeviceStatus::first(&version, self.mtu, self.correlation_id),
-                Some(next) => DeviceStatus::update(&version, self.mtu, written.len() as u32, next, self.correlation_id),
+                Some(next) => DeviceStatus::update(
+                    &version,
+                    self.mtu,
+                    written.len() as u32,
+                    next,
+                    self.correlation_id,
+                ),
             };
             let bytes = self.send(server, &status).await;
             match serde_cbor::from_slice::<DeviceCommand>(&bytes).expect("the device decodes the command") {
-                DeviceCommand::Write { version, offset, data, correlation_id } => {
+                DeviceCommand::Write {
+                    version,
+                    offset,
+                    data,
+                    correlation_id,
+                } => {
                     assert_eq!(correlation_id, self.correlation_id);
                     if offset == 0 {
                         written.clear();
                         next_version = Some(version.to_vec());
                     }
-                    assert_eq!(offset as usize, written.len(), "a Write at exactly the offset reported");
+                    assert_eq!(
+                        offset as usize,
+                        written.len(),
+                        "a Write at exactly the offset reported"
+                    );
                     written.extend_from_slice(&data);
                 }
-                DeviceCommand::Swap { version, checksum, correlation_id } => {
+                DeviceCommand::Swap {
+                    version,
+                    checksum,
+                    correlation_id,
+                } => {
                     assert_eq!(correlation_id, self.correlation_id);
                     swap_checksum = Some(checksum.to_vec());
                     self.version = String::from_utf8(version.to_vec()).unwrap();
@@ -94,9 +116,16 @@ impl Device {
                 }
                 DeviceCommand::Sync { version, .. } => {
                     assert_eq!(&version[..], self.version.as_bytes());
-                    return Finished { version: self.version.clone(), written, swap_checksum, round_trips: round_trip };
+                    return Finished {
+                        version: self.version.clone(),
+                        written,
+                        swap_checksum,
+                        round_trips: round_trip,
+                    };
                 }
-                DeviceCommand::Wait { poll, .. } => panic!("unexpected Wait (poll {poll:?}) for {}", self.user),
+                DeviceCommand::Wait { poll, .. } => {
+                    panic!("unexpected Wait (poll {poll:?}) for {}", self.user)
+                }
             }
         }
         panic!("device {} not in sync after {limit} round trips", self.user);
@@ -109,23 +138,43 @@ async fn devices_in_the_field_are_updated_end_to_end() {
         let server = TestServer::start(backend).await;
         let image = firmware_bytes(10_000, 1);
         server.add_firmware("app-fw", "0.2.0", &image);
-        server.create_app("my-app", Some(json!({"file": {"name": "app-fw"}}))).await;
-        for (name, form, mtu) in [("packed", Form::Packed, Some(512)), ("drgdfu", Form::Named, None), ("small", Form::Packed, Some(100))] {
+        server
+            .create_app("my-app", Some(json!({"file": {"name": "app-fw"}})))
+            .await;
+        for (name, form, mtu) in [
+            ("packed", Form::Packed, Some(512)),
+            ("drgdfu", Form::Named, None),
+            ("small", Form::Packed, Some(100)),
+        ] {
             server.create_device("my-app", name, "hey-rodney", None).await;
             let mut device = Device::new(&format!("{name}@my-app"), "hey-rodney", "0.1.0", mtu, form);
             device.correlation_id = Some(42);
             let finished = device.run(&server, 500).await;
             assert_eq!(finished.version, "0.2.0", "{backend:?} {name}");
-            assert_eq!(finished.written, image, "{backend:?} {name}: the device holds exactly the image");
+            assert_eq!(
+                finished.written, image,
+                "{backend:?} {name}: the device holds exactly the image"
+            );
             let expected: [u8; 32] = Sha256::digest(&image).into();
             assert_eq!(finished.swap_checksum.as_deref(), Some(&expected[..]));
             let blocks = image.len().div_ceil(mtu.unwrap_or(512) as usize);
-            assert_eq!(finished.round_trips, blocks + 2, "{backend:?} {name}: one Write per block, Swap, Sync");
+            assert_eq!(
+                finished.round_trips,
+                blocks + 2,
+                "{backend:?} {name}: one Write per block, Swap, Sync"
+            );
 
             let status = server.device("my-app", name).await;
-            assert_eq!(status["status"]["firmware"]["current"], "0.2.0", "{backend:?} {name}: {status}");
+            assert_eq!(
+                status["status"]["firmware"]["current"], "0.2.0",
+                "{backend:?} {name}: {status}"
+            );
             assert_eq!(status["status"]["firmware"]["target"], "0.2.0");
-            assert_eq!(conditions(&status), [("InSync".to_string(), "True".to_string())], "{backend:?} {name}");
+            assert_eq!(
+                conditions(&status),
+                [("InSync".to_string(), "True".to_string())],
+                "{backend:?} {name}"
+            );
         }
         server.stop().await;
     }
@@ -136,10 +185,24 @@ async fn a_device_section_overrides_the_application_and_user_at_app_with_query_w
     let server = TestServer::start(Backend::Sqlite).await;
     server.add_firmware("app-fw", "1.0.0", &firmware_bytes(700, 2));
     server.add_firmware("special", "9.9.9", &firmware_bytes(300, 3));
-    server.create_app("my-app", Some(json!({"file": {"name": "app-fw"}}))).await;
-    server.create_device("my-app", "special-one", "pw", Some(json!({"file": {"name": "special"}}))).await;
-    let finished = Device::new("special-one@my-app", "pw", "1.0.0", None, Form::Packed).run(&server, 50).await;
-    assert_eq!((finished.version.as_str(), finished.written), ("9.9.9", firmware_bytes(300, 3)));
+    server
+        .create_app("my-app", Some(json!({"file": {"name": "app-fw"}})))
+        .await;
+    server
+        .create_device(
+            "my-app",
+            "special-one",
+            "pw",
+            Some(json!({"file": {"name": "special"}})),
+        )
+        .await;
+    let finished = Device::new("special-one@my-app", "pw", "1.0.0", None, Form::Packed)
+        .run(&server, 50)
+        .await;
+    assert_eq!(
+        (finished.version.as_str(), finished.written),
+        ("9.9.9", firmware_bytes(300, 3))
+    );
 
     // `device:password` with `?application=` reaches the same device.
     let status = DeviceStatus::first(b"9.9.9", None, None);
@@ -164,26 +227,48 @@ async fn a_replaced_firmware_file_is_noticed_and_an_interrupted_update_restarts_
     let server = TestServer::start(Backend::Sqlite).await;
     let first = firmware_bytes(2000, 4);
     server.add_firmware("fw", "1.0.0", &first);
-    server.create_app("app", Some(json!({"file": {"name": "fw"}}))).await;
+    server
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
     server.create_device("app", "d", "pw", None).await;
 
     // Half-way through 1.0.0 ...
     let device = Device::new("d@app", "pw", "0.0.1", Some(500), Form::Packed);
-    let half = device.send(&server, &DeviceStatus::update(b"0.0.1", Some(500), 1000, b"1.0.0", None)).await;
-    assert!(matches!(serde_cbor::from_slice::<DeviceCommand>(&half).unwrap(), DeviceCommand::Write { offset: 1000, .. }));
+    let half = device
+        .send(
+            &server,
+            &DeviceStatus::update(b"0.0.1", Some(500), 1000, b"1.0.0", None),
+        )
+        .await;
+    assert!(matches!(
+        serde_cbor::from_slice::<DeviceCommand>(&half).unwrap(),
+        DeviceCommand::Write { offset: 1000, .. }
+    ));
 
     // ... the file is replaced by 1.0.1: the device starts over at 0, never mixing the two.
     let second = firmware_bytes(1500, 5);
     server.add_firmware("fw", "1.0.1", &second);
-    let after = device.send(&server, &DeviceStatus::update(b"0.0.1", Some(500), 1500, b"1.0.0", None)).await;
+    let after = device
+        .send(
+            &server,
+            &DeviceStatus::update(b"0.0.1", Some(500), 1500, b"1.0.0", None),
+        )
+        .await;
     match serde_cbor::from_slice::<DeviceCommand>(&after).unwrap() {
-        DeviceCommand::Write { version, offset, data, .. } => {
+        DeviceCommand::Write {
+            version,
+            offset,
+            data,
+            ..
+        } => {
             assert_eq!((&version[..], offset), (&b"1.0.1"[..], 0));
             assert_eq!(&data[..], &second[..500]);
         }
         other => panic!("expected a fresh Write, got {other:?}"),
     }
-    let finished = Device::new("d@app", "pw", "0.0.1", Some(500), Form::Packed).run(&server, 20).await;
+    let finished = Device::new("d@app", "pw", "0.0.1", Some(500), Form::Packed)
+        .run(&server, 20)
+        .await;
     assert_eq!((finished.version.as_str(), finished.written), ("1.0.1", second));
     server.stop().await;
 }
@@ -192,9 +277,13 @@ async fn a_replaced_firmware_file_is_noticed_and_an_interrupted_update_restarts_
 async fn a_fleet_updates_through_the_simulator() {
     let server = TestServer::start(Backend::Sqlite).await;
     server.add_firmware("fw", "2.0.0", &firmware_bytes(5000, 6));
-    server.create_app("fleet", Some(json!({"file": {"name": "fw"}}))).await;
+    server
+        .create_app("fleet", Some(json!({"file": {"name": "fw"}})))
+        .await;
     for i in 0..20 {
-        server.create_device("fleet", &format!("sim-{i}"), "pw", None).await;
+        server
+            .create_device("fleet", &format!("sim-{i}"), "pw", None)
+            .await;
     }
     let args = ajour::simulate::SimulateArgs {
         url: server.url.clone(),
@@ -216,7 +305,11 @@ async fn a_fleet_updates_through_the_simulator() {
     }
     // Run again: everyone is in sync now. A wrong password fails the run.
     ajour::simulate::run(args.clone()).await.unwrap();
-    let wrong = ajour::simulate::SimulateArgs { password: "nope".into(), count: Some(2), ..args };
+    let wrong = ajour::simulate::SimulateArgs {
+        password: "nope".into(),
+        count: Some(2),
+        ..args
+    };
     assert!(ajour::simulate::run(wrong).await.is_err());
     server.stop().await;
 }

@@ -4,7 +4,7 @@
 mod support;
 
 mod api;
-mod binary;
 mod bad_input;
+mod binary;
 mod devices;
 mod status;

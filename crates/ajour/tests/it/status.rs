@@ -6,7 +6,9 @@ use serde_json::json;
 use std::time::Duration;
 
 async fn step(server: &TestServer, status: &Status) -> Vec<u8> {
-    let (code, _, body) = server.post_dfu("d@app", "pw", encode_status(status, Encoding::Packed)).await;
+    let (code, _, body) = server
+        .post_dfu("d@app", "pw", encode_status(status, Encoding::Packed))
+        .await;
     assert_eq!(code, 200);
     body
 }
@@ -14,10 +16,13 @@ async fn step(server: &TestServer, status: &Status) -> Vec<u8> {
 #[tokio::test]
 async fn progress_is_coalesced_visible_and_flushed() {
     let image = firmware_bytes(64 * 1024, 3);
-    let config = |c: &mut ajour::server::ServerConfig| c.service.progress_interval = Duration::from_secs(3600);
+    let config =
+        |c: &mut ajour::server::ServerConfig| c.service.progress_interval = Duration::from_secs(3600);
     let server = TestServer::start_with(Backend::Sqlite, config).await;
     server.add_firmware("fw", "2.0.0", &image);
-    server.create_app("app", Some(json!({"file": {"name": "fw"}}))).await;
+    server
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
     server.create_device("app", "d", "pw", None).await;
 
     // Half of a 128-block update.
@@ -33,13 +38,23 @@ async fn progress_is_coalesced_visible_and_flushed() {
     assert_eq!(server.service().status_writes(), 1);
     // ... yet the API shows the latest progress.
     let device = server.device("app", "d").await;
-    assert_eq!(conditions(&device), [("InSync".into(), "False".into()), ("UpdateProgress".into(), "Unknown".into())]);
+    assert_eq!(
+        conditions(&device),
+        [
+            ("InSync".into(), "False".into()),
+            ("UpdateProgress".into(), "Unknown".into())
+        ]
+    );
     assert_eq!(device["status"]["firmware"]["conditions"][1]["message"], "50.00");
     assert_eq!(device["status"]["firmware"]["target"], "2.0.0");
 
     // Shutting down writes what is pending; a new server on the same data sees it.
     let data_dir = server.data_dir.path().to_path_buf();
-    let TestServer { running, data_dir: keep_dir, .. } = server;
+    let TestServer {
+        running,
+        data_dir: keep_dir,
+        ..
+    } = server;
     running.unwrap().shutdown().await.unwrap();
     let restarted = {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,13 +63,19 @@ async fn progress_is_coalesced_visible_and_flushed() {
         ajour::server::start(listener, config).await.unwrap()
     };
     let response = reqwest::Client::new()
-        .get(format!("http://{}/api/registry/v1alpha1/apps/app/devices/d", restarted.addr))
+        .get(format!(
+            "http://{}/api/registry/v1alpha1/apps/app/devices/d",
+            restarted.addr
+        ))
         .bearer_auth(&restarted.token)
         .send()
         .await
         .unwrap();
     let device: serde_json::Value = response.json().await.unwrap();
-    assert_eq!(device["status"]["firmware"]["conditions"][1]["message"], "50.00", "{device}");
+    assert_eq!(
+        device["status"]["firmware"]["conditions"][1]["message"], "50.00",
+        "{device}"
+    );
     restarted.shutdown().await.unwrap();
     drop(keep_dir);
 }
@@ -64,13 +85,21 @@ async fn a_whole_update_costs_a_handful_of_writes_whatever_the_image_size() {
     for size in [4 * 1024, 256 * 1024] {
         let server = TestServer::start(Backend::Sqlite).await;
         server.add_firmware("fw", "2.0.0", &firmware_bytes(size, 1));
-        server.create_app("app", Some(json!({"file": {"name": "fw"}}))).await;
+        server
+            .create_app("app", Some(json!({"file": {"name": "fw"}})))
+            .await;
         server.create_device("app", "d", "pw", None).await;
         let mut status = Status::first(b"1.0.0".to_vec(), Some(512), None);
         loop {
             match decode_command(&step(&server, &status).await).unwrap() {
                 Command::Write { offset, data, .. } => {
-                    status = Status::updating(b"1.0.0".to_vec(), Some(512), None, b"2.0.0".to_vec(), offset + data.len() as u32)
+                    status = Status::updating(
+                        b"1.0.0".to_vec(),
+                        Some(512),
+                        None,
+                        b"2.0.0".to_vec(),
+                        offset + data.len() as u32,
+                    )
                 }
                 Command::Swap { .. } => status = Status::first(b"2.0.0".to_vec(), Some(512), None),
                 Command::Sync { .. } => break,

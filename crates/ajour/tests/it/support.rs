@@ -64,7 +64,12 @@ impl TestServer {
         format!("{}/api/registry/v1alpha1/{path}", self.url)
     }
 
-    pub async fn api_send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn api_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut request = self.http.request(method, self.api(path)).bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -89,12 +94,16 @@ impl TestServer {
         if let Some(firmware) = firmware {
             body["spec"]["firmware"] = firmware;
         }
-        let (status, body) = self.api_send(reqwest::Method::POST, &format!("apps/{app}/devices"), Some(body)).await;
+        let (status, body) = self
+            .api_send(reqwest::Method::POST, &format!("apps/{app}/devices"), Some(body))
+            .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
     }
 
     pub async fn device(&self, app: &str, name: &str) -> Value {
-        let (status, body) = self.api_send(reqwest::Method::GET, &format!("apps/{app}/devices/{name}"), None).await;
+        let (status, body) = self
+            .api_send(reqwest::Method::GET, &format!("apps/{app}/devices/{name}"), None)
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -107,7 +116,12 @@ impl TestServer {
     }
 
     /// POST a raw body to the device endpoint.
-    pub async fn post_dfu(&self, user: &str, password: &str, body: Vec<u8>) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+    pub async fn post_dfu(
+        &self,
+        user: &str,
+        password: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
         let response = self
             .http
             .post(format!("{}/v1/dfu?ct=30", self.url))
@@ -130,7 +144,9 @@ impl TestServer {
 
 /// Deterministic test firmware.
 pub fn firmware_bytes(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// `status.firmware` conditions of a device, as `(type, status)`.
@@ -139,6 +155,11 @@ pub fn conditions(device: &Value) -> Vec<(String, String)> {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|c| (c["type"].as_str().unwrap().to_string(), c["status"].as_str().unwrap().to_string()))
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().to_string(),
+                c["status"].as_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
