@@ -54,10 +54,10 @@ pub struct ServeArgs {
     #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
     /// Block size for devices that state no mtu (or 0).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub default_mtu: u32,
     /// Largest block sent, whatever a device asks for.
-    #[arg(long, default_value_t = 64 * 1024)]
+    #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_mtu: u32,
     /// Seconds a device waits when its firmware is not available.
     #[arg(long, default_value_t = 30)]
