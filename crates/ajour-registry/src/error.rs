@@ -21,4 +21,7 @@ pub enum RegistryError {
     Corrupt(String),
     #[error("password hashing failed: {0}")]
     Hashing(String),
+    /// A registry reached over the network (Drogue's) failed or could not be reached.
+    #[error("remote registry: {0}")]
+    Remote(String),
 }

@@ -10,12 +10,14 @@
 
 mod credentials;
 mod error;
+mod metered;
 mod model;
 mod selector;
 mod sql;
 
 pub use credentials::{verify_password, PasswordCheck};
 pub use error::RegistryError;
+pub use metered::MeteredRegistry;
 pub use model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 pub use selector::LabelSelector;
 pub use sql::{SqlRegistry, SqlRegistryOptions};
@@ -38,4 +40,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Set one section of `status` (e.g. `firmware`), leaving everything else as it is. Retries
     /// on concurrent writes; returns `NotFound` when the object is gone.
     async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError>;
+    /// Whether the registry answers, for readiness checks.
+    async fn ping(&self) -> Result<(), RegistryError> {
+        let one = ListParams {
+            limit: Some(1),
+            ..Default::default()
+        };
+        self.list(&Scope::Apps, &one).await.map(|_| ())
+    }
 }

@@ -283,6 +283,11 @@ impl Registry for SqlRegistry {
         Ok(())
     }
 
+    async fn ping(&self) -> Result<(), RegistryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
         for _ in 0..STATUS_WRITE_ATTEMPTS {
             let mut resource = self

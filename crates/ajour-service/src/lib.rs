@@ -91,6 +91,13 @@ impl UpdateService {
     /// server's side (registry down, firmware missing or corrupt) makes the device wait, and the
     /// device's status says why.
     pub async fn handle_status(&self, key: &Key, status: &Status) -> Reply {
+        metrics::counter!("ajour_statuses_received_total").increment(1);
+        let reply = self.decide_for(key, status).await;
+        metrics::counter!("ajour_commands_sent_total", "kind" => reply.kind).increment(1);
+        reply
+    }
+
+    async fn decide_for(&self, key: &Key, status: &Status) -> Reply {
         let correlation_id = status.correlation_id;
         let context = match self.contexts.get(self.registry.as_ref(), key).await {
             Ok(Some(context)) => context,
@@ -99,6 +106,7 @@ impl UpdateService {
                 return reply(&wait(correlation_id, self.config.unmanaged_poll).command);
             }
             Err(error) => {
+                error_total("registry");
                 tracing::warn!(%key, %error, "registry unavailable; device told to wait");
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
@@ -127,9 +135,12 @@ impl UpdateService {
         let target = image.version().to_string();
         let state = match decision.outcome {
             Outcome::InSync => FirmwareState::InSync,
-            Outcome::Writing { offset, len, size } => FirmwareState::Updating {
-                percent: percent(offset as u64 + len as u64, size as u64),
-            },
+            Outcome::Writing { offset, len, size } => {
+                metrics::counter!("ajour_firmware_bytes_sent_total").increment(len.into());
+                FirmwareState::Updating {
+                    percent: percent(offset as u64 + len as u64, size as u64),
+                }
+            }
             Outcome::Swapping => FirmwareState::Updating { percent: 100.0 },
             Outcome::Waiting => FirmwareState::Error {
                 reason: "firmware image is empty".into(),
@@ -199,6 +210,11 @@ impl UpdateService {
     pub fn status_writes(&self) -> u64 {
         self.tracker.writes()
     }
+}
+
+/// Count an error by its cause (`ajour_errors_total{cause}`).
+pub fn error_total(cause: &'static str) {
+    metrics::counter!("ajour_errors_total", "cause" => cause).increment(1);
 }
 
 fn reply(command: &ajour_protocol::Command<'_>) -> Reply {

@@ -92,11 +92,13 @@ impl FileStore {
     async fn fetch_name(&self, name: FirmwareName) -> Result<Arc<FirmwareImage>, FetchError> {
         let entry = self.entry(&name);
         if let Some(fresh) = self.fresh(&entry) {
+            cache_total("hit");
             return fresh;
         }
         let _loading = entry.loading.lock().await;
         // Another caller may have loaded it while this one waited.
         if let Some(fresh) = self.fresh(&entry) {
+            cache_total("hit");
             return fresh;
         }
         let previous = entry.loaded.read().unwrap().clone();
@@ -153,6 +155,11 @@ impl FirmwareSource for FileStore {
         })?;
         self.fetch_name(name).await
     }
+}
+
+/// `ajour_firmware_cache_total{source="file", result}`: served from memory, or read from disk.
+fn cache_total(result: &'static str) {
+    metrics::counter!("ajour_firmware_cache_total", "source" => "file", "result" => result).increment(1);
 }
 
 async fn stamp(json: &Path, bin: &Path) -> Option<Stamp> {

@@ -15,7 +15,7 @@
 
 use ajour_protocol::{decode_status, MAX_STATUS_SIZE};
 use ajour_registry::{AppName, DeviceName, Key};
-use ajour_service::{AuthError, UpdateService};
+use ajour_service::{error_total, AuthError, UpdateService};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -54,6 +54,7 @@ async fn publish(
     body: Body,
 ) -> Response {
     let Some((user, password)) = basic_credentials(&headers) else {
+        error_total("auth_missing");
         return (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Basic realm=\"ajour\"")],
@@ -78,13 +79,20 @@ async fn publish(
                 .into_response()
         }
         // A name that cannot exist is an unknown device: the same answer as a wrong password.
-        Err(KeyError::InvalidName) => return StatusCode::FORBIDDEN.into_response(),
+        Err(KeyError::InvalidName) => {
+            error_total("auth_denied");
+            return StatusCode::FORBIDDEN.into_response();
+        }
     };
     let username = user.split_once('@').map(|(d, _)| d).unwrap_or(&user);
     match service.authenticate(&key, username, &password).await {
         Ok(()) => {}
-        Err(AuthError::Denied) => return StatusCode::FORBIDDEN.into_response(),
+        Err(AuthError::Denied) => {
+            error_total("auth_denied");
+            return StatusCode::FORBIDDEN.into_response();
+        }
         Err(AuthError::Unavailable(reason)) => {
+            error_total("registry");
             tracing::warn!(%reason, "device authentication unavailable");
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
@@ -92,6 +100,7 @@ async fn publish(
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
         Err(_) => {
+            error_total("payload_too_large");
             return (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("a status is at most {MAX_STATUS_SIZE} bytes\n"),
@@ -104,7 +113,10 @@ async fn publish(
     }
     let status = match decode_status(&bytes) {
         Ok(status) => status,
-        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
+        Err(error) => {
+            error_total("decode");
+            return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response();
+        }
     };
     let reply = service.handle_status(&key, &status).await;
     tracing::trace!(%key, command = reply.kind, "status answered");

@@ -1,14 +1,15 @@
 //! `ajour serve`: configuration and wiring. The backends are chosen here and nowhere else.
 
 use ajour_api::{ApiState, ApiToken};
-use ajour_registry::{Registry, SqlRegistry, SqlRegistryOptions};
+use ajour_registry::{MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource};
 use anyhow::Context;
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -97,7 +98,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     )
     .await
     .with_context(|| format!("opening the registry at {}", redact(&database_url)))?;
-    let registry: Arc<dyn Registry> = Arc::new(registry);
+    let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(Arc::new(registry)));
 
     let firmware: Arc<dyn FirmwareSource> = Arc::new(Firmware {
         file: Some(Arc::new(FileStore::new(
@@ -112,8 +113,15 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         config.service.clone(),
     ));
 
+    let metrics = metrics_handle();
+    let ready_registry = registry.clone();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || readiness(ready_registry.clone())),
+        )
+        .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())))
         .merge(ajour_transport::http::router(service.clone()))
         .merge(ajour_api::router(
             ApiState {
@@ -150,6 +158,31 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         shutdown,
         task,
     })
+}
+
+/// The process-wide Prometheus recorder: the `metrics` facade has one global recorder, so every
+/// server started in this process (tests start several) renders the same one.
+fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder was installed first; then ours just stays empty.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            handle
+        })
+        .clone()
+}
+
+/// Ready when the registry answers.
+async fn readiness(registry: Arc<dyn Registry>) -> (axum::http::StatusCode, String) {
+    match registry.ping().await {
+        Ok(()) => (axum::http::StatusCode::OK, "ready\n".into()),
+        Err(error) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("registry: {error}\n")),
+    }
 }
 
 /// The token file in a data directory.

@@ -7,4 +7,5 @@ mod api;
 mod bad_input;
 mod binary;
 mod devices;
+mod ops;
 mod status;
