@@ -106,10 +106,14 @@ impl FileStore {
         let stamp = stamp(&json_path, &bin_path).await;
         let result = match (&previous, &stamp) {
             (Some(previous), Some(stamp)) if previous.stamp.as_ref() == Some(stamp) => {
+                cache_total("hit");
                 previous.result.clone()
             }
             (_, None) => Err(FetchError::NotFound(name.to_string())),
-            (_, Some(_)) => load(&name, &json_path, &bin_path).await,
+            (_, Some(_)) => {
+                cache_total("miss");
+                load(&name, &json_path, &bin_path).await
+            }
         };
         if let Err(error) = &result {
             tracing::warn!(firmware = %name, %error, "firmware file not served");

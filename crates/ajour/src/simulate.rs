@@ -139,7 +139,161 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One device, from its first status to Sync.
+/// A simulated device's state, independent of how statuses and commands travel: the HTTP
+/// simulator, the MQTT simulator and the load generator all drive this.
+///
+/// It behaves as `embedded-update`'s `FirmwareUpdater` does, but checks what it is sent: a Write
+/// must be at exactly the offset it holds, and a Swap's checksum must be the SHA-256 of the bytes
+/// it received.
+#[derive(Debug, Clone)]
+pub struct SimulatedDevice {
+    start_version: String,
+    version: String,
+    mtu: Option<u32>,
+    correlation_id: Option<u32>,
+    written: Vec<u8>,
+    writing: Option<String>,
+    swapped: bool,
+}
+
+/// What a device does after a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Report again at once.
+    Continue,
+    /// Report again after this many seconds (as the server asked).
+    Wait(u32),
+    /// The device is done.
+    Done(Outcome),
+}
+
+impl SimulatedDevice {
+    pub fn new(version: &str, mtu: Option<u32>, correlation_id: Option<u32>) -> Self {
+        Self {
+            start_version: version.to_string(),
+            version: version.to_string(),
+            mtu,
+            correlation_id,
+            written: Vec::new(),
+            writing: None,
+            swapped: false,
+        }
+    }
+
+    /// The status the device sends now.
+    pub fn status(&self) -> Status {
+        Status {
+            version: self.version.as_bytes().to_vec(),
+            mtu: self.mtu,
+            correlation_id: self.correlation_id,
+            update: self.writing.as_ref().map(|v| ajour_protocol::UpdateStatus {
+                version: v.as_bytes().to_vec(),
+                offset: self.written.len() as u32,
+            }),
+        }
+    }
+
+    /// The status, encoded as this kind of device sends it.
+    pub fn encoded_status(&self, encoding: StatusEncoding) -> Vec<u8> {
+        let encoding = match encoding {
+            StatusEncoding::Packed => Encoding::Packed,
+            StatusEncoding::Named => Encoding::Named,
+        };
+        encode_status(&self.status(), encoding)
+    }
+
+    /// Follow a command received as bytes.
+    pub fn apply_bytes(&mut self, bytes: &[u8]) -> anyhow::Result<Step> {
+        let command = decode_command(bytes).context("decoding the server's command")?;
+        self.apply(command)
+    }
+
+    /// Follow a command.
+    pub fn apply(&mut self, command: Command<'_>) -> anyhow::Result<Step> {
+        if command.correlation_id() != self.correlation_id {
+            bail!(
+                "command for correlation id {:?}, expected {:?}",
+                command.correlation_id(),
+                self.correlation_id
+            );
+        }
+        match command {
+            Command::Write {
+                version: v,
+                offset,
+                data,
+                ..
+            } => {
+                let v = String::from_utf8_lossy(v).into_owned();
+                if offset == 0 {
+                    self.written.clear();
+                    self.writing = Some(v.clone());
+                }
+                if self.writing.as_deref() != Some(v.as_str()) {
+                    bail!("Write of version {v} while writing {:?}", self.writing);
+                }
+                if offset as usize != self.written.len() {
+                    bail!(
+                        "Write at offset {offset}, but the device holds {} bytes",
+                        self.written.len()
+                    );
+                }
+                if data.is_empty() {
+                    bail!("empty Write at offset {offset}: the update would never progress");
+                }
+                self.written.extend_from_slice(data);
+                Ok(Step::Continue)
+            }
+            Command::Swap {
+                version: v, checksum, ..
+            } => {
+                let v = String::from_utf8_lossy(v).into_owned();
+                if self.writing.as_deref() != Some(v.as_str()) {
+                    bail!("Swap to {v}, but the device wrote {:?}", self.writing);
+                }
+                let actual = Sha256::digest(&self.written);
+                if actual.as_slice() != checksum {
+                    bail!(
+                        "Swap checksum {} does not match the {} bytes received (sha256 {})",
+                        hex::encode(checksum),
+                        self.written.len(),
+                        hex::encode(actual)
+                    );
+                }
+                // Install and reboot into the new version.
+                self.version = v;
+                self.writing = None;
+                self.swapped = true;
+                Ok(Step::Continue)
+            }
+            Command::Sync { version: v, .. } => {
+                let v = String::from_utf8_lossy(v).into_owned();
+                if v != self.version {
+                    bail!("Sync to {v}, but the device runs {}", self.version);
+                }
+                Ok(Step::Done(if self.swapped {
+                    Outcome::Updated {
+                        from: self.start_version.clone(),
+                        to: self.version.clone(),
+                        bytes: self.written.len(),
+                    }
+                } else {
+                    Outcome::InSync {
+                        version: self.version.clone(),
+                    }
+                }))
+            }
+            Command::Wait { poll, .. } => Ok(Step::Wait(poll.unwrap_or(1))),
+        }
+    }
+
+    /// The bytes received of the image being (or last) written.
+    pub fn written(&self) -> &[u8] {
+        &self.written
+    }
+}
+
+/// One device over HTTP, from its first status to Sync.
 pub async fn simulate_device(
     http: &reqwest::Client,
     args: &SimulateArgs,
@@ -150,29 +304,15 @@ pub async fn simulate_device(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{name}@{}:{}", args.app, args.password))
     );
-    let start_version = args.version.clone();
-    let mut version = args.version.clone();
-    let mut written: Vec<u8> = Vec::new();
-    let mut writing: Option<String> = None;
-    let mut swapped = false;
+    let mut device = SimulatedDevice::new(&args.version, args.mtu, None);
     loop {
-        let status = Status {
-            version: version.as_bytes().to_vec(),
-            mtu: args.mtu,
-            correlation_id: None,
-            update: writing.as_ref().map(|v| ajour_protocol::UpdateStatus {
-                version: v.as_bytes().to_vec(),
-                offset: written.len() as u32,
-            }),
-        };
-        let (body, content_type) = match args.encoding {
-            StatusEncoding::Packed => (encode_status(&status, Encoding::Packed), Some("application/cbor")),
-            // drgdfu sends the named form with no content type.
-            StatusEncoding::Named => (encode_status(&status, Encoding::Named), None),
-        };
-        let mut request = http.post(&url).header("authorization", &authorization).body(body);
-        if let Some(content_type) = content_type {
-            request = request.header("content-type", content_type);
+        let mut request = http
+            .post(&url)
+            .header("authorization", &authorization)
+            .body(device.encoded_status(args.encoding));
+        // drgdfu sends the named form with no content type.
+        if args.encoding == StatusEncoding::Packed {
+            request = request.header("content-type", "application/cbor");
         }
         let response = request.send().await.with_context(|| format!("POST {url}"))?;
         let code = response.status();
@@ -186,72 +326,13 @@ pub async fn simulate_device(
                 String::from_utf8_lossy(&bytes).trim()
             );
         }
-        match decode_command(&bytes).context("decoding the server's command")? {
-            Command::Write {
-                version: v,
-                offset,
-                data,
-                ..
-            } => {
-                let v = String::from_utf8_lossy(v).into_owned();
-                if offset == 0 {
-                    written.clear();
-                    writing = Some(v.clone());
-                }
-                if writing.as_deref() != Some(v.as_str()) {
-                    bail!("Write of version {v} while writing {writing:?}");
-                }
-                if offset as usize != written.len() {
-                    bail!(
-                        "Write at offset {offset}, but the device holds {} bytes",
-                        written.len()
-                    );
-                }
-                if data.is_empty() {
-                    bail!("empty Write at offset {offset}: the update would never progress");
-                }
-                written.extend_from_slice(data);
-            }
-            Command::Swap {
-                version: v, checksum, ..
-            } => {
-                let v = String::from_utf8_lossy(v).into_owned();
-                if writing.as_deref() != Some(v.as_str()) {
-                    bail!("Swap to {v}, but the device wrote {writing:?}");
-                }
-                let actual = Sha256::digest(&written);
-                if actual.as_slice() != checksum {
-                    bail!(
-                        "Swap checksum {} does not match the {} bytes received (sha256 {})",
-                        hex::encode(checksum),
-                        written.len(),
-                        hex::encode(actual)
-                    );
-                }
-                // Install and reboot into the new version.
-                version = v;
-                writing = None;
-                swapped = true;
-            }
-            Command::Sync { version: v, .. } => {
-                let v = String::from_utf8_lossy(v).into_owned();
-                if v != version {
-                    bail!("Sync to {v}, but the device runs {version}");
-                }
-                return Ok(if swapped {
-                    Outcome::Updated {
-                        from: start_version,
-                        to: version,
-                        bytes: written.len(),
-                    }
-                } else {
-                    Outcome::InSync { version }
-                });
-            }
-            Command::Wait { poll, .. } => {
-                let secs = u64::from(poll.unwrap_or(1)).clamp(1, args.max_wait.max(1));
+        match device.apply_bytes(&bytes)? {
+            Step::Continue => {}
+            Step::Wait(poll) => {
+                let secs = u64::from(poll).clamp(1, args.max_wait.max(1));
                 tokio::time::sleep(Duration::from_secs(secs)).await;
             }
+            Step::Done(outcome) => return Ok(outcome),
         }
     }
 }
