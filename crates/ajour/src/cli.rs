@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// bcrypt cost for device passwords given in plain text.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
     pub password_cost: u32,
+    /// Drogue mode: Drogue's registry and MQTT integration (see docs/drogue.md).
+    #[command(flatten)]
+    pub drogue: Box<crate::drogue_cli::DrogueArgs>,
 }
 
 impl ServeArgs {
@@ -303,7 +306,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let config = args.config();
+    let mut config = args.config();
+    config.drogue = args.drogue.config()?;
     let running = server::start(listener, config.clone()).await?;
     if running.token_generated {
         crate::say!(
@@ -314,6 +318,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     crate::say!("Ajour listening on http://{}", running.addr);
     crate::say!("Data directory: {}", config.data_dir.display());
+    if let Some(drogue) = &config.drogue {
+        crate::say!(
+            "Drogue mode: registry {}, MQTT integration {} (client id {})",
+            drogue.registry.url,
+            drogue.integration.mqtt.url,
+            drogue.integration.mqtt.client_id
+        );
+    }
     let shutdown = running.shutdown_handle();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;

@@ -6,8 +6,10 @@
 
 pub mod cli;
 pub mod client;
+pub mod drogue_cli;
 pub mod server;
 pub mod simulate;
+pub mod simulate_mqtt;
 
 /// `println!` for command output that a closed pipe (`ajour device list | head`) ends quietly
 /// instead of with a panic.

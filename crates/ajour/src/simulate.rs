@@ -48,6 +48,9 @@ pub struct SimulateArgs {
     /// Give up on a device after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
+    #[command(flatten)]
+    pub mqtt: crate::simulate_mqtt::MqttSimArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,13 +91,24 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let bar = progress_bar(names.len() as u64, "devices");
     let semaphore = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let fleet = match &args.mqtt.via_mqtt {
+        Some(url) => Some(Arc::new(crate::simulate_mqtt::Fleet::connect(&args, url).await?)),
+        None => None,
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for name in names.clone() {
         let (http, args, bar, semaphore) = (http.clone(), args.clone(), bar.clone(), semaphore.clone());
+        let fleet = fleet.clone();
         tasks.spawn(async move {
             let _permit = semaphore.acquire_owned().await;
             let timeout = Duration::from_secs(args.timeout);
-            let outcome = tokio::time::timeout(timeout, simulate_device(&http, &args, &name))
+            let device = async {
+                match &fleet {
+                    Some(fleet) => fleet.simulate_device(&args, &name).await,
+                    None => simulate_device(&http, &args, &name).await,
+                }
+            };
+            let outcome = tokio::time::timeout(timeout, device)
                 .await
                 .unwrap_or_else(|_| Err(anyhow!("no Sync within {}s", args.timeout)));
             bar.inc(1);
@@ -178,6 +192,12 @@ impl SimulatedDevice {
             writing: None,
             swapped: false,
         }
+    }
+
+    /// Use `correlation_id` from now on (a transport that may deliver late answers gives each
+    /// status its own, to tell them apart).
+    pub fn set_correlation_id(&mut self, correlation_id: Option<u32>) {
+        self.correlation_id = correlation_id;
     }
 
     /// The status the device sends now.

@@ -297,6 +297,7 @@ async fn a_fleet_updates_through_the_simulator() {
         concurrency: 20,
         max_wait: 1,
         timeout: 60,
+        mqtt: Default::default(),
     };
     ajour::simulate::run(args.clone()).await.unwrap();
     for i in 0..20 {

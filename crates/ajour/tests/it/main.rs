@@ -7,5 +7,6 @@ mod api;
 mod bad_input;
 mod binary;
 mod devices;
+mod drogue;
 mod ops;
 mod status;

@@ -1,0 +1,484 @@
+//! The MQTT integration client: Drogue's event stream in, commands out.
+//!
+//! One MQTT connection per instance, with a client id of its own. It subscribes `app/{app}` for
+//! each application served (`$share/{group}/app/{app}` with a group, so that instances share the
+//! stream), decodes each event ([`crate::event`]), hands DFU statuses to the update service and
+//! publishes the answer on `command/{app}/{device}/{dfu|port:223}` at QoS 1.
+//!
+//! Concurrency: statuses are sharded by device onto a fixed number of workers, so different
+//! devices are served concurrently and the statuses of one device in the order they arrived.
+//! Faults: a malformed event is logged and skipped; a lost connection is re-established with
+//! exponential backoff, and every (re)connection subscribes again (the session is clean); a
+//! registry error reaches the device as a Wait (the update service's policy).
+
+use crate::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest, EventError};
+use crate::mqtt::{connect, Incoming, Message, MqttClient, MqttConfig, MqttConnection};
+use crate::DrogueError;
+use ajour_registry::{AppName, ListParams, Registry, Scope};
+use ajour_service::UpdateService;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeSet;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a failed application listing waits before it is tried again (at most the refresh).
+const LIST_RETRY: Duration = Duration::from_secs(5);
+/// How long a stopping instance lets its workers finish what they hold.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Which applications to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applications {
+    /// These, and only these.
+    Listed(Vec<AppName>),
+    /// All the registry lists (all the token can read), listed again every `refresh`: one created
+    /// later is served without a restart, one deleted is unsubscribed.
+    All { refresh: Duration },
+}
+
+/// How the integration runs.
+#[derive(Debug, Clone)]
+pub struct IntegrationConfig {
+    pub mqtt: MqttConfig,
+    pub applications: Applications,
+    /// Never served, whether listed or found.
+    pub exclude: BTreeSet<String>,
+    /// Shared-subscription group: instances in one group share each application's events.
+    pub shared_group: Option<String>,
+    /// Ask for binary content mode (MQTT 5 only; both modes are decoded either way).
+    pub binary_content_mode: bool,
+    /// Devices served at the same time.
+    pub workers: usize,
+    /// Statuses queued per worker before the connection stops reading.
+    pub queue: usize,
+}
+
+impl IntegrationConfig {
+    pub fn new(mqtt: MqttConfig, applications: Applications) -> Self {
+        Self {
+            mqtt,
+            applications,
+            exclude: BTreeSet::new(),
+            shared_group: None,
+            binary_content_mode: false,
+            workers: 16,
+            queue: 64,
+        }
+    }
+
+    /// The topic filter for `app`.
+    pub fn filter(&self, app: &AppName) -> String {
+        match &self.shared_group {
+            Some(group) => format!("$share/{group}/app/{app}"),
+            None => format!("app/{app}"),
+        }
+    }
+}
+
+/// Counters of what the integration did, for tests, logs and operators.
+#[derive(Debug, Default)]
+pub struct IntegrationStats {
+    events: AtomicU64,
+    statuses: AtomicU64,
+    ignored: AtomicU64,
+    malformed: AtomicU64,
+    commands: AtomicU64,
+    publish_failures: AtomicU64,
+    connections: AtomicU64,
+    subscriptions: AtomicU64,
+}
+
+impl IntegrationStats {
+    /// Messages received.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+    /// DFU statuses handed to the update service.
+    pub fn statuses(&self) -> u64 {
+        self.statuses.load(Ordering::Relaxed)
+    }
+    /// Events not for Ajour (other channels).
+    pub fn ignored(&self) -> u64 {
+        self.ignored.load(Ordering::Relaxed)
+    }
+    /// Events or payloads skipped as malformed.
+    pub fn malformed(&self) -> u64 {
+        self.malformed.load(Ordering::Relaxed)
+    }
+    /// Commands handed to the connection.
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+    pub fn publish_failures(&self) -> u64 {
+        self.publish_failures.load(Ordering::Relaxed)
+    }
+    /// Successful connections to the broker (1 + reconnections).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+    /// Subscriptions the broker granted.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// A running integration.
+pub struct Integration {
+    stats: Arc<IntegrationStats>,
+    applications: Arc<Mutex<BTreeSet<AppName>>>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Integration {
+    /// Start serving. Fails only on configuration errors; the broker and the registry may be down
+    /// at start, they are retried.
+    pub fn start(
+        config: IntegrationConfig,
+        service: Arc<UpdateService>,
+        registry: Arc<dyn Registry>,
+    ) -> Result<Self, DrogueError> {
+        if config.workers == 0 || config.queue == 0 {
+            return Err(DrogueError::Config("workers and queue must be at least 1".into()));
+        }
+        if let Some(group) = &config.shared_group {
+            if group.is_empty() || group.contains(['/', '+', '#']) {
+                return Err(DrogueError::Config(format!(
+                    "invalid shared-subscription group '{group}': no '/', '+' or '#'"
+                )));
+            }
+        }
+        // Workers publish through the connection's request queue while the connection task may
+        // be waiting for room in a worker's queue. With room for every status the workers can
+        // hold (and then some, for subscriptions), a worker's publish never waits on a
+        // connection task that waits on it.
+        let capacity = config.workers * config.queue * 2 + 1024;
+        let (client, connection) = connect(&config.mqtt, capacity)?;
+        let stats = Arc::new(IntegrationStats::default());
+        let applications = Arc::new(Mutex::new(match &config.applications {
+            Applications::Listed(apps) => apps
+                .iter()
+                .filter(|app| {
+                    let excluded = config.exclude.contains(app.as_str());
+                    if excluded {
+                        tracing::warn!(%app, "application both listed and excluded: not served");
+                    }
+                    !excluded
+                })
+                .cloned()
+                .collect(),
+            Applications::All { .. } => BTreeSet::new(),
+        }));
+        let (shutdown, stopped) = watch::channel(false);
+        let task = tokio::spawn(run(
+            Arc::new(config),
+            service,
+            registry,
+            client,
+            connection,
+            stats.clone(),
+            applications.clone(),
+            stopped,
+        ));
+        Ok(Self {
+            stats,
+            applications,
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn stats(&self) -> Arc<IntegrationStats> {
+        self.stats.clone()
+    }
+
+    /// The applications served now.
+    pub fn applications(&self) -> Vec<AppName> {
+        self.applications.lock().unwrap().iter().cloned().collect()
+    }
+
+    /// Stop: let the workers finish what they hold (briefly), then disconnect.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// A status to answer.
+struct Job {
+    request: DfuRequest,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    config: Arc<IntegrationConfig>,
+    service: Arc<UpdateService>,
+    registry: Arc<dyn Registry>,
+    client: MqttClient,
+    mut connection: MqttConnection,
+    stats: Arc<IntegrationStats>,
+    applications: Arc<Mutex<BTreeSet<AppName>>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut workers = JoinSet::new();
+    let mut shards = Vec::with_capacity(config.workers);
+    for _ in 0..config.workers {
+        let (tx, rx) = mpsc::channel(config.queue);
+        shards.push(tx);
+        workers.spawn(worker(rx, service.clone(), client.clone(), stats.clone()));
+    }
+    let mut helpers = JoinSet::new();
+    if let Applications::All { refresh } = config.applications {
+        helpers.spawn(refresh_applications(
+            config.clone(),
+            registry,
+            client.clone(),
+            applications.clone(),
+            refresh,
+            stopped.clone(),
+        ));
+    }
+    tracing::info!(
+        client_id = %config.mqtt.client_id,
+        url = %config.mqtt.url,
+        group = config.shared_group.as_deref().unwrap_or("-"),
+        "Drogue integration starting"
+    );
+
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let polled = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            polled = connection.poll() => polled,
+        };
+        match polled {
+            Ok(Incoming::Connected) => {
+                backoff = MIN_BACKOFF;
+                bump(&stats.connections);
+                let apps: Vec<AppName> = applications.lock().unwrap().iter().cloned().collect();
+                tracing::info!(
+                    applications = apps.len(),
+                    "connected to the MQTT integration; subscribing"
+                );
+                // Not awaited here: the subscriptions go out through this very loop.
+                let (client, config) = (client.clone(), config.clone());
+                helpers.spawn(async move {
+                    for app in apps {
+                        subscribe(&client, &config, &app).await;
+                    }
+                });
+            }
+            Ok(Incoming::Subscribed { granted: true }) => bump(&stats.subscriptions),
+            Ok(Incoming::Subscribed { granted: false }) => {
+                tracing::error!(
+                    "the broker refused a subscription: check the user's access to the application"
+                )
+            }
+            Ok(Incoming::Message(message)) => {
+                bump(&stats.events);
+                let Some(request) = classify(&message, &stats) else {
+                    continue;
+                };
+                let shard = shard_of(&request, shards.len());
+                if shards[shard].send(Job { request }).await.is_err() {
+                    tracing::error!("a worker of the Drogue integration has stopped");
+                    break;
+                }
+            }
+            Ok(Incoming::Other) => {}
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    // Stopping: no new statuses; answer those taken (while the connection still sends), then
+    // say goodbye. Statuses not answered are sent again by their devices.
+    helpers.abort_all();
+    drop(shards);
+    {
+        let drain = async { while workers.join_next().await.is_some() {} };
+        tokio::pin!(drain);
+        let deadline = tokio::time::sleep(DRAIN);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut drain => break,
+                _ = &mut deadline => break,
+                polled = connection.poll() => if polled.is_err() { break },
+            }
+        }
+    }
+    workers.abort_all();
+    client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while connection.poll().await.is_ok() {}
+    })
+    .await;
+    tracing::info!(client_id = %config.mqtt.client_id, "Drogue integration stopped");
+}
+
+async fn subscribe(client: &MqttClient, config: &IntegrationConfig, app: &AppName) {
+    let filter = config.filter(app);
+    if let Err(error) = client.subscribe(&filter, config.binary_content_mode).await {
+        tracing::warn!(%error, %filter, "subscribing failed");
+    }
+}
+
+/// The DFU request in a message, if any; logs and counts what is skipped.
+fn classify(message: &Message, stats: &IntegrationStats) -> Option<DfuRequest> {
+    let topic_app = topic_application(&message.topic);
+    let result: Result<Option<DfuRequest>, EventError> = if is_binary_mode(&message.user_properties) {
+        dfu_request(
+            &parse_binary(
+                &message.payload,
+                message.content_type.as_deref(),
+                &message.user_properties,
+            ),
+            topic_app,
+        )
+    } else {
+        parse_structured(&message.payload).and_then(|event| dfu_request(&event, topic_app))
+    };
+    match result {
+        Ok(Some(request)) => {
+            bump(&stats.statuses);
+            Some(request)
+        }
+        Ok(None) => {
+            bump(&stats.ignored);
+            None
+        }
+        Err(error) => {
+            bump(&stats.malformed);
+            tracing::warn!(topic = %message.topic, %error, "skipping a malformed event");
+            None
+        }
+    }
+}
+
+/// The application a topic is for: `app/{app}` (or Drogue's aliases `a/`, `application/`).
+fn topic_application(topic: &str) -> Option<&str> {
+    ["app/", "a/", "application/"]
+        .iter()
+        .find_map(|prefix| topic.strip_prefix(prefix))
+        .filter(|app| !app.is_empty() && !app.contains('/'))
+}
+
+fn shard_of(request: &DfuRequest, shards: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    request.key.hash(&mut hasher);
+    (hasher.finish() % shards as u64) as usize
+}
+
+async fn worker(
+    mut jobs: mpsc::Receiver<Job>,
+    service: Arc<UpdateService>,
+    client: MqttClient,
+    stats: Arc<IntegrationStats>,
+) {
+    while let Some(Job { request }) = jobs.recv().await {
+        let reply = service.handle_status(&request.key, &request.status).await;
+        let topic = request.command_topic();
+        tracing::trace!(%topic, command = reply.kind, "answering");
+        match client.publish(&topic, reply.command).await {
+            Ok(()) => bump(&stats.commands),
+            Err(error) => {
+                bump(&stats.publish_failures);
+                tracing::warn!(%error, %topic, "publishing a command failed");
+            }
+        }
+    }
+}
+
+/// Keep the subscriptions in line with the applications the registry lists.
+async fn refresh_applications(
+    config: Arc<IntegrationConfig>,
+    registry: Arc<dyn Registry>,
+    client: MqttClient,
+    applications: Arc<Mutex<BTreeSet<AppName>>>,
+    refresh: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let delay = match registry.list(&Scope::Apps, &ListParams::default()).await {
+            Ok(resources) => {
+                let wanted: BTreeSet<AppName> = resources
+                    .iter()
+                    .filter_map(|r| AppName::parse(&r.metadata.name).ok())
+                    .filter(|app| !config.exclude.contains(app.as_str()))
+                    .collect();
+                let (added, removed) = {
+                    let mut current = applications.lock().unwrap();
+                    let added: Vec<AppName> = wanted.difference(&current).cloned().collect();
+                    let removed: Vec<AppName> = current.difference(&wanted).cloned().collect();
+                    *current = wanted;
+                    (added, removed)
+                };
+                for app in added {
+                    tracing::info!(%app, "serving application");
+                    subscribe(&client, &config, &app).await;
+                }
+                for app in removed {
+                    tracing::info!(%app, "application gone: no longer served");
+                    if let Err(error) = client.unsubscribe(&config.filter(&app)).await {
+                        tracing::warn!(%error, %app, "unsubscribing failed");
+                    }
+                }
+                refresh
+            }
+            Err(error) => {
+                tracing::warn!(%error, "listing applications failed; will try again");
+                refresh.min(LIST_RETRY)
+            }
+        };
+        tokio::select! {
+            _ = stopped.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_name_applications() {
+        assert_eq!(topic_application("app/my-app"), Some("my-app"));
+        assert_eq!(topic_application("a/x"), Some("x"));
+        assert_eq!(topic_application("application/y"), Some("y"));
+        assert_eq!(topic_application("app/"), None);
+        assert_eq!(topic_application("app/a/b"), None);
+        assert_eq!(topic_application("command/a/b/dfu"), None);
+    }
+
+    #[test]
+    fn filters_use_the_shared_group() {
+        let mut config = IntegrationConfig::new(
+            MqttConfig::new("mqtt://127.0.0.1:1883", "t"),
+            Applications::All {
+                refresh: Duration::from_secs(60),
+            },
+        );
+        let app = AppName::parse("my-app").unwrap();
+        assert_eq!(config.filter(&app), "app/my-app");
+        config.shared_group = Some("ajour".into());
+        assert_eq!(config.filter(&app), "$share/ajour/app/my-app");
+    }
+}

@@ -1,0 +1,762 @@
+//! Drogue mode end to end, against real servers: a Mosquitto broker of the test's own (carrying
+//! Drogue-shaped events, as Drogue's MQTT integration does) and Ajour's own REST API as the Drogue
+//! registry, over real HTTP. A test peer plays the cloud: it publishes events on `app/{app}` in
+//! every form Drogue sends, and reads the commands on `command/#`.
+
+use crate::support::*;
+use ajour::server::{self, RunningServer};
+use ajour_drogue::event::structured_event;
+use ajour_drogue::mqtt::{connect, Incoming, MqttClient, MqttConfig, MqttVersion};
+use ajour_drogue::{DrogueRegistry, IntegrationStats, RegistryConfig};
+use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
+use ajour_registry::{
+    AppName, DeviceName, Key, ListParams, Metadata, Registry, RegistryError, Resource, Scope,
+};
+use ajour_testkit::Mosquitto;
+use clap::Parser;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+const VECTORS: &str = include_str!("../../../ajour-drogue/tests/data/drogue-events.json");
+
+fn vectors() -> Vec<Value> {
+    let parsed: Value = serde_json::from_str(VECTORS).unwrap();
+    parsed["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].clone())
+        .collect()
+}
+
+/// Poll `check` until it holds, or fail after `timeout` saying `what`.
+async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An Ajour instance in Drogue mode, configured through the command line as an operator would.
+struct Instance {
+    running: Option<RunningServer>,
+    stats: Arc<IntegrationStats>,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Instance {
+    async fn start(registry: &TestServer, extra: &[&str]) -> Self {
+        Self::start_with_firmware(registry, extra, &[("fw", "0.2.0", firmware_bytes(3000, 9))]).await
+    }
+
+    async fn start_with_firmware(
+        registry: &TestServer,
+        extra: &[&str],
+        firmware: &[(&str, &str, Vec<u8>)],
+    ) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        for (name, version, bytes) in firmware {
+            ajour_store::FileStore::new(server::firmware_dir(data_dir.path()), Duration::ZERO)
+                .add(&ajour_store::FirmwareName::parse(name).unwrap(), version, bytes)
+                .unwrap();
+        }
+        let data = data_dir.path().to_str().unwrap().to_string();
+        let mut argv = vec![
+            "ajour",
+            "serve",
+            "--data-dir",
+            &data,
+            "--listen",
+            "127.0.0.1:0",
+            "--drogue-registry-url",
+            &registry.url,
+            "--drogue-token",
+            &registry.token,
+            "--progress-interval-ms",
+            "500",
+            "--spec-cache-ms",
+            "200",
+            "--wait-poll",
+            "1",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = ajour::cli::Cli::try_parse_from(&argv).unwrap();
+        let ajour::cli::Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        let mut config = args.config();
+        config.drogue = args.drogue.config().unwrap();
+        assert!(config.drogue.is_some(), "Drogue mode");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = server::start(listener, config).await.unwrap();
+        let stats = running.drogue.clone().expect("integration stats in Drogue mode");
+        Self {
+            running: Some(running),
+            stats,
+            _data_dir: data_dir,
+        }
+    }
+
+    async fn subscribed(&self, subscriptions: u64) {
+        let stats = self.stats.clone();
+        eventually(Duration::from_secs(20), "the instance's subscriptions", || {
+            let stats = stats.clone();
+            async move { stats.subscriptions() >= subscriptions }
+        })
+        .await;
+    }
+
+    async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// The cloud side: publishes events, receives commands on `command/#`.
+struct Peer {
+    client: MqttClient,
+    commands: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    subscribed: watch::Receiver<u64>,
+    stop: watch::Sender<bool>,
+}
+
+impl Peer {
+    async fn connect(broker: &Mosquitto, version: MqttVersion) -> Self {
+        let mut config = MqttConfig::new(broker.url(), "test-peer");
+        config.version = version;
+        let (client, mut connection) = connect(&config, 1024).unwrap();
+        let (tx, commands) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed) = watch::channel(0u64);
+        let (stop, mut stopped) = watch::channel(false);
+        let task_client = client.clone();
+        tokio::spawn(async move {
+            loop {
+                let polled = tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    polled = connection.poll() => polled,
+                };
+                match polled {
+                    Ok(Incoming::Connected) => {
+                        let client = task_client.clone();
+                        tokio::spawn(async move { client.subscribe("command/#", false).await });
+                    }
+                    Ok(Incoming::Subscribed { .. }) => subscribed_tx.send_modify(|n| *n += 1),
+                    Ok(Incoming::Message(message)) => {
+                        let _ = tx.send((message.topic, message.payload.to_vec()));
+                    }
+                    Ok(Incoming::Other) => {}
+                    // The broker restarts in one test: back off briefly and reconnect.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        let mut peer = Self {
+            client,
+            commands,
+            subscribed,
+            stop,
+        };
+        peer.wait_subscribed(1).await;
+        peer
+    }
+
+    async fn wait_subscribed(&mut self, n: u64) {
+        tokio::time::timeout(Duration::from_secs(20), self.subscribed.wait_for(|s| *s >= n))
+            .await
+            .expect("the peer's subscription to command/#")
+            .unwrap();
+    }
+
+    async fn publish(&self, topic: &str, payload: Vec<u8>) {
+        self.client.publish(topic, payload).await.unwrap();
+    }
+
+    async fn publish_json(&self, topic: &str, event: &Value) {
+        self.publish(topic, event.to_string().into_bytes()).await;
+    }
+
+    /// An event in binary content mode (MQTT 5): data as payload, attributes as user properties.
+    async fn publish_binary(&self, topic: &str, event: &Value) {
+        let object = event.as_object().unwrap();
+        let properties: Vec<(String, String)> = object
+            .iter()
+            .filter(|(k, _)| !k.starts_with("data"))
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect();
+        let payload = match (&event["data_base64"], &event["data"]) {
+            (Value::String(b64), _) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+            }
+            (_, Value::String(text)) => text.clone().into_bytes(),
+            (_, json) => json.to_string().into_bytes(),
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                payload,
+                event["datacontenttype"].as_str().map(str::to_string),
+                properties,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next command, or `None` after `timeout`.
+    async fn next_command(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(timeout, self.commands.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next command on `topic`, skipping others (which are returned too, for checks).
+    async fn command_on(&mut self, topic: &str) -> (Vec<u8>, Vec<String>) {
+        let mut others = Vec::new();
+        loop {
+            let (t, bytes) = self
+                .next_command(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("no command on {topic}; others: {others:?}"));
+            if t == topic {
+                return (bytes, others);
+            }
+            others.push(t);
+        }
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn status_event(app: &str, device: &str, status: &Status) -> Value {
+    structured_event(
+        app,
+        device,
+        "dfu",
+        "application/cbor",
+        &encode_status(status, Encoding::Packed),
+    )
+}
+
+fn assert_write(bytes: &[u8], offset: u32, image: &[u8], block: usize) {
+    match decode_command(bytes).unwrap() {
+        Command::Write {
+            version,
+            offset: o,
+            data,
+            ..
+        } => {
+            assert_eq!(version, b"0.2.0");
+            assert_eq!(o, offset);
+            assert_eq!(data, &image[offset as usize..offset as usize + block]);
+        }
+        other => panic!("expected a Write at {offset}, got {other:?}"),
+    }
+}
+
+async fn registry_with_app(app: &str, devices: &[&str]) -> TestServer {
+    let registry = TestServer::start(Backend::Sqlite).await;
+    registry
+        .create_app(app, Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for device in devices {
+        registry.create_device(app, device, "pw", None).await;
+    }
+    registry
+}
+
+#[tokio::test]
+async fn events_in_every_form_are_answered_and_bad_ones_skipped() {
+    let image = firmware_bytes(3000, 9);
+    for version in [MqttVersion::V3, MqttVersion::V5] {
+        let broker = Mosquitto::start();
+        let registry = registry_with_app("my-app", &["dev-1", "dev-2", "lora-1"]).await;
+        let (version_flag, mode) = match version {
+            MqttVersion::V3 => ("3.1.1", "structured"),
+            MqttVersion::V5 => ("5", "binary"),
+        };
+        let mut instance = Instance::start(
+            &registry,
+            &[
+                "--drogue-mqtt-url",
+                &broker.url(),
+                "--application",
+                "my-app",
+                "--drogue-mqtt-version",
+                version_flag,
+                "--drogue-content-mode",
+                mode,
+            ],
+        )
+        .await;
+        instance.subscribed(1).await;
+        let mut peer = Peer::connect(&broker, version).await;
+
+        // Every vector: drgdfu's named CBOR as octet-stream, drogue-device's packed CBOR,
+        // telemetry that is not Ajour's, and a LoRaWAN uplink through TTN.
+        for event in vectors() {
+            peer.publish_json("app/my-app", &event).await;
+        }
+        let mut expected = vec![
+            "command/my-app/dev-1/dfu".to_string(),
+            "command/my-app/dev-2/dfu".to_string(),
+            "command/my-app/lora-1/port:223".to_string(),
+        ];
+        let mut seen = Vec::new();
+        while seen.len() < expected.len() {
+            let (topic, bytes) = peer
+                .next_command(Duration::from_secs(20))
+                .await
+                .unwrap_or_else(|| panic!("{version:?}: commands so far {seen:?}"));
+            assert_write(&bytes, 0, &image, 512);
+            seen.push(topic);
+        }
+        seen.sort();
+        expected.sort();
+        assert_eq!(seen, expected, "{version:?}");
+
+        // Binary content mode (MQTT 5 only: attributes as user properties).
+        if version == MqttVersion::V5 {
+            for event in vectors() {
+                peer.publish_binary("app/my-app", &event).await;
+            }
+            let mut seen = Vec::new();
+            while seen.len() < 3 {
+                let (topic, bytes) = peer.next_command(Duration::from_secs(20)).await.unwrap();
+                assert_write(&bytes, 0, &image, 512);
+                seen.push(topic);
+            }
+            seen.sort();
+            assert_eq!(seen, expected, "binary content mode");
+        }
+
+        // Text data (a base64 status as text/plain).
+        let mut text = status_event("my-app", "dev-2", &Status::first("0.1.0", Some(100), None));
+        let encoded = text.as_object_mut().unwrap().remove("data_base64").unwrap();
+        text["data"] = encoded;
+        text["datacontenttype"] = json!("text/plain");
+        peer.publish_json("app/my-app", &text).await;
+        let (bytes, others) = peer.command_on("command/my-app/dev-2/dfu").await;
+        assert!(others.is_empty(), "{others:?}");
+        assert_write(&bytes, 0, &image, 100);
+
+        // Bad input, each logged and skipped: never an answer, never the end of the loop.
+        let malformed_before = instance.stats.malformed();
+        let good = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
+        let mut bad: Vec<Vec<u8>> = vec![
+            b"not json".to_vec(),
+            b"[1, 2, 3]".to_vec(),
+            b"\xff\xfe\x00garbage".to_vec(),
+            Vec::new(),
+        ];
+        for (field, value) in [
+            ("data_base64", json!("!!! not base64")),
+            ("data_base64", json!("oWFhYWI=")),
+            ("device", json!("../../etc/passwd")),
+            ("device", json!("a/b")),
+            ("device", json!("x".repeat(300))),
+            ("device", json!(42)),
+            ("application", json!("other-app")),
+        ] {
+            let mut event = good.clone();
+            event[field] = value;
+            bad.push(event.to_string().into_bytes());
+        }
+        let bad_count = bad.len() as u64;
+        for payload in bad {
+            peer.publish("app/my-app", payload).await;
+        }
+        // A device the registry does not know is told to wait (a long time), not updated.
+        peer.publish_json(
+            "app/my-app",
+            &status_event("my-app", "ghost", &Status::first("0.1.0", None, None)),
+        )
+        .await;
+        let (bytes, _) = peer.command_on("command/my-app/ghost/dfu").await;
+        assert!(matches!(decode_command(&bytes).unwrap(), Command::Wait { .. }));
+        // Still serving: the next block for dev-1.
+        peer.publish_json(
+            "app/my-app",
+            &status_event(
+                "my-app",
+                "dev-1",
+                &Status::updating("0.1.0", None, None, "0.2.0", 512),
+            ),
+        )
+        .await;
+        let (bytes, others) = peer.command_on("command/my-app/dev-1/dfu").await;
+        assert_write(&bytes, 512, &image, 512);
+        assert!(others.is_empty(), "no answer to bad events: {others:?}");
+        assert_eq!(
+            instance.stats.malformed() - malformed_before,
+            bad_count,
+            "every bad event counted"
+        );
+        assert!(peer.next_command(Duration::from_millis(200)).await.is_none());
+
+        // The progress reached Drogue's registry (status.firmware written back).
+        eventually(
+            Duration::from_secs(20),
+            "status.firmware in the registry",
+            || async {
+                let device = registry.device("my-app", "lora-1").await;
+                device["status"]["firmware"]["target"] == "0.2.0"
+                    && device["status"]["firmware"]["current"] == "0.1.0"
+            },
+        )
+        .await;
+        instance.stop().await;
+        registry.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn the_registry_client_speaks_drogues_api_and_redoes_writes_on_conflict() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let mut config = RegistryConfig::new(&server.url);
+    config.token = Some(server.token.clone());
+    let registry = Arc::new(DrogueRegistry::new(&config).unwrap());
+    // Basic user:token works as well as Bearer.
+    config.user = Some("someone".into());
+    let basic = DrogueRegistry::new(&config).unwrap();
+
+    let app = AppName::parse("reg-app").unwrap();
+    let app_key = Key::App(app.clone());
+    let resource = |name: &str, application: Option<&str>, spec: Value| Resource {
+        metadata: Metadata {
+            name: name.into(),
+            application: application.map(str::to_string),
+            ..Default::default()
+        },
+        spec: spec.as_object().cloned().unwrap_or_default(),
+        status: Default::default(),
+    };
+    let created = registry
+        .create(
+            &app_key,
+            resource("reg-app", None, json!({"firmware": {"file": {"name": "fw"}}})),
+        )
+        .await
+        .unwrap();
+    assert!(!created.metadata.resource_version.is_empty());
+    assert!(matches!(
+        registry
+            .create(&app_key, resource("reg-app", None, json!({})))
+            .await,
+        Err(RegistryError::AlreadyExists(_))
+    ));
+    let device_key = Key::Device(app.clone(), DeviceName::parse("contested").unwrap());
+    registry
+        .create(
+            &device_key,
+            resource(
+                "contested",
+                Some("reg-app"),
+                json!({"authentication": {"credentials": [{"pass": "pw"}]}, "keep": {"me": true}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let listed = basic.list(&Scope::Apps, &ListParams::default()).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        basic
+            .list(&Scope::Devices(app.clone()), &ListParams::default())
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(registry
+        .get(&Key::Device(app.clone(), DeviceName::parse("nobody").unwrap()))
+        .await
+        .unwrap()
+        .is_none());
+
+    // Optimistic locking: a stale resourceVersion is a Conflict.
+    let mut stale = registry.get(&device_key).await.unwrap().unwrap();
+    let mut fresh = stale.clone();
+    fresh.metadata.labels.insert("a".into(), "1".into());
+    registry.update(&device_key, fresh).await.unwrap();
+    stale.metadata.labels.insert("b".into(), "2".into());
+    assert!(matches!(
+        registry.update(&device_key, stale).await,
+        Err(RegistryError::Conflict)
+    ));
+
+    // Concurrent writers: status sections through the client (GET + PUT, redone on 409), and
+    // label changes by another client of the same API. Nothing any of them wrote may be lost.
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..8 {
+        let (registry, key) = (registry.clone(), device_key.clone());
+        writers.spawn(async move {
+            for round in 0..5 {
+                registry
+                    .set_status_section(&key, &format!("s{writer}"), json!({"round": round}))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    for writer in 0..2 {
+        let (registry, key) = (registry.clone(), device_key.clone());
+        writers.spawn(async move {
+            for round in 0..5 {
+                loop {
+                    let mut current = registry.get(&key).await.unwrap().unwrap();
+                    current
+                        .metadata
+                        .labels
+                        .insert(format!("writer-{writer}"), round.to_string());
+                    match registry.update(&key, current).await {
+                        Ok(_) => break,
+                        Err(RegistryError::Conflict) => continue,
+                        Err(other) => panic!("{other}"),
+                    }
+                }
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let device = server.device("reg-app", "contested").await;
+    for writer in 0..8 {
+        assert_eq!(device["status"][format!("s{writer}")]["round"], 4, "{device}");
+    }
+    assert_eq!(device["metadata"]["labels"]["writer-0"], "4");
+    assert_eq!(device["metadata"]["labels"]["writer-1"], "4");
+    assert_eq!(device["metadata"]["labels"]["a"], "1");
+    assert_eq!(device["spec"]["keep"]["me"], true, "the spec is left alone");
+    assert!(
+        registry.conflicts_retried() > 0,
+        "concurrent writers must have met 409s"
+    );
+
+    // Errors map back to the registry's kinds.
+    registry.delete(&device_key).await.unwrap();
+    assert!(matches!(
+        registry
+            .set_status_section(&device_key, "firmware", json!({}))
+            .await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert!(matches!(
+        registry.delete(&device_key).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    let mut wrong = RegistryConfig::new(&server.url);
+    wrong.token = Some("wrong".into());
+    assert!(matches!(
+        DrogueRegistry::new(&wrong).unwrap().get(&app_key).await,
+        Err(RegistryError::Remote(_))
+    ));
+    let unreachable = DrogueRegistry::new(&RegistryConfig::new("http://127.0.0.1:1")).unwrap();
+    assert!(matches!(
+        unreachable.get(&app_key).await,
+        Err(RegistryError::Remote(_))
+    ));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn applications_are_found_refreshed_and_excluded() {
+    let broker = Mosquitto::start();
+    let registry = registry_with_app("one", &["d"]).await;
+    let instance = Instance::start(
+        &registry,
+        &[
+            "--drogue-mqtt-url",
+            &broker.url(),
+            "--exclude-application",
+            "hidden",
+            "--drogue-refresh-secs",
+            "1",
+        ],
+    )
+    .await;
+    instance.subscribed(1).await;
+    let mut peer = Peer::connect(&broker, MqttVersion::V5).await;
+    let first = Status::first("0.1.0", None, None);
+    peer.publish_json("app/one", &status_event("one", "d", &first))
+        .await;
+    peer.command_on("command/one/d/dfu").await;
+
+    // Created while running: served after the next listing, without a restart.
+    for app in ["two", "hidden"] {
+        registry
+            .create_app(app, Some(json!({"file": {"name": "fw"}})))
+            .await;
+        registry.create_device(app, "d", "pw", None).await;
+    }
+    instance.subscribed(2).await;
+    peer.publish_json("app/hidden", &status_event("hidden", "d", &first))
+        .await;
+    peer.publish_json("app/two", &status_event("two", "d", &first))
+        .await;
+    let (_, others) = peer.command_on("command/two/d/dfu").await;
+    assert!(others.is_empty(), "{others:?}");
+    // Once more, so anything for the excluded application would have come by now.
+    peer.publish_json("app/two", &status_event("two", "d", &first))
+        .await;
+    let (_, others) = peer.command_on("command/two/d/dfu").await;
+    assert!(
+        others.is_empty(),
+        "the excluded application is never served: {others:?}"
+    );
+    let mut instance = instance;
+    instance.stop().await;
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_is_survived_by_reconnecting_and_subscribing_again() {
+    let mut broker = Mosquitto::start();
+    let port = broker.port();
+    let registry = registry_with_app("my-app", &["dev-1"]).await;
+    let mut instance = Instance::start(
+        &registry,
+        &["--drogue-mqtt-url", &broker.url(), "--application", "my-app"],
+    )
+    .await;
+    instance.subscribed(1).await;
+    let mut peer = Peer::connect(&broker, MqttVersion::V3).await;
+    let event = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
+    peer.publish_json("app/my-app", &event).await;
+    peer.command_on("command/my-app/dev-1/dfu").await;
+
+    broker.stop();
+    let broker = Mosquitto::start_on(port);
+    let stats = instance.stats.clone();
+    eventually(
+        Duration::from_secs(30),
+        "reconnection and a new subscription",
+        || {
+            let stats = stats.clone();
+            async move { stats.connections() >= 2 && stats.subscriptions() >= 2 }
+        },
+    )
+    .await;
+    peer.wait_subscribed(2).await;
+    peer.publish_json("app/my-app", &event).await;
+    peer.command_on("command/my-app/dev-1/dfu").await;
+    instance.stop().await;
+    drop(broker);
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway() {
+    const DEVICES: u32 = 16;
+    let image = firmware_bytes(6000, 11);
+    let broker = Mosquitto::start();
+    let registry = TestServer::start(Backend::Sqlite).await;
+    registry
+        .create_app("fleet", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for i in 0..DEVICES {
+        registry
+            .create_device("fleet", &format!("sim-{i}"), "pw", None)
+            .await;
+    }
+    let firmware = [("fw", "2.0.0", image.clone())];
+    let common = [
+        "--drogue-mqtt-url",
+        &broker.url(),
+        "--application",
+        "fleet",
+        "--drogue-group",
+        "ajour",
+    ];
+    let mut first = Instance::start_with_firmware(
+        &registry,
+        &[&common[..], &["--drogue-mqtt-version", "5"]].concat(),
+        &firmware,
+    )
+    .await;
+    let mut second = Instance::start_with_firmware(
+        &registry,
+        &[&common[..], &["--drogue-mqtt-version", "3.1.1"]].concat(),
+        &firmware,
+    )
+    .await;
+    first.subscribed(1).await;
+    second.subscribed(1).await;
+
+    let args = ajour::simulate::SimulateArgs {
+        url: String::new(),
+        app: "fleet".into(),
+        device: "sim".into(),
+        password: String::new(),
+        version: "1.0.0".into(),
+        count: Some(DEVICES),
+        mtu: Some(128),
+        encoding: ajour::simulate::StatusEncoding::Named,
+        concurrency: DEVICES as usize,
+        max_wait: 1,
+        timeout: 120,
+        mqtt: ajour::simulate_mqtt::MqttSimArgs {
+            via_mqtt: Some(broker.url()),
+            command_timeout: 1.0,
+            ..Default::default()
+        },
+    };
+    let fleet = tokio::spawn(ajour::simulate::run(args));
+
+    // Halfway (by commands sent), one instance stops: what it held is lost, and the devices
+    // whose statuses it took send them again after the timeout, to the other.
+    let blocks = image.len().div_ceil(128) as u64;
+    let total = u64::from(DEVICES) * (blocks + 2);
+    let (a, b) = (first.stats.clone(), second.stats.clone());
+    eventually(Duration::from_secs(60), "half of the commands", || {
+        let (a, b) = (a.clone(), b.clone());
+        async move { a.commands() + b.commands() >= total / 2 }
+    })
+    .await;
+    first.stop().await;
+    let first_commands = first.stats.commands();
+
+    fleet
+        .await
+        .unwrap()
+        .expect("every device updated, checksums verified");
+    assert!(first_commands > 0, "the first instance served its share");
+    assert!(
+        second.stats.commands() > total / 4,
+        "the second instance served the rest"
+    );
+    for i in 0..DEVICES {
+        let name = format!("sim-{i}");
+        eventually(
+            Duration::from_secs(20),
+            &format!("{name} in sync in the registry"),
+            || {
+                let (registry, name) = (&registry, name.clone());
+                async move {
+                    let device = registry.device("fleet", &name).await;
+                    device["status"]["firmware"]["current"] == "2.0.0"
+                        && conditions(&device) == [("InSync".to_string(), "True".to_string())]
+                }
+            },
+        )
+        .await;
+    }
+    second.stop().await;
+    registry.stop().await;
+}
