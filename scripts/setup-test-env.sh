@@ -5,7 +5,7 @@
 set -euo pipefail
 
 # Debian packages the tests run as real peers.
-packages=(postgresql-client mosquitto mosquitto-clients)
+packages=(postgresql-client mosquitto mosquitto-clients docker-registry skopeo)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -11,10 +11,12 @@
 
 mod file;
 mod name;
+pub mod oci;
 mod spec;
 
 pub use file::{FileStore, FirmwareMetadata};
 pub use name::{FirmwareName, InvalidName};
+pub use oci::{OciAuth, OciConfig, OciStore};
 pub use spec::{FirmwareSpec, ImagePullPolicy, SpecError};
 
 pub use ajour_engine::{FirmwareImage, InvalidImage};

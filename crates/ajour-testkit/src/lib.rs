@@ -1,5 +1,8 @@
 //! Helpers that give each test real servers of its own, cleaned up on `Drop`.
 //!
+//! OCI registry: [`OciRegistry`] runs Debian's `docker-registry` on a free port (see
+//! [`oci_registry`]).
+//!
 //! MQTT broker: [`Mosquitto`] runs Debian's `mosquitto` on a free port in a temp dir.
 //!
 //! PostgreSQL: each [`TestDatabase`] is a fresh database on the server named by
@@ -10,6 +13,10 @@
 pub mod mosquitto;
 
 pub use mosquitto::Mosquitto;
+
+pub mod oci_registry;
+
+pub use oci_registry::{OciLayout, OciRegistry};
 
 use sqlx::Connection;
 

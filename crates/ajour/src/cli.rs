@@ -80,6 +80,9 @@ pub struct ServeArgs {
     /// bcrypt cost for device passwords given in plain text.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
     pub password_cost: u32,
+    /// The OCI registry firmware source.
+    #[command(flatten)]
+    pub oci: crate::oci_cli::OciServeArgs,
     /// Drogue mode: Drogue's registry and MQTT integration (see docs/drogue.md).
     #[command(flatten)]
     pub drogue: Box<crate::drogue_cli::DrogueArgs>,
@@ -99,6 +102,7 @@ impl ServeArgs {
         config.service.progress_interval = Duration::from_millis(self.progress_interval_ms);
         config.firmware_recheck = Duration::from_millis(self.firmware_recheck_ms);
         config.password_cost = self.password_cost;
+        config.oci = self.oci.config();
         config
     }
 }
@@ -270,6 +274,10 @@ pub enum FirmwareCommand {
         #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
         data_dir: PathBuf,
     },
+    /// Build an OCI image of a firmware file and push it to a registry (see docs/oci.md).
+    Push(crate::oci_cli::PushArgs),
+    /// Show the firmware metadata Ajour would serve from an OCI image.
+    Inspect(crate::oci_cli::InspectArgs),
 }
 
 /// Run a command to completion.
@@ -298,6 +306,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Firmware(FirmwareCommand::Push(args)) => crate::oci_cli::push(args).await,
+        Command::Firmware(FirmwareCommand::Inspect(args)) => crate::oci_cli::inspect(args).await,
         Command::Simulate(args) => simulate::run(args).await,
     }
 }

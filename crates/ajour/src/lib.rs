@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod client;
 pub mod drogue_cli;
+pub mod oci_cli;
 pub mod server;
 pub mod simulate;
 pub mod simulate_mqtt;

@@ -3,7 +3,7 @@
 use ajour_api::{ApiState, ApiToken};
 use ajour_registry::{MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
 use ajour_service::{ServiceConfig, UpdateService};
-use ajour_store::{FileStore, Firmware, FirmwareSource};
+use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
 use anyhow::Context;
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -27,6 +27,8 @@ pub struct ServerConfig {
     /// How often firmware files are checked for replacement.
     pub firmware_recheck: Duration,
     pub password_cost: u32,
+    /// The OCI registry firmware source; `None`: specs naming a container image are refused.
+    pub oci: Option<OciConfig>,
     /// Drogue mode: the registry is Drogue's and statuses arrive on its MQTT integration.
     pub drogue: Option<ajour_drogue::DrogueConfig>,
 }
@@ -40,6 +42,7 @@ impl ServerConfig {
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
             password_cost: 10,
+            oci: None,
             drogue: None,
         }
     }
@@ -118,6 +121,12 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             config.firmware_dir(),
             config.firmware_recheck,
         ))),
+        container: match &config.oci {
+            Some(oci) => Some(Arc::new(
+                OciStore::new(oci.clone()).context("configuring the OCI registry source")?,
+            )),
+            None => None,
+        },
         ..Default::default()
     });
     let service = Arc::new(UpdateService::new(

@@ -8,5 +8,6 @@ mod bad_input;
 mod binary;
 mod devices;
 mod drogue;
+mod oci;
 mod ops;
 mod status;

@@ -1,0 +1,183 @@
+//! The OCI registry on the command line: the `ajour serve` flags that configure the OCI firmware
+//! source, and `ajour firmware push` / `ajour firmware inspect`.
+
+use ajour_store::{OciAuth, OciConfig, OciStore};
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How to reach the registry: shared by `serve`, `firmware push` and `firmware inspect`.
+#[derive(Debug, Clone, Args, Default)]
+pub struct OciConnectionArgs {
+    /// Registry prefix that image names in specs are relative to, e.g. `registry.example.com/fw/`
+    /// (an empty string: specs give full references). `serve` reads firmware from OCI images only
+    /// when this is set.
+    #[arg(long = "oci-registry", env = "AJOUR_OCI_REGISTRY", value_name = "PREFIX")]
+    pub registry: Option<String>,
+    /// User name for the registry (HTTP Basic, or exchanged for a token when the registry uses
+    /// the distribution token flow).
+    #[arg(long = "oci-user", env = "AJOUR_OCI_USER", value_name = "USER")]
+    pub user: Option<String>,
+    /// Password or access token going with --oci-user.
+    #[arg(
+        long = "oci-password",
+        env = "AJOUR_OCI_PASSWORD",
+        hide_env_values = true,
+        requires = "user",
+        value_name = "PASSWORD"
+    )]
+    pub password: Option<String>,
+    /// A bearer token sent as is (instead of --oci-user).
+    #[arg(
+        long = "oci-token",
+        env = "AJOUR_OCI_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "user",
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// Extra CA certificates (PEM) to trust for the registry, beside the system's.
+    #[arg(long = "oci-ca-file", env = "AJOUR_OCI_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Talk plain HTTP to the registry (credentials and firmware travel in clear).
+    #[arg(long = "oci-plain-http", env = "AJOUR_OCI_PLAIN_HTTP")]
+    pub plain_http: bool,
+    /// Accept any TLS certificate from the registry (labs and tests only).
+    #[arg(long = "oci-insecure-tls", env = "AJOUR_OCI_INSECURE_TLS")]
+    pub insecure_tls: bool,
+}
+
+impl OciConnectionArgs {
+    fn config(&self, registry: &str) -> OciConfig {
+        OciConfig {
+            registry_prefix: registry.to_string(),
+            auth: match (&self.user, &self.token) {
+                (Some(user), _) => OciAuth::Basic {
+                    username: user.clone(),
+                    password: self.password.clone().unwrap_or_default(),
+                },
+                (None, Some(token)) => OciAuth::Bearer { token: token.clone() },
+                (None, None) => OciAuth::Anonymous,
+            },
+            extra_ca_file: self.ca_file.clone(),
+            plain_http: self.plain_http,
+            accept_invalid_certs: self.insecure_tls,
+            ..OciConfig::default()
+        }
+    }
+}
+
+/// `ajour serve` flags for the OCI firmware source.
+#[derive(Debug, Clone, Args)]
+pub struct OciServeArgs {
+    #[command(flatten)]
+    pub connection: OciConnectionArgs,
+    /// Under imagePullPolicy `Always`, milliseconds a resolved tag is trusted before the registry
+    /// is asked again.
+    #[arg(long = "oci-recheck-ms", default_value_t = 60_000)]
+    pub recheck_ms: u64,
+    /// Milliseconds a registry failure is remembered before trying again.
+    #[arg(long = "oci-error-retry-ms", default_value_t = 10_000)]
+    pub error_retry_ms: u64,
+    /// Largest firmware accepted from the registry, in bytes.
+    #[arg(long = "oci-max-firmware-bytes", default_value_t = 64 << 20)]
+    pub max_firmware_bytes: u64,
+    /// Byte budget of the cache of registry blobs.
+    #[arg(long = "oci-cache-bytes", default_value_t = 256 << 20)]
+    pub cache_bytes: u64,
+    /// Milliseconds to wait for the registry to connect or send data.
+    #[arg(long = "oci-timeout-ms", default_value_t = 30_000)]
+    pub timeout_ms: u64,
+}
+
+impl OciServeArgs {
+    /// The OCI source's configuration; `None` when no registry is set.
+    pub fn config(&self) -> Option<OciConfig> {
+        let registry = self.connection.registry.as_deref()?;
+        Some(OciConfig {
+            always_recheck: Duration::from_millis(self.recheck_ms),
+            error_retry: Duration::from_millis(self.error_retry_ms),
+            max_firmware_size: self.max_firmware_bytes,
+            cache_max_bytes: self.cache_bytes,
+            request_timeout: Duration::from_millis(self.timeout_ms),
+            ..self.connection.config(registry)
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Image to push to, `name:tag` under --oci-registry (or a full reference without it).
+    pub image: String,
+    /// The firmware file.
+    #[arg(long)]
+    pub file: PathBuf,
+    /// The firmware's version, as devices report it.
+    #[arg(long)]
+    pub version: String,
+    #[command(flatten)]
+    pub connection: OciConnectionArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Image to read, `name[:tag|@digest]` under --oci-registry (or a full reference without it).
+    pub image: String,
+    #[command(flatten)]
+    pub connection: OciConnectionArgs,
+}
+
+fn store(connection: &OciConnectionArgs) -> anyhow::Result<OciStore> {
+    let registry = connection.registry.as_deref().unwrap_or_default();
+    Ok(OciStore::new(connection.config(registry))?)
+}
+
+/// `ajour firmware push`: build the image (tar layout, see docs/oci.md), push it with a progress
+/// bar, print its digest.
+pub async fn push(args: PushArgs) -> anyhow::Result<()> {
+    let data = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let store = store(&args.connection)?;
+    let bar = indicatif::ProgressBar::new(data.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("pushing {}", args.image));
+    let progress: ajour_store::oci::Progress = {
+        let bar = bar.clone();
+        Arc::new(move |sent: u64| bar.inc(sent))
+    };
+    let pushed = store.push(&args.image, &args.version, &data, progress).await;
+    bar.finish_and_clear();
+    let pushed = pushed?;
+    crate::say!(
+        "pushed firmware {} ({} bytes, sha256 {}) to {}",
+        pushed.metadata.version,
+        pushed.metadata.size,
+        pushed.metadata.checksum,
+        pushed.reference
+    );
+    crate::say!("digest: {}", pushed.manifest_digest);
+    Ok(())
+}
+
+/// `ajour firmware inspect`: read the image as `serve` would, verify it, print what devices
+/// would be served, as JSON.
+pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let store = store(&args.connection)?;
+    let resolved = store.inspect(&args.image).await?;
+    let summary = json!({
+        "image": args.image,
+        "digest": resolved.manifest_digest,
+        "layout": resolved.layout.to_string(),
+        "version": resolved.image.version(),
+        "size": resolved.image.size(),
+        "checksum": resolved.image.checksum_hex(),
+    });
+    crate::say!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
