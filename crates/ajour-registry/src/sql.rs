@@ -53,6 +53,23 @@ impl SqlRegistry {
             } else {
                 options.max_connections
             })
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    if is_sqlite {
+                        // WAL: readers never wait for the writer, and a commit appends to the log
+                        // instead of syncing the database file twice; NORMAL still survives a
+                        // crash of the process (only a power cut can lose the last commits).
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 5000",
+                        ] {
+                            sqlx::Executor::execute(&mut *connection, pragma).await?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;

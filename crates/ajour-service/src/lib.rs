@@ -117,8 +117,7 @@ impl UpdateService {
             Ok(None) => return reply(&wait(correlation_id, self.config.unmanaged_poll).command),
             Err(reason) => {
                 self.tracker
-                    .record(key, FirmwareStatus::error(current, reason.clone()))
-                    .await;
+                    .record(key, FirmwareStatus::error(current, reason.clone()));
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
@@ -126,8 +125,7 @@ impl UpdateService {
             Ok(image) => image,
             Err(error) => {
                 self.tracker
-                    .record(key, FirmwareStatus::error(current, error.to_string()))
-                    .await;
+                    .record(key, FirmwareStatus::error(current, error.to_string()));
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
@@ -146,16 +144,14 @@ impl UpdateService {
                 reason: "firmware image is empty".into(),
             },
         };
-        self.tracker
-            .record(
-                key,
-                FirmwareStatus {
-                    current,
-                    target,
-                    state,
-                },
-            )
-            .await;
+        self.tracker.record(
+            key,
+            FirmwareStatus {
+                current,
+                target,
+                state,
+            },
+        );
         reply(&decision.command)
     }
 
@@ -204,6 +200,11 @@ impl UpdateService {
             }
         }
         self.flush_status(true).await;
+    }
+
+    /// Wait until the status writes started so far have finished (they run beside the requests).
+    pub async fn settle_status_writes(&self) {
+        self.tracker.settle().await;
     }
 
     /// The number of registry writes of `status.firmware` so far (for benchmarks and tests).

@@ -2,9 +2,11 @@
 //!
 //! Every status a device sends updates the device's entry here. A change of phase (in sync,
 //! updating, failing; or a new current or target version) is written to the registry at once;
-//! progress within a phase at most once per interval, by the caller when the interval has passed
-//! or by the periodic flush. Writes for one device are serialised and always write the newest
-//! state, so a late progress write can never overwrite the final "in sync".
+//! progress within a phase at most once per interval, when the interval has passed or by the
+//! periodic flush. Writes run beside the request, not in it: the device gets its command without
+//! waiting for the database. Writes for one device are serialised and always write the newest
+//! state, so a late progress write can never overwrite the final "in sync"; until a state is
+//! written, the API shows it from here.
 
 use ajour_registry::{Key, Registry, RegistryError};
 use serde_json::{json, Value};
@@ -12,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
 
 /// Where a device is with its firmware.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,8 +97,12 @@ impl Condition {
 
 #[derive(Default)]
 struct Tracked {
+    /// The newest status recorded.
+    latest: Option<FirmwareStatus>,
+    /// The newest status known to be in the registry.
     written: Option<FirmwareStatus>,
-    pending: Option<FirmwareStatus>,
+    /// `latest` has not been handed to a writer yet.
+    dirty: bool,
     last_write: Option<Instant>,
     /// When each condition type last changed its status: `lastTransitionTime` moves only then.
     transitions: HashMap<&'static str, (&'static str, String)>,
@@ -134,7 +141,13 @@ impl Tracked {
     }
 }
 
+/// Device firmware status, recorded on every status and written to the registry when due.
 pub(crate) struct StatusTracker {
+    inner: Arc<Inner>,
+    writers: TaskTracker,
+}
+
+struct Inner {
     registry: Arc<dyn Registry>,
     interval: Duration,
     devices: Mutex<HashMap<Key, Tracked>>,
@@ -144,68 +157,86 @@ pub(crate) struct StatusTracker {
 impl StatusTracker {
     pub fn new(registry: Arc<dyn Registry>, interval: Duration) -> Self {
         Self {
-            registry,
-            interval,
-            devices: Mutex::default(),
-            writes: AtomicU64::new(0),
+            inner: Arc::new(Inner {
+                registry,
+                interval,
+                devices: Mutex::default(),
+                writes: AtomicU64::new(0),
+            }),
+            writers: TaskTracker::new(),
         }
     }
 
     pub fn writes(&self) -> u64 {
-        self.writes.load(Ordering::Relaxed)
+        self.inner.writes.load(Ordering::Relaxed)
     }
 
-    /// Note the device's status; write it now when its phase changed or the interval has passed.
-    pub async fn record(&self, key: &Key, status: FirmwareStatus) {
+    /// Note the device's status; start writing it when its phase changed or the interval passed.
+    pub fn record(&self, key: &Key, status: FirmwareStatus) {
         let write_now = {
-            let mut devices = self.devices.lock().unwrap();
-            let tracked = devices.entry(key.clone()).or_default();
-            if tracked.pending.is_none() && tracked.written.as_ref() == Some(&status) {
+            let mut devices = self.inner.devices.lock().unwrap();
+            let tracked = match devices.get_mut(key) {
+                Some(tracked) => tracked,
+                None => devices.entry(key.clone()).or_default(),
+            };
+            if tracked.latest.as_ref() == Some(&status) {
                 return;
             }
-            let phase_changed = match (&tracked.pending, &tracked.written) {
-                (Some(last), _) | (None, Some(last)) => !last.same_phase(&status),
-                (None, None) => true,
-            };
-            let write_now = phase_changed || tracked.due(self.interval);
-            tracked.pending = Some(status);
-            write_now
+            let phase_changed = tracked
+                .latest
+                .as_ref()
+                .is_none_or(|latest| !latest.same_phase(&status));
+            tracked.latest = Some(status);
+            tracked.dirty = true;
+            phase_changed || tracked.due(self.inner.interval)
         };
         if write_now {
-            self.write_latest(key).await;
+            self.writers.spawn(self.inner.clone().write_latest(key.clone()));
         }
     }
 
-    /// The status not yet written for `key`, as JSON.
+    /// The device's newest status when the registry does not have it yet, as JSON.
     pub fn pending_json(&self, key: &Key) -> Option<Value> {
-        let mut devices = self.devices.lock().unwrap();
+        let mut devices = self.inner.devices.lock().unwrap();
         let tracked = devices.get_mut(key)?;
-        let pending = tracked.pending.clone()?;
-        Some(tracked.render(&pending))
+        let latest = tracked.latest.clone()?;
+        (tracked.written.as_ref() != Some(&latest)).then(|| tracked.render(&latest))
     }
 
-    /// Write pending progress that is due (or all of it, when `force`).
+    /// Write progress that is due (all of it when `force`), and wait for writes in flight.
     pub async fn flush(&self, force: bool) {
         let due: Vec<Key> = {
-            let devices = self.devices.lock().unwrap();
+            let devices = self.inner.devices.lock().unwrap();
             devices
                 .iter()
-                .filter(|(_, t)| t.pending.is_some() && (force || t.due(self.interval)))
+                .filter(|(_, t)| t.dirty && (force || t.due(self.inner.interval)))
                 .map(|(k, _)| k.clone())
                 .collect()
         };
         for key in due {
-            self.write_latest(&key).await;
+            self.inner.clone().write_latest(key).await;
+        }
+        if force {
+            self.settle().await;
         }
     }
 
-    /// Write the newest pending status of `key`, one write at a time per device.
-    async fn write_latest(&self, key: &Key) {
+    /// Wait until the writes started so far have finished.
+    pub async fn settle(&self) {
+        self.writers.close();
+        self.writers.wait().await;
+        self.writers.reopen();
+    }
+}
+
+impl Inner {
+    /// Write the newest status of `key`, one write at a time per device.
+    async fn write_latest(self: Arc<Self>, key: Key) {
         let Some(lock) = self
             .devices
             .lock()
             .unwrap()
-            .get(key)
+            .get(&key)
             .map(|t| t.write_lock.clone())
         else {
             return;
@@ -213,33 +244,33 @@ impl StatusTracker {
         let _writing = lock.lock().await;
         let (status, value) = {
             let mut devices = self.devices.lock().unwrap();
-            let Some(tracked) = devices.get_mut(key) else {
+            let Some(tracked) = devices.get_mut(&key) else {
                 return;
             };
-            let Some(status) = tracked.pending.take() else {
+            let Some(status) = tracked.latest.clone().filter(|_| tracked.dirty) else {
                 return;
             };
+            tracked.dirty = false;
             let value = tracked.render(&status);
             (status, value)
         };
-        let result = self.registry.set_status_section(key, "firmware", value).await;
+        let result = self.registry.set_status_section(&key, "firmware", value).await;
         let mut devices = self.devices.lock().unwrap();
         match result {
             Ok(()) => {
                 self.writes.fetch_add(1, Ordering::Relaxed);
-                if let Some(tracked) = devices.get_mut(key) {
+                if let Some(tracked) = devices.get_mut(&key) {
                     tracked.written = Some(status);
                     tracked.last_write = Some(Instant::now());
                 }
             }
             Err(RegistryError::NotFound(_)) => {
-                devices.remove(key);
+                devices.remove(&key);
             }
             Err(error) => {
                 tracing::warn!(%key, %error, "writing firmware status failed; will retry");
-                if let Some(tracked) = devices.get_mut(key) {
-                    // Keep the newest: a status recorded meanwhile wins over the one that failed.
-                    tracked.pending.get_or_insert(status);
+                if let Some(tracked) = devices.get_mut(&key) {
+                    tracked.dirty = true;
                     tracked.last_write = Some(Instant::now());
                 }
             }

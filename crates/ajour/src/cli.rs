@@ -37,6 +37,8 @@ pub enum Command {
     Firmware(FirmwareCommand),
     /// Play one device, or a fleet, updating over the HTTP endpoint.
     Simulate(SimulateArgs),
+    /// Measure the server under load (see docs/benchmarks.md).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -80,12 +82,12 @@ pub struct ServeArgs {
     /// bcrypt cost for device passwords given in plain text.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
     pub password_cost: u32,
-    /// The OCI registry firmware source.
-    #[command(flatten)]
-    pub oci: crate::oci_cli::OciServeArgs,
     /// Drogue mode: Drogue's registry and MQTT integration (see docs/drogue.md).
     #[command(flatten)]
     pub drogue: Box<crate::drogue_cli::DrogueArgs>,
+    /// The OCI registry firmware source.
+    #[command(flatten)]
+    pub oci: crate::oci_cli::OciServeArgs,
 }
 
 impl ServeArgs {
@@ -309,6 +311,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Firmware(FirmwareCommand::Push(args)) => crate::oci_cli::push(args).await,
         Command::Firmware(FirmwareCommand::Inspect(args)) => crate::oci_cli::inspect(args).await,
         Command::Simulate(args) => simulate::run(args).await,
+        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 

@@ -4,6 +4,7 @@
 //! This crate only wires: the protocol, decisions, registry, firmware sources and endpoints live
 //! in their own crates, and the backends are chosen in one place, [`server::start`].
 
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod drogue_cli;

@@ -35,6 +35,7 @@ async fn progress_is_coalesced_visible_and_flushed() {
         }
     }
     // One write (the update started), not one per block ...
+    server.service().settle_status_writes().await;
     assert_eq!(server.service().status_writes(), 1);
     // ... yet the API shows the latest progress.
     let device = server.device("app", "d").await;
@@ -107,6 +108,7 @@ async fn a_whole_update_costs_a_handful_of_writes_whatever_the_image_size() {
             }
         }
         // Started updating, then in sync (progress writes only if the update outlasts the interval).
+        server.service().settle_status_writes().await;
         let writes = server.service().status_writes();
         assert!((2..=4).contains(&writes), "{size} bytes: {writes} writes");
         let device = server.device("app", "d").await;

@@ -1,0 +1,49 @@
+//! The bare endpoint: the least a server must do per block (decode the status, slice the image,
+//! encode the command), with no authentication, registry or status tracking. The load generator
+//! measures it in the same run as `ajour serve`, as the baseline.
+
+use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
+use ajour_protocol::{decode_status, encode_command};
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use clap::Args;
+use std::sync::Arc;
+
+#[derive(Debug, Args)]
+pub struct BareServerArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    #[arg(long, default_value_t = 65536)]
+    pub image_size: usize,
+    #[arg(long, default_value = "2.0.0")]
+    pub version: String,
+}
+
+pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
+    let image = Arc::new(FirmwareImage::new(
+        args.version,
+        super::bench_image(args.image_size),
+    )?);
+    let config = Arc::new(EngineConfig::default());
+    let app = axum::Router::new().route(
+        "/v1/{channel}",
+        axum::routing::post(move |body: Bytes| {
+            let (image, config) = (image.clone(), config.clone());
+            async move {
+                match decode_status(&body) {
+                    Ok(status) => {
+                        let command =
+                            encode_command(&decide(&status, Target::Ready(&image), &config).command);
+                        (StatusCode::OK, [("command", "dfu")], command).into_response()
+                    }
+                    Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(&args.listen).await?;
+    crate::say!("bare endpoint listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}

@@ -1,0 +1,335 @@
+//! `ajour bench http`: N devices updating concurrently over the HTTP endpoint.
+
+use super::process::ServerProcess;
+use crate::simulate::{progress_bar, SimulatedDevice, StatusEncoding, Step};
+use ajour_store::{FileStore, FirmwareName};
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::Args;
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Args)]
+pub struct HttpBenchArgs {
+    /// Devices updating at the same time.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u32,
+    /// Firmware image size in bytes.
+    #[arg(long, default_value_t = 65536)]
+    pub image_size: usize,
+    /// Block size the devices ask for.
+    #[arg(long, default_value_t = 512)]
+    pub mtu: u32,
+    /// Stop each device after this many blocks (0: the whole update, through Swap and Sync).
+    /// With a large image this holds the fleet in the middle of its update, to measure memory.
+    #[arg(long, default_value_t = 0)]
+    pub blocks: u32,
+    /// Most requests in flight at once (one connection each).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Registry database for `ajour serve` (default: SQLite in a temp dir).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Skip the bare baseline.
+    #[arg(long)]
+    pub no_bare: bool,
+    /// Skip `ajour serve` (measure only the bare baseline).
+    #[arg(long)]
+    pub no_ajour: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub target: &'static str,
+    pub round_trips: u64,
+    pub elapsed: Duration,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub cpu_seconds: f64,
+    pub peak_rss_mib: f64,
+    pub status_writes: Option<f64>,
+}
+
+impl LoadReport {
+    pub fn round_trips_per_second(&self) -> f64 {
+        self.round_trips as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+const APP: &str = "bench";
+const PASSWORD: &str = "bench-password";
+const FROM: &str = "1.0.0";
+const TO: &str = "2.0.0";
+
+pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
+    // Each in-flight request holds a socket in both processes.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let mut reports = Vec::new();
+    if !args.no_ajour {
+        reports.push(run_ajour(&args).await?);
+    }
+    if !args.no_bare {
+        reports.push(run_bare(&args).await?);
+    }
+    print_reports(&args, &reports);
+    Ok(())
+}
+
+async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+    let data = tempfile::tempdir()?;
+    FileStore::new(crate::server::firmware_dir(data.path()), Duration::ZERO).add(
+        &FirmwareName::parse("bench-fw")?,
+        TO,
+        &super::bench_image(args.image_size),
+    )?;
+    let data_dir = data.path().to_str().context("temp dir path")?.to_string();
+    let mut serve_args = vec![
+        "serve",
+        "--data-dir",
+        &data_dir,
+        "--listen",
+        "127.0.0.1:0",
+        "--api-token",
+        "bench-token",
+        "--max-mtu",
+        "65536",
+    ];
+    if let Some(url) = &args.database_url {
+        serve_args.extend(["--database-url", url]);
+    }
+    let server = ServerProcess::start(&serve_args)?;
+    provision(&server.url, args.devices).await?;
+    let mut report = drive(&server, args, "ajour").await?;
+    report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.devices));
+    Ok(report)
+}
+
+async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+    let size = args.image_size.to_string();
+    let server = ServerProcess::start(&["bench", "bare-server", "--image-size", &size, "--version", TO])?;
+    drive(&server, args, "bare").await
+}
+
+/// One application with the firmware, and N devices sharing one pre-hashed password (bcrypt
+/// cost 4): the server verifies each device's password once, as in production, without the
+/// benchmark spending minutes hashing at registration.
+async fn provision(url: &str, devices: u32) -> anyhow::Result<()> {
+    let client = crate::client::ApiClient::new(url, "bench-token")?;
+    client
+        .create(
+            "apps",
+            &json!({"metadata": {"name": APP}, "spec": {"firmware": {"file": {"name": "bench-fw"}}}}),
+        )
+        .await?;
+    let hash = bcrypt::hash(PASSWORD, 4)?;
+    let bar = progress_bar(u64::from(devices), "registering devices");
+    let client = Arc::new(client);
+    let mut names = (0..devices).map(device_name);
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.len() < 32 {
+            let Some(name) = names.next() else { break };
+            let (client, hash) = (client.clone(), hash.clone());
+            tasks.spawn(async move {
+                let body = json!({"metadata": {"name": name},
+                    "spec": {"authentication": {"credentials": [{"pass": {"bcrypt": hash}}]}}});
+                client.create(&format!("apps/{APP}/devices"), &body).await
+            });
+        }
+        match tasks.join_next().await {
+            Some(done) => {
+                done??;
+                bar.inc(1);
+            }
+            None => break,
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn device_name(i: u32) -> String {
+    format!("dev-{i}")
+}
+
+/// Run every device until it is done (or has sent `--blocks` blocks), measuring as it goes.
+async fn drive(
+    server: &ServerProcess,
+    args: &HttpBenchArgs,
+    target: &'static str,
+) -> anyhow::Result<LoadReport> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let url = format!("{}/v1/dfu", server.url);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(args.connections.max(1)));
+    let bar = progress_bar(u64::from(args.devices), target);
+    let cpu_before = server.cpu_seconds()?;
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.devices {
+        let (http, url, in_flight, bar) = (http.clone(), url.clone(), in_flight.clone(), bar.clone());
+        let (mtu, blocks) = (args.mtu, args.blocks);
+        tasks.spawn(async move {
+            let result = device(&http, &url, i, mtu, blocks, &in_flight).await;
+            bar.inc(1);
+            result
+        });
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut round_trips = 0u64;
+    let mut failures = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
+        .await
+        .context("benchmark timed out")?
+    {
+        match joined? {
+            Ok(device) => {
+                round_trips += device.len() as u64;
+                histogram.add(&device)?;
+            }
+            Err(error) => failures.push(error),
+        }
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    if !failures.is_empty() {
+        bail!(
+            "{target}: {} device(s) failed; first: {:#}",
+            failures.len(),
+            failures[0]
+        );
+    }
+    Ok(LoadReport {
+        target,
+        round_trips,
+        elapsed,
+        p50_us: histogram.value_at_quantile(0.50),
+        p99_us: histogram.value_at_quantile(0.99),
+        max_us: histogram.max(),
+        cpu_seconds: server.cpu_seconds()? - cpu_before,
+        peak_rss_mib: server.peak_rss_mib()?,
+        status_writes: None,
+    })
+}
+
+/// One device's update; returns the latency of each round trip.
+async fn device(
+    http: &reqwest::Client,
+    url: &str,
+    index: u32,
+    mtu: u32,
+    blocks: u32,
+    in_flight: &tokio::sync::Semaphore,
+) -> anyhow::Result<Histogram<u64>> {
+    let name = device_name(index);
+    let authorization = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{name}@{APP}:{PASSWORD}"))
+    );
+    let mut device = SimulatedDevice::new(FROM, Some(mtu), None);
+    let mut latencies = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut writes = 0u32;
+    loop {
+        let body = device.encoded_status(StatusEncoding::Packed);
+        let permit = in_flight.acquire().await?;
+        let sent = Instant::now();
+        let response = http
+            .post(url)
+            .header("authorization", &authorization)
+            .header("content-type", "application/cbor")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("{name}: POST {url}"))?;
+        let code = response.status();
+        let bytes = response.bytes().await?;
+        latencies.record(sent.elapsed().as_micros().max(1) as u64)?;
+        drop(permit);
+        if code != reqwest::StatusCode::OK {
+            bail!("{name}: answer {code}: {}", String::from_utf8_lossy(&bytes));
+        }
+        match device.apply_bytes(&bytes).with_context(|| name.clone())? {
+            Step::Continue => {
+                writes += 1;
+                if blocks > 0 && writes >= blocks {
+                    return Ok(latencies);
+                }
+            }
+            Step::Wait(poll) => bail!("{name}: told to wait {poll} s: the firmware should be there"),
+            Step::Done(_) => return Ok(latencies),
+        }
+    }
+}
+
+/// `status.firmware` writes the server made, from its `/metrics`.
+async fn status_writes(url: &str) -> anyhow::Result<f64> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("ajour_registry_calls_total") && l.contains("op=\"set_status\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
+    crate::say!(
+        "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections",
+        args.devices,
+        args.image_size,
+        args.mtu,
+        if args.blocks == 0 {
+            "whole update".to_string()
+        } else {
+            format!("{} blocks each", args.blocks)
+        },
+        args.connections
+    );
+    crate::say!(
+        "{:<6} {:>11} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>13}",
+        "target",
+        "round trips",
+        "seconds",
+        "rt/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "server cpu",
+        "peak MiB",
+        "writes/device"
+    );
+    for r in reports {
+        crate::say!(
+            "{:<6} {:>11} {:>9.2} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>10.2} {:>9.1} {:>13}",
+            r.target,
+            r.round_trips,
+            r.elapsed.as_secs_f64(),
+            r.round_trips_per_second(),
+            r.p50_us as f64 / 1000.0,
+            r.p99_us as f64 / 1000.0,
+            r.max_us as f64 / 1000.0,
+            r.cpu_seconds,
+            r.peak_rss_mib,
+            r.status_writes
+                .map(|w| format!("{w:.2}"))
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    if let [ajour, bare] = reports {
+        crate::say!(
+            "ajour/bare: {:.0}% of the round trips per second, p99 {:.2}x",
+            100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second(),
+            ajour.p99_us as f64 / bare.p99_us.max(1) as f64
+        );
+    }
+}

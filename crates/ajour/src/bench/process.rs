@@ -1,0 +1,86 @@
+//! The server under test as a child process: started on a free port, measured through `/proc`,
+//! killed on drop.
+
+use anyhow::{bail, Context};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `/proc` reports CPU time in clock ticks of `USER_HZ`, fixed at 100 on Linux.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+pub struct ServerProcess {
+    child: Child,
+    pub url: String,
+}
+
+impl ServerProcess {
+    /// Start this binary with `args`; it must print a line `... listening on http://ADDR`.
+    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the ajour binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .env("AJOUR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the server under test")?;
+        let stdout = child.stdout.take().context("server stdout")?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        // Read the address from a thread of its own, so a server that never prints it times out.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some((_, url)) = line.split_once("listening on ") {
+                    let _ = sender.send(url.trim().to_string());
+                }
+            }
+        });
+        let mut server = Self {
+            child,
+            url: String::new(),
+        };
+        match receiver.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => server.url = url,
+            Err(_) => bail!("the server under test did not report its address within 30 s"),
+        }
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU seconds (user + system) the server has used so far.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the command name, which is in parentheses and may contain spaces.
+        let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields.get(i).context("short /proc stat")?.parse::<f64>()?)
+        };
+        // utime and stime are fields 14 and 15 of stat; 11 and 12 after the name.
+        Ok((ticks(11)? + ticks(12)?) / TICKS_PER_SECOND)
+    }
+
+    /// Peak resident memory in MiB (`VmHWM`).
+    pub fn peak_rss_mib(&self) -> anyhow::Result<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .context("no VmHWM in /proc status")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()?;
+        Ok(kib / 1024.0)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
