@@ -760,3 +760,89 @@ async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway
     second.stop().await;
     registry.stop().await;
 }
+
+impl Instance {
+    /// Whether this instance holds a status of `device` not yet written to the registry.
+    fn has_pending(&self, app: &str, device: &str) -> bool {
+        let key = Key::Device(AppName::parse(app).unwrap(), DeviceName::parse(device).unwrap());
+        let mut resource = Resource::default();
+        if let Some(running) = &self.running {
+            running.service.overlay_status(&key, &mut resource);
+        }
+        resource.status.contains_key("firmware")
+    }
+}
+
+#[tokio::test]
+async fn with_two_live_instances_every_device_is_left_shown_in_sync() {
+    // Both instances see statuses of every device (the broker hands them out in turn) and write
+    // their latest, coalesced; a late write of one must not undo the other's "in sync".
+    const DEVICES: u32 = 12;
+    let image = firmware_bytes(4000, 12);
+    let broker = Mosquitto::start();
+    let registry = TestServer::start(Backend::Sqlite).await;
+    registry
+        .create_app("pair", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for i in 0..DEVICES {
+        registry
+            .create_device("pair", &format!("sim-{i}"), "pw", None)
+            .await;
+    }
+    let firmware = [("fw", "3.0.0", image)];
+    let flags = [
+        "--drogue-mqtt-url",
+        &broker.url(),
+        "--application",
+        "pair",
+        "--drogue-group",
+        "pair-group",
+    ];
+    let mut first = Instance::start_with_firmware(&registry, &flags, &firmware).await;
+    let mut second = Instance::start_with_firmware(&registry, &flags, &firmware).await;
+    first.subscribed(1).await;
+    second.subscribed(1).await;
+    let args = ajour::simulate::SimulateArgs {
+        url: String::new(),
+        app: "pair".into(),
+        device: "sim".into(),
+        password: String::new(),
+        version: "1.0.0".into(),
+        count: Some(DEVICES),
+        mtu: Some(200),
+        encoding: ajour::simulate::StatusEncoding::Packed,
+        concurrency: DEVICES as usize,
+        max_wait: 1,
+        timeout: 120,
+        mqtt: ajour::simulate_mqtt::MqttSimArgs {
+            via_mqtt: Some(broker.url()),
+            command_timeout: 2.0,
+            ..Default::default()
+        },
+    };
+    ajour::simulate::run(args).await.unwrap();
+    assert!(first.stats.commands() > 0 && second.stats.commands() > 0);
+    // Until neither instance has anything left to write, and then: in sync, every one.
+    eventually(Duration::from_secs(30), "all status writes done", || {
+        let (first, second) = (&first, &second);
+        async move {
+            (0..DEVICES).all(|i| {
+                let name = format!("sim-{i}");
+                !first.has_pending("pair", &name) && !second.has_pending("pair", &name)
+            })
+        }
+    })
+    .await;
+    for i in 0..DEVICES {
+        let device = registry.device("pair", &format!("sim-{i}")).await;
+        assert_eq!(device["status"]["firmware"]["current"], "3.0.0", "{device}");
+        assert_eq!(
+            conditions(&device),
+            [("InSync".to_string(), "True".to_string())],
+            "sim-{i}: {device}"
+        );
+    }
+    first.stop().await;
+    second.stop().await;
+    registry.stop().await;
+}
