@@ -132,6 +132,16 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `ajour_drogue_events_total{result}`: `dfu`, `ignored` (not Ajour's) or `malformed`.
+fn count_event(result: &'static str) {
+    metrics::counter!("ajour_drogue_events_total", "result" => result).increment(1);
+}
+
+/// `ajour_drogue_commands_total{result}`: `published` or `failed`.
+fn count_command(result: &'static str) {
+    metrics::counter!("ajour_drogue_commands_total", "result" => result).increment(1);
+}
+
 /// A running integration.
 pub struct Integration {
     stats: Arc<IntegrationStats>,
@@ -265,6 +275,7 @@ async fn run(
             Ok(Incoming::Connected) => {
                 backoff = MIN_BACKOFF;
                 bump(&stats.connections);
+                metrics::counter!("ajour_drogue_connections_total").increment(1);
                 let apps: Vec<AppName> = applications.lock().unwrap().iter().cloned().collect();
                 tracing::info!(
                     applications = apps.len(),
@@ -298,6 +309,7 @@ async fn run(
             Ok(Incoming::Other) => {}
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "MQTT connection lost; reconnecting");
+                metrics::counter!("ajour_drogue_connection_errors_total").increment(1);
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => break,
                     _ = tokio::time::sleep(backoff) => {}
@@ -358,14 +370,17 @@ fn classify(message: &Message, stats: &IntegrationStats) -> Option<DfuRequest> {
     match result {
         Ok(Some(request)) => {
             bump(&stats.statuses);
+            count_event("dfu");
             Some(request)
         }
         Ok(None) => {
             bump(&stats.ignored);
+            count_event("ignored");
             None
         }
         Err(error) => {
             bump(&stats.malformed);
+            count_event("malformed");
             tracing::warn!(topic = %message.topic, %error, "skipping a malformed event");
             None
         }
@@ -397,9 +412,13 @@ async fn worker(
         let topic = request.command_topic();
         tracing::trace!(%topic, command = reply.kind, "answering");
         match client.publish(&topic, reply.command).await {
-            Ok(()) => bump(&stats.commands),
+            Ok(()) => {
+                bump(&stats.commands);
+                count_command("published");
+            }
             Err(error) => {
                 bump(&stats.publish_failures);
+                count_command("failed");
                 tracing::warn!(%error, %topic, "publishing a command failed");
             }
         }

@@ -368,6 +368,7 @@ impl Registry for DrogueRegistry {
             if let Some(status) = status.as_object_mut() {
                 if section == "firmware" && is_late_firmware_write(status.get(section), &value) {
                     tracing::debug!(%key, "dropping a late firmware status: the device was seen in sync since");
+                    metrics::counter!("ajour_drogue_late_status_writes_total").increment(1);
                     return Ok(());
                 }
                 status.insert(section.to_string(), value.clone());
@@ -378,6 +379,7 @@ impl Registry for DrogueRegistry {
                 code if code.is_success() => return Ok(()),
                 StatusCode::CONFLICT => {
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("ajour_drogue_registry_conflicts_total").increment(1);
                     tracing::debug!(%key, attempt, "status write met a concurrent change; redoing it");
                     // Spread out writers that collided, so they do not collide again in step.
                     let jitter = rand::thread_rng().gen_range(0..=5 * (attempt as u64 + 1));
