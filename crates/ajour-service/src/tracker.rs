@@ -103,6 +103,7 @@ struct Tracked {
     written: Option<FirmwareStatus>,
     /// `latest` has not been handed to a writer yet.
     dirty: bool,
+    /// When the last write started.
     last_write: Option<Instant>,
     /// When each condition type last changed its status: `lastTransitionTime` moves only then.
     transitions: HashMap<&'static str, (&'static str, String)>,
@@ -188,7 +189,13 @@ impl StatusTracker {
                 .is_none_or(|latest| !latest.same_phase(&status));
             tracked.latest = Some(status);
             tracked.dirty = true;
-            phase_changed || tracked.due(self.inner.interval)
+            let write_now = phase_changed || tracked.due(self.inner.interval);
+            if write_now {
+                // Counted from the start of a write, so statuses arriving while it runs wait for
+                // the interval instead of starting more writes.
+                tracked.last_write = Some(Instant::now());
+            }
+            write_now
         };
         if write_now {
             self.writers.spawn(self.inner.clone().write_latest(key.clone()));
@@ -251,6 +258,7 @@ impl Inner {
                 return;
             };
             tracked.dirty = false;
+            tracked.last_write = Some(Instant::now());
             let value = tracked.render(&status);
             (status, value)
         };
@@ -261,7 +269,6 @@ impl Inner {
                 self.writes.fetch_add(1, Ordering::Relaxed);
                 if let Some(tracked) = devices.get_mut(&key) {
                     tracked.written = Some(status);
-                    tracked.last_write = Some(Instant::now());
                 }
             }
             Err(RegistryError::NotFound(_)) => {
