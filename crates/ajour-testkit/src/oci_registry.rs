@@ -1,15 +1,19 @@
 //! A real OCI registry for tests: Debian's `docker-registry` (the CNCF distribution registry),
-//! on a free loopback port with its storage in a temp dir, optionally behind htpasswd auth,
-//! killed on `Drop`. Its access log (one line per request) lets tests count what clients asked.
+//! on a free loopback port with its storage in a temp dir, optionally behind htpasswd auth or the
+//! distribution token flow (with a token server of its own), optionally over TLS with a CA of its
+//! own, killed on `Drop`. Its access log (one line per request) lets tests count what clients asked.
 //!
 //! Also [`OciLayout`]: an OCI image layout on disk, built byte by byte, for `skopeo copy` to push
 //! images that no code of ours assembled on the wire.
 
+use base64::Engine as _;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A running `docker-registry serve`.
@@ -17,33 +21,59 @@ pub struct OciRegistry {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
-    credentials: Option<(String, String)>,
+    options: RegistryOptions,
+    token_server: Option<TokenServer>,
+}
+
+/// How a test registry is set up.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// `(user, password)` a client must present.
+    pub credentials: Option<(String, String)>,
+    /// Ask for the credentials through the distribution token flow (a bearer token from a token
+    /// server of this harness) instead of HTTP Basic.
+    pub token_auth: bool,
+    /// Serve HTTPS with a certificate from a CA of this harness ([`OciRegistry::ca_file`]).
+    pub tls: bool,
 }
 
 impl OciRegistry {
     /// A registry that needs no login.
     pub async fn start() -> Self {
-        Self::start_inner(None).await
+        Self::start_with(RegistryOptions::default()).await
     }
 
     /// A registry that wants HTTP Basic `user`/`password` for everything.
     pub async fn start_with_auth(user: &str, password: &str) -> Self {
-        Self::start_inner(Some((user.to_string(), password.to_string()))).await
+        Self::start_with(RegistryOptions {
+            credentials: Some((user.to_string(), password.to_string())),
+            ..RegistryOptions::default()
+        })
+        .await
     }
 
-    async fn start_inner(credentials: Option<(String, String)>) -> Self {
+    pub async fn start_with(options: RegistryOptions) -> Self {
         let dir = tempfile::tempdir().expect("temp dir for the registry");
-        if let Some((user, password)) = &credentials {
-            let hash = bcrypt::hash_with_result(password, 4)
-                .expect("bcrypt")
-                .format_for_version(bcrypt::Version::TwoY);
-            std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+        let token_server = match (&options.credentials, options.token_auth) {
+            (Some((user, password)), true) => Some(TokenServer::start(dir.path(), user, password).await),
+            (Some((user, password)), false) => {
+                let hash = bcrypt::hash_with_result(password, 4)
+                    .expect("bcrypt")
+                    .format_for_version(bcrypt::Version::TwoY);
+                std::fs::write(dir.path().join("htpasswd"), format!("{user}:{hash}\n")).unwrap();
+                None
+            }
+            (None, _) => None,
+        };
+        if options.tls {
+            write_tls_files(dir.path());
         }
         let mut registry = Self {
             dir,
             port: 0,
             child: None,
-            credentials,
+            options,
+            token_server,
         };
         // A port found free may be taken before the registry binds it: try a few.
         for _ in 0..5 {
@@ -64,7 +94,28 @@ impl OciRegistry {
     }
 
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.credentials.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+        self.options
+            .credentials
+            .as_ref()
+            .map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+
+    /// The PEM CA that signed the registry's certificate (with [`RegistryOptions::tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// `http://127.0.0.1:PORT/token` of the token server (with [`RegistryOptions::token_auth`]).
+    pub fn token_url(&self) -> Option<String> {
+        self.token_server.as_ref().map(|t| t.url.clone())
+    }
+
+    /// Tokens the token server issued so far.
+    pub fn tokens_issued(&self) -> usize {
+        self.token_server
+            .as_ref()
+            .map(|t| t.issued.load(std::sync::atomic::Ordering::SeqCst))
+            .unwrap_or(0)
     }
 
     /// Stop the registry (a crash, as far as clients can tell). Its storage stays.
@@ -127,16 +178,29 @@ impl OciRegistry {
     /// Start the process on `self.port`; `false` when it exits instead of answering.
     async fn run(&mut self) -> bool {
         let dir = self.dir.path();
-        let auth = if self.credentials.is_some() {
-            format!(
+        let auth = match (&self.options.credentials, &self.token_server) {
+            (Some(_), Some(tokens)) => format!(
+                "auth: {{token: {{realm: \"{}\", service: {TOKEN_SERVICE}, issuer: {TOKEN_ISSUER}, rootcertbundle: {}}}}}\n",
+                tokens.url,
+                dir.join("token-ca.pem").display()
+            ),
+            (Some(_), None) => format!(
                 "auth: {{htpasswd: {{realm: ajour-test, path: {}}}}}\n",
                 dir.join("htpasswd").display()
+            ),
+            (None, _) => String::new(),
+        };
+        let tls = if self.options.tls {
+            format!(
+                ", tls: {{certificate: {}, key: {}}}",
+                dir.join("server.pem").display(),
+                dir.join("server.key").display()
             )
         } else {
             String::new()
         };
         let config = format!(
-            "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: false}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: {}, secret: ajour-test}}\n{auth}",
+            "version: 0.1\nlog: {{level: warn, accesslog: {{disabled: false}}}}\nstorage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\nhttp: {{addr: {}, secret: ajour-test{tls}}}\n{auth}",
             dir.join("data").display(),
             self.host(),
         );
@@ -165,8 +229,8 @@ impl OciRegistry {
             if let Ok(Some(_)) = child.try_wait() {
                 return false;
             }
-            // 200, or 401 behind auth: the registry answers.
-            if matches!(v2_status(addr).as_deref(), Some("200" | "401")) {
+            // 200, or 401 behind auth, or 400 to plain HTTP sent to its TLS port: it answers.
+            if matches!(v2_status(addr).as_deref(), Some("200" | "401" | "400")) {
                 self.child = Some(child);
                 return true;
             }
@@ -180,11 +244,190 @@ impl OciRegistry {
 
 impl Drop for OciRegistry {
     fn drop(&mut self) {
+        if let Some(tokens) = self.token_server.take() {
+            tokens.task.abort();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+const TOKEN_SERVICE: &str = "ajour-test-registry";
+const TOKEN_ISSUER: &str = "ajour-test-issuer";
+
+/// A CA (`ca.pem`) and a certificate for 127.0.0.1 signed by it (`server.pem`, `server.key`).
+fn write_tls_files(dir: &Path) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "ajour test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let server_key = rcgen::KeyPair::generate().unwrap();
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
+}
+
+/// The token server of the distribution token flow: `GET /token?service=..&scope=..` with the
+/// right HTTP Basic credentials answers a JWT (ES256, its certificate in the `x5c` header, which
+/// the registry trusts through `token-ca.pem`) granting the repository actions asked for.
+struct TokenServer {
+    url: String,
+    issued: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct TokenIssuer {
+    signer: ring::signature::EcdsaKeyPair,
+    x5c: String,
+    expected_authorization: String,
+    issued: Arc<AtomicUsize>,
+}
+
+impl TokenServer {
+    async fn start(dir: &Path, user: &str, password: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, TOKEN_ISSUER);
+        let certificate = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("token-ca.pem"), certificate.pem()).unwrap();
+        let base64 = base64::engine::general_purpose::STANDARD;
+        let issued = Arc::new(AtomicUsize::new(0));
+        let issuer = Arc::new(TokenIssuer {
+            signer: ring::signature::EcdsaKeyPair::from_pkcs8(
+                &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                &key.serialize_der(),
+                &ring::rand::SystemRandom::new(),
+            )
+            .unwrap(),
+            x5c: base64.encode(certificate.der()),
+            expected_authorization: format!("Basic {}", base64.encode(format!("{user}:{password}"))),
+            issued: issued.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/token", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let issuer = issuer.clone();
+                tokio::spawn(async move {
+                    let _ = issuer.answer(stream).await;
+                });
+            }
+        });
+        Self { url, issued, task }
+    }
+}
+
+impl TokenIssuer {
+    async fn answer(&self, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&head).to_string();
+        let target = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+        let authorized = head.lines().any(|line| {
+            line.split_once(':').is_some_and(|(name, value)| {
+                name.eq_ignore_ascii_case("authorization") && value.trim() == self.expected_authorization
+            })
+        });
+        let (status, body) = if authorized {
+            ("200 OK", self.token_for(&target)?)
+        } else {
+            (
+                "401 Unauthorized",
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad credentials"}]}"#.to_string(),
+            )
+        };
+        let response = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(response.as_bytes()).await
+    }
+
+    /// `{"token": JWT}` granting what `scope=repository:NAME:ACTIONS` in `target` asks for.
+    fn token_for(&self, target: &str) -> std::io::Result<String> {
+        let query = target.split_once('?').map(|(_, q)| q).unwrap_or_default();
+        let access: Vec<serde_json::Value> = query
+            .split('&')
+            .filter_map(|pair| pair.strip_prefix("scope="))
+            .map(percent_decode)
+            .filter_map(|scope| {
+                let mut parts = scope.splitn(3, ':');
+                let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                Some(serde_json::json!({
+                    "type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()
+                }))
+            })
+            .collect();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let n = self.issued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let header = serde_json::json!({"alg": "ES256", "typ": "JWT", "x5c": [self.x5c]});
+        let claims = serde_json::json!({
+            "iss": TOKEN_ISSUER, "sub": "test", "aud": TOKEN_SERVICE,
+            "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("token-{n}"),
+            "access": access,
+        });
+        let url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let signing_input = format!(
+            "{}.{}",
+            url.encode(header.to_string()),
+            url.encode(claims.to_string())
+        );
+        let signature = self
+            .signer
+            .sign(&ring::rand::SystemRandom::new(), signing_input.as_bytes())
+            .map_err(|_| std::io::Error::other("signing failed"))?;
+        let token = format!("{signing_input}.{}", url.encode(signature.as_ref()));
+        Ok(serde_json::json!({"token": token, "access_token": token, "expires_in": 300}).to_string())
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn free_port() -> u16 {

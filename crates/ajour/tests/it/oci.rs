@@ -7,7 +7,7 @@
 use crate::support::*;
 use ajour_store::oci::layout::{LABEL_CHECKSUM, LABEL_SIZE, LABEL_VERSION};
 use ajour_store::{FetchError, FirmwareSource, FirmwareSpec, ImagePullPolicy, OciAuth, OciConfig, OciStore};
-use ajour_testkit::oci_registry::{sha256_digest, skopeo_inspect, LayoutBlob};
+use ajour_testkit::oci_registry::{sha256_digest, skopeo_inspect, LayoutBlob, RegistryOptions};
 use ajour_testkit::{OciLayout, OciRegistry};
 use embedded_update::{Command as DeviceCommand, Status as DeviceStatus};
 use serde_json::{json, Value};
@@ -907,4 +907,117 @@ async fn create_device_with_firmware(server: &TestServer, name: &str, image: &st
     server
         .create_device("app", name, "pw", Some(container(image, "IfNotPresent")))
         .await;
+}
+
+#[tokio::test]
+async fn tls_with_an_extra_ca_is_trusted_and_unknown_certificates_are_refused() {
+    let registry = OciRegistry::start_with(RegistryOptions {
+        tls: true,
+        ..RegistryOptions::default()
+    })
+    .await;
+    let tls = |extra_ca_file: Option<std::path::PathBuf>, accept_invalid_certs: bool| {
+        OciStore::new(OciConfig {
+            plain_http: false,
+            extra_ca_file,
+            accept_invalid_certs,
+            ..oci_config(&registry)
+        })
+        .unwrap()
+    };
+    let trusted = tls(Some(registry.ca_file()), false);
+    let image = firmware_bytes(3000, 13);
+    push(&trusted, "secure:1", "1.0.0", &image).await;
+    assert_eq!(
+        &trusted.fetch(&spec("secure:1")).await.unwrap().data()[..],
+        &image[..]
+    );
+
+    // The system's roots alone do not know the test CA.
+    let error = tls(None, false).fetch(&spec("secure:1")).await.unwrap_err();
+    assert!(matches!(error, FetchError::Unavailable(_)), "{error}");
+    // Opting in to any certificate works; so would a man in the middle.
+    let anything = tls(None, true).fetch(&spec("secure:1")).await.unwrap();
+    assert_eq!(&anything.data()[..], &image[..]);
+    // Plain HTTP to a TLS port is an error, not a hang.
+    let plain = store(&registry).fetch(&spec("secure:1")).await.unwrap_err();
+    assert!(matches!(plain, FetchError::Unavailable(_)), "{plain}");
+    // A CA file that holds no certificate is a configuration error.
+    let not_a_ca = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(not_a_ca.path(), "not a certificate").unwrap();
+    assert!(OciStore::new(OciConfig {
+        extra_ca_file: Some(not_a_ca.path().to_path_buf()),
+        ..oci_config(&registry)
+    })
+    .is_err());
+}
+
+#[tokio::test]
+async fn the_distribution_token_flow_trades_credentials_for_bearer_tokens() {
+    let registry = OciRegistry::start_with(RegistryOptions {
+        credentials: Some(("robot".into(), "t0ken-pass".into())),
+        token_auth: true,
+        ..RegistryOptions::default()
+    })
+    .await;
+    let with = |auth: OciAuth| {
+        OciStore::new(OciConfig {
+            auth,
+            ..oci_config(&registry)
+        })
+        .unwrap()
+    };
+    let robot = with(OciAuth::Basic {
+        username: "robot".into(),
+        password: "t0ken-pass".into(),
+    });
+    let image = firmware_bytes(2500, 14);
+    push(&robot, "tokened:1", "1.0.0", &image).await;
+    assert_eq!(
+        &robot.fetch(&spec("tokened:1")).await.unwrap().data()[..],
+        &image[..]
+    );
+    assert!(
+        registry.tokens_issued() >= 2,
+        "pull and push tokens came from the token server"
+    );
+
+    // A bearer token obtained elsewhere (here: from the token server by hand) is sent as is.
+    let response = reqwest::Client::new()
+        .get(registry.token_url().unwrap())
+        .query(&[
+            ("service", "ajour-test-registry"),
+            ("scope", "repository:fw/tokened:pull"),
+        ])
+        .basic_auth("robot", Some("t0ken-pass"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let token = response.json::<Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bearer = with(OciAuth::Bearer { token });
+    assert_eq!(
+        &bearer.fetch(&spec("tokened:1")).await.unwrap().data()[..],
+        &image[..]
+    );
+
+    for wrong in [
+        OciAuth::Anonymous,
+        OciAuth::Basic {
+            username: "robot".into(),
+            password: "wrong".into(),
+        },
+        OciAuth::Bearer {
+            token: "forged".into(),
+        },
+    ] {
+        let error = with(wrong.clone()).fetch(&spec("tokened:1")).await.unwrap_err();
+        assert!(
+            matches!(&error, FetchError::Unavailable(m) if m.contains("refused access")),
+            "{wrong:?}: {error}"
+        );
+    }
 }
