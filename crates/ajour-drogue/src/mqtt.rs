@@ -150,7 +150,8 @@ pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, Mqtt
             if let Some(tls) = tls {
                 options.set_transport(rumqttc::Transport::tls_with_config(tls));
             }
-            let (client, eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
+            eventloop.set_network_options(network_options(eventloop.network_options()));
             (MqttClient::V3(client), MqttConnection::V3(Box::new(eventloop)))
         }
         MqttVersion::V5 => {
@@ -165,6 +166,7 @@ pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, Mqtt
             if let Some(tls) = tls {
                 options.set_transport(rumqttc::Transport::tls_with_config(tls));
             }
+            options.set_network_options(network_options(options.network_options()));
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
             (MqttClient::V5(client), MqttConnection::V5(Box::new(eventloop)))
         }
@@ -245,6 +247,13 @@ impl MqttClient {
             MqttClient::V5(client) => client.try_disconnect().map_err(error),
         };
     }
+}
+
+/// No Nagle: a status and its command are small packets each waiting on the other, and
+/// Nagle's algorithm with delayed ACKs would add tens of milliseconds to every block.
+fn network_options(mut options: rumqttc::NetworkOptions) -> rumqttc::NetworkOptions {
+    options.set_tcp_nodelay(true);
+    options
 }
 
 fn v5_qos() -> rumqttc::v5::mqttbytes::QoS {

@@ -55,7 +55,7 @@ impl Mosquitto {
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
                  log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
-                 max_queued_messages 100000\n"
+                 max_queued_messages 100000\nset_tcp_nodelay true\n"
             ),
         )
         .map_err(|e| format!("writing {}: {e}", config.display()))?;

@@ -356,6 +356,18 @@ async fn events_in_every_form_are_answered_and_bad_ones_skipped() {
         assert!(others.is_empty(), "{others:?}");
         assert_write(&bytes, 0, &image, 100);
 
+        // The statuses of one device are answered in the order they came.
+        for block in 0..20u32 {
+            let status = Status::updating("0.1.0", Some(100), None, "0.2.0", block * 100);
+            peer.publish_json("app/my-app", &status_event("my-app", "dev-2", &status))
+                .await;
+        }
+        for block in 0..20u32 {
+            let (bytes, others) = peer.command_on("command/my-app/dev-2/dfu").await;
+            assert!(others.is_empty(), "{others:?}");
+            assert_write(&bytes, block * 100, &image, 100);
+        }
+
         // Bad input, each logged and skipped: never an answer, never the end of the loop.
         let malformed_before = instance.stats.malformed();
         let good = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
@@ -664,7 +676,7 @@ async fn a_broker_restart_is_survived_by_reconnecting_and_subscribing_again() {
 #[tokio::test]
 async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway() {
     const DEVICES: u32 = 16;
-    let image = firmware_bytes(6000, 11);
+    let image = firmware_bytes(12_000, 11);
     let broker = Mosquitto::start();
     let registry = TestServer::start(Backend::Sqlite).await;
     registry
@@ -731,6 +743,10 @@ async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway
     .await;
     first.stop().await;
     let first_commands = first.stats.commands();
+    assert!(
+        first_commands + second.stats.commands() < total,
+        "the instance stopped before the fleet was done"
+    );
 
     fleet
         .await
