@@ -32,15 +32,20 @@ struct Verified {
 pub(crate) struct CredentialCache {
     key: [u8; 32],
     verified: RwLock<HashMap<Key, Verified>>,
+    /// One slow hash per core at a time: a thousand devices connecting at once (or a flood of wrong
+    /// passwords) queue here instead of starting a thousand blocking threads.
+    verifying: tokio::sync::Semaphore,
 }
 
 impl CredentialCache {
     pub fn new() -> Self {
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Self {
             key,
             verified: RwLock::default(),
+            verifying: tokio::sync::Semaphore::new(cores),
         }
     }
 
@@ -70,6 +75,11 @@ impl CredentialCache {
         }
         let spec = context.spec.clone();
         let (username_owned, password_owned) = (username.to_string(), password.to_string());
+        let _permit = self
+            .verifying
+            .acquire()
+            .await
+            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
         // bcrypt takes tens of milliseconds by design; keep it off the async workers.
         let check =
             tokio::task::spawn_blocking(move || verify_password(&spec, &username_owned, &password_owned))

@@ -38,6 +38,8 @@ pub struct ServiceConfig {
     pub spec_cache_ttl: Duration,
     /// Progress is written to the registry at most this often per device.
     pub progress_interval: Duration,
+    /// ... and only when it advanced by this many percentage points (or the device went quiet).
+    pub progress_step: f64,
 }
 
 impl Default for ServiceConfig {
@@ -47,6 +49,7 @@ impl Default for ServiceConfig {
             unmanaged_poll: 300,
             spec_cache_ttl: Duration::from_secs(5),
             progress_interval: Duration::from_secs(10),
+            progress_step: 20.0,
         }
     }
 }
@@ -76,7 +79,7 @@ impl UpdateService {
         Self {
             contexts: ContextCache::new(config.spec_cache_ttl),
             auth: auth::CredentialCache::new(),
-            tracker: StatusTracker::new(registry.clone(), config.progress_interval),
+            tracker: StatusTracker::new(registry.clone(), config.progress_interval, config.progress_step),
             registry,
             firmware,
             config,

@@ -1,9 +1,10 @@
 //! `status.firmware` of each device, kept current without a database write per block.
 //!
 //! Every status a device sends updates the device's entry here. A change of phase (in sync,
-//! updating, failing; or a new current or target version) is written to the registry at once;
-//! progress within a phase at most once per interval, when the interval has passed or by the
-//! periodic flush. Writes run beside the request, not in it: the device gets its command without
+//! updating, failing; or a new current or target version) is written to the registry at once.
+//! Progress within an update is written at most once per interval, and only when it advanced by at
+//! least a step (20 percentage points by default) or the device has gone quiet for an interval: so
+//! a whole update costs a handful of writes however large the image and however slow the device. Writes run beside the request, not in it: the device gets its command without
 //! waiting for the database. Writes for one device are serialised and always write the newest
 //! state, so a late progress write can never overwrite the final "in sync"; until a state is
 //! written, the API shows it from here.
@@ -39,6 +40,13 @@ impl FirmwareStatus {
             current,
             target: "Unknown".into(),
             state: FirmwareState::Error { reason },
+        }
+    }
+
+    fn percent(&self) -> Option<f64> {
+        match self.state {
+            FirmwareState::Updating { percent } => Some(percent),
+            _ => None,
         }
     }
 
@@ -95,16 +103,23 @@ impl Condition {
     }
 }
 
+/// A device that sent nothing for this long (or the progress interval, if longer) has stopped.
+const QUIET_AFTER: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Tracked {
     /// The newest status recorded.
     latest: Option<FirmwareStatus>,
     /// The newest status known to be in the registry.
     written: Option<FirmwareStatus>,
+    /// The newest status handed to a writer (written, or being written).
+    started: Option<FirmwareStatus>,
     /// `latest` has not been handed to a writer yet.
     dirty: bool,
     /// When the last write started.
     last_write: Option<Instant>,
+    /// When the last status was recorded.
+    last_record: Option<Instant>,
     /// When each condition type last changed its status: `lastTransitionTime` moves only then.
     transitions: HashMap<&'static str, (&'static str, String)>,
     write_lock: Arc<tokio::sync::Mutex<()>>,
@@ -140,6 +155,24 @@ impl Tracked {
     fn due(&self, interval: Duration) -> bool {
         self.last_write.map(|at| at.elapsed() >= interval).unwrap_or(true)
     }
+
+    /// Progress moved at least `step` points since the last write started.
+    fn advanced(&self, step: f64) -> bool {
+        let percent = |s: &Option<FirmwareStatus>| s.as_ref().and_then(FirmwareStatus::percent);
+        match (percent(&self.latest), percent(&self.started)) {
+            (Some(latest), Some(started)) => latest - started >= step,
+            _ => true,
+        }
+    }
+
+    /// No status for an interval (and at least [`QUIET_AFTER`]): write where the device stopped,
+    /// however little it moved.
+    fn quiet(&self, interval: Duration) -> bool {
+        let interval = interval.max(QUIET_AFTER);
+        self.last_record
+            .map(|at| at.elapsed() >= interval)
+            .unwrap_or(true)
+    }
 }
 
 /// Device firmware status, recorded on every status and written to the registry when due.
@@ -151,16 +184,19 @@ pub(crate) struct StatusTracker {
 struct Inner {
     registry: Arc<dyn Registry>,
     interval: Duration,
+    step: f64,
     devices: Mutex<HashMap<Key, Tracked>>,
     writes: AtomicU64,
 }
 
 impl StatusTracker {
-    pub fn new(registry: Arc<dyn Registry>, interval: Duration) -> Self {
+    /// Progress is written at most once per `interval`, when it advanced `step` percentage points.
+    pub fn new(registry: Arc<dyn Registry>, interval: Duration, step: f64) -> Self {
         Self {
             inner: Arc::new(Inner {
                 registry,
                 interval,
+                step,
                 devices: Mutex::default(),
                 writes: AtomicU64::new(0),
             }),
@@ -189,11 +225,14 @@ impl StatusTracker {
                 .is_none_or(|latest| !latest.same_phase(&status));
             tracked.latest = Some(status);
             tracked.dirty = true;
-            let write_now = phase_changed || tracked.due(self.inner.interval);
+            tracked.last_record = Some(Instant::now());
+            let write_now =
+                phase_changed || (tracked.due(self.inner.interval) && tracked.advanced(self.inner.step));
             if write_now {
                 // Counted from the start of a write, so statuses arriving while it runs wait for
                 // the interval instead of starting more writes.
                 tracked.last_write = Some(Instant::now());
+                tracked.started = tracked.latest.clone();
             }
             write_now
         };
@@ -216,7 +255,12 @@ impl StatusTracker {
             let devices = self.inner.devices.lock().unwrap();
             devices
                 .iter()
-                .filter(|(_, t)| t.dirty && (force || t.due(self.inner.interval)))
+                .filter(|(_, t)| {
+                    t.dirty
+                        && (force
+                            || (t.due(self.inner.interval)
+                                && (t.advanced(self.inner.step) || t.quiet(self.inner.interval))))
+                })
                 .map(|(k, _)| k.clone())
                 .collect()
         };
@@ -259,6 +303,7 @@ impl Inner {
             };
             tracked.dirty = false;
             tracked.last_write = Some(Instant::now());
+            tracked.started = Some(status.clone());
             let value = tracked.render(&status);
             (status, value)
         };

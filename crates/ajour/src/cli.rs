@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Update progress is written to the registry at most this often per device (milliseconds).
     #[arg(long, default_value_t = 10_000)]
     pub progress_interval_ms: u64,
+    /// ... and only when it advanced by this many percentage points (or the device went quiet).
+    #[arg(long, default_value_t = 20.0)]
+    pub progress_step: f64,
     /// Milliseconds between checks of firmware files for replacement.
     #[arg(long, default_value_t = 1000)]
     pub firmware_recheck_ms: u64,
@@ -102,6 +105,7 @@ impl ServeArgs {
         config.service.unmanaged_poll = self.unmanaged_poll;
         config.service.spec_cache_ttl = Duration::from_millis(self.spec_cache_ms);
         config.service.progress_interval = Duration::from_millis(self.progress_interval_ms);
+        config.service.progress_step = self.progress_step;
         config.firmware_recheck = Duration::from_millis(self.firmware_recheck_ms);
         config.password_cost = self.password_cost;
         config.oci = self.oci.config();
