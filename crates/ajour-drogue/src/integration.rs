@@ -281,7 +281,9 @@ async fn run(
                     applications = apps.len(),
                     "connected to the MQTT integration; subscribing"
                 );
-                // Not awaited here: the subscriptions go out through this very loop.
+                // Not awaited here: the subscriptions go out through this very loop. Those of
+                // earlier connections are done by now; forget them.
+                while helpers.try_join_next().is_some() {}
                 let (client, config) = (client.clone(), config.clone());
                 helpers.spawn(async move {
                     for app in apps {

@@ -1,6 +1,7 @@
 //! A Mosquitto MQTT broker of the test's own: Debian's `mosquitto` on a free loopback port, its
 //! configuration and log in a temp dir, killed (by its PID) on `Drop`. MQTT 3.1.1 and 5, shared
-//! subscriptions, anonymous access.
+//! subscriptions, anonymous access; plain, or TLS with a certificate for 127.0.0.1 signed by a
+//! CA of its own ([`Mosquitto::start_tls`], [`Mosquitto::ca_file`]).
 //!
 //! The broker binary is `$AJOUR_TEST_MOSQUITTO`, else `/usr/sbin/mosquitto`, else `mosquitto` on
 //! the `PATH` (`scripts/setup-test-env.sh` installs it).
@@ -15,17 +16,28 @@ pub struct Mosquitto {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    tls: bool,
 }
 
 impl Mosquitto {
     /// Start a broker on a free port and wait until it accepts connections.
     pub fn start() -> Self {
+        Self::start_any(false)
+    }
+
+    /// Start a broker speaking MQTT over TLS only (`mqtts://`), its certificate signed by the CA
+    /// in [`Self::ca_file`].
+    pub fn start_tls() -> Self {
+        Self::start_any(true)
+    }
+
+    fn start_any(tls: bool) -> Self {
         // The port is free when asked for, but another process could take it before the broker
         // binds it: then the broker exits at once, and another port is tried.
         let mut last_log = String::new();
         for _ in 0..5 {
             let port = free_port();
-            match Self::try_start(port) {
+            match Self::try_start(port, tls) {
                 Ok(broker) => return broker,
                 Err(log) => last_log = log,
             }
@@ -38,7 +50,7 @@ impl Mosquitto {
         // Right after a stop the port may still be held for a moment; try for a while.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Self::try_start(port) {
+            match Self::try_start(port, false) {
                 Ok(broker) => return broker,
                 Err(log) if Instant::now() > deadline => panic!("Mosquitto did not start on {port}:\n{log}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
@@ -46,19 +58,25 @@ impl Mosquitto {
         }
     }
 
-    fn try_start(port: u16) -> Result<Self, String> {
+    fn try_start(port: u16, tls: bool) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!("ajour-mosquitto-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let config = dir.join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
-                 max_queued_messages 100000\nset_tcp_nodelay true\n"
-            ),
-        )
-        .map_err(|e| format!("writing {}: {e}", config.display()))?;
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+             max_queued_messages 100000\nset_tcp_nodelay true\n"
+        );
+        if tls {
+            crate::oci_registry::write_tls_files(&dir);
+            text.push_str(&format!(
+                "cafile {}\ncertfile {}\nkeyfile {}\n",
+                dir.join("ca.pem").display(),
+                dir.join("server.pem").display(),
+                dir.join("server.key").display()
+            ));
+        }
+        std::fs::write(&config, text).map_err(|e| format!("writing {}: {e}", config.display()))?;
         let log = std::fs::File::create(dir.join("mosquitto.log")).map_err(|e| e.to_string())?;
         let child = Command::new(binary())
             .arg("-c")
@@ -72,6 +90,7 @@ impl Mosquitto {
             child: Some(child),
             port,
             dir,
+            tls,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -96,9 +115,15 @@ impl Mosquitto {
         self.port
     }
 
-    /// `mqtt://127.0.0.1:PORT`.
+    /// `mqtt://127.0.0.1:PORT`, or `mqtts://` for a TLS broker.
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA that signed a TLS broker's certificate (PEM).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("ca.pem")
     }
 
     /// What the broker logged.

@@ -134,8 +134,13 @@ struct Peer {
 
 impl Peer {
     async fn connect(broker: &Mosquitto, version: MqttVersion) -> Self {
+        Self::connect_with(broker, version, ajour_drogue::TlsOptions::default()).await
+    }
+
+    async fn connect_with(broker: &Mosquitto, version: MqttVersion, tls: ajour_drogue::TlsOptions) -> Self {
         let mut config = MqttConfig::new(broker.url(), "test-peer");
         config.version = version;
+        config.tls = tls;
         let (client, mut connection) = connect(&config, 1024).unwrap();
         let (tx, commands) = mpsc::unbounded_channel();
         let (subscribed_tx, subscribed) = watch::channel(0u64);
@@ -860,5 +865,67 @@ async fn with_two_live_instances_every_device_is_left_shown_in_sync() {
     }
     first.stop().await;
     second.stop().await;
+    registry.stop().await;
+}
+
+#[tokio::test]
+async fn tls_to_the_integration_takes_a_ca_file_or_the_insecure_switch_and_nothing_less() {
+    let broker = Mosquitto::start_tls();
+    assert!(broker.url().starts_with("mqtts://"));
+    let ca_file = broker.ca_file().to_str().unwrap().to_string();
+    let registry = registry_with_app("my-app", &["dev-1"]).await;
+    let base = ["--drogue-mqtt-url", &broker.url(), "--application", "my-app"];
+    // Not trusting the broker's CA: never connects.
+    let mut untrusting = Instance::start(&registry, &base).await;
+    let mut with_ca =
+        Instance::start(&registry, &[&base[..], &["--drogue-ca-file", &ca_file]].concat()).await;
+    let mut insecure = Instance::start(&registry, &[&base[..], &["--drogue-insecure-tls"]].concat()).await;
+    with_ca.subscribed(1).await;
+    insecure.subscribed(1).await;
+
+    let tls = ajour_drogue::TlsOptions {
+        ca_file: Some(broker.ca_file()),
+        insecure: false,
+    };
+    let mut peer = Peer::connect_with(&broker, MqttVersion::V5, tls).await;
+    // Both connected instances answer (each has its own subscription, no group).
+    peer.publish_json(
+        "app/my-app",
+        &status_event("my-app", "dev-1", &Status::first("0.1.0", None, None)),
+    )
+    .await;
+    peer.command_on("command/my-app/dev-1/dfu").await;
+    peer.command_on("command/my-app/dev-1/dfu").await;
+    assert_eq!(
+        untrusting.stats.connections(),
+        0,
+        "a broker whose certificate is not trusted is never talked to"
+    );
+    // A CA file that holds no certificate is a configuration error, reported at start.
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let cli = ajour::cli::Cli::try_parse_from([
+        "ajour",
+        "serve",
+        "--drogue-mqtt-url",
+        &broker.url(),
+        "--drogue-registry-url",
+        &registry.url,
+        "--drogue-ca-file",
+        empty.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    let ajour::cli::Command::Serve(args) = cli.command else {
+        unreachable!()
+    };
+    let mut config = args.config();
+    config.drogue = args.drogue.config().unwrap();
+    config.data_dir = tempfile::tempdir().unwrap().keep();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = server::start(listener, config).await.err().expect("refused");
+    assert!(format!("{error:#}").contains("no PEM certificate"), "{error:#}");
+
+    untrusting.stop().await;
+    with_ca.stop().await;
+    insecure.stop().await;
     registry.stop().await;
 }
