@@ -7,9 +7,10 @@
 //! Three caches keep the registry out of the hot path, which [`OciStore::fetch`] is (it runs for
 //! every status a device sends):
 //! - per spec (image + pull policy): the verified image, reused for ever under `IfNotPresent`
-//!   and for [`OciConfig::always_recheck`] under `Always` (then one HEAD request asks whether the
-//!   tag moved); a failure is remembered for [`OciConfig::error_retry`], so a fleet waiting on a
-//!   down registry does not hammer it;
+//!   and for [`OciConfig::always_recheck`] under `Always` (then one HEAD request, made by a
+//!   background task while devices keep being served, asks whether the tag moved); a failure is
+//!   remembered for [`OciConfig::error_retry`], so a fleet waiting on a down registry does not
+//!   hammer it;
 //! - per manifest digest: the decoded image, so two tags of one image share it;
 //! - per blob digest ([`BlobCache`]): bounded by bytes, single-flight.
 //!
@@ -169,8 +170,13 @@ pub struct ResolvedImage {
     pub layout: Layout,
 }
 
-/// Firmware from one OCI registry.
+/// Firmware from one OCI registry. Cheap to share: the state lives behind one `Arc`, which
+/// background re-checks of `Always` tags hold while they run.
 pub struct OciStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     config: OciConfig,
     client: RegistryClient,
     blobs: BlobCache,
@@ -181,7 +187,7 @@ pub struct OciStore {
 #[derive(Default)]
 struct Entry {
     loaded: RwLock<Option<Loaded>>,
-    loading: tokio::sync::Mutex<()>,
+    loading: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Clone)]
@@ -192,6 +198,34 @@ struct Loaded {
 
 impl OciStore {
     pub fn new(config: OciConfig) -> Result<Self, OciError> {
+        Ok(Self {
+            inner: Arc::new(Inner::new(config)?),
+        })
+    }
+
+    pub fn config(&self) -> &OciConfig {
+        &self.inner.config
+    }
+
+    /// `(blobs, bytes)` in the blob cache.
+    pub fn cache_usage(&self) -> (usize, u64) {
+        self.inner.blobs.usage()
+    }
+
+    /// Read `image` from the registry now, bypassing the per-spec cache: what `ajour firmware
+    /// inspect` shows and what devices would be served.
+    pub async fn inspect(&self, image: &str) -> Result<Arc<ResolvedImage>, OciError> {
+        let reference = ImageRef::parse(&self.inner.config.registry_prefix, image)?;
+        self.inner.load(&reference).await
+    }
+
+    pub(crate) fn client(&self) -> &RegistryClient {
+        &self.inner.client
+    }
+}
+
+impl Inner {
+    fn new(config: OciConfig) -> Result<Self, OciError> {
         if config.max_firmware_size == 0 || config.max_firmware_size > u64::from(u32::MAX) {
             return Err(OciError::Config(
                 "the maximum firmware size must be between 1 byte and 4 GiB".into(),
@@ -216,24 +250,8 @@ impl OciStore {
         })
     }
 
-    pub fn config(&self) -> &OciConfig {
-        &self.config
-    }
-
-    /// `(blobs, bytes)` in the blob cache.
-    pub fn cache_usage(&self) -> (usize, u64) {
-        self.blobs.usage()
-    }
-
-    /// Read `image` from the registry now, bypassing the per-spec cache: what `ajour firmware
-    /// inspect` shows and what devices would be served.
-    pub async fn inspect(&self, image: &str) -> Result<Arc<ResolvedImage>, OciError> {
-        let reference = ImageRef::parse(&self.config.registry_prefix, image)?;
-        self.load(&reference).await
-    }
-
     async fn fetch_image(
-        &self,
+        self: &Arc<Self>,
         image: &str,
         policy: ImagePullPolicy,
     ) -> Result<Arc<FirmwareImage>, FetchError> {
@@ -241,11 +259,41 @@ impl OciStore {
         if let Some(fresh) = self.fresh(&entry, image, policy) {
             return fresh;
         }
+        // A good image whose `Always` re-check is due: keep serving it while one background task
+        // asks the registry, so no device waits on the network.
+        let stale = entry
+            .loaded
+            .read()
+            .unwrap()
+            .as_ref()
+            .and_then(|loaded| loaded.result.as_ref().ok().cloned());
+        if let Some(stale) = stale {
+            if let Ok(loading) = entry.loading.clone().try_lock_owned() {
+                let (this, entry, image) = (self.clone(), entry.clone(), image.to_string());
+                tokio::spawn(async move {
+                    let _loading = loading;
+                    let _ = this.reload(&entry, &image, policy).await;
+                });
+            }
+            return Ok(stale.image.clone());
+        }
         let _loading = entry.loading.lock().await;
         // Another caller may have loaded it while this one waited.
         if let Some(fresh) = self.fresh(&entry, image, policy) {
             return fresh;
         }
+        self.reload(&entry, image, policy)
+            .await
+            .map(|resolved| resolved.image.clone())
+    }
+
+    /// Resolve the spec again and remember the outcome. The caller holds `entry.loading`.
+    async fn reload(
+        &self,
+        entry: &Entry,
+        image: &str,
+        policy: ImagePullPolicy,
+    ) -> Result<Arc<ResolvedImage>, FetchError> {
         let previous = entry.loaded.read().unwrap().clone();
         let result = self.refresh(image, policy, previous.as_ref()).await;
         match (&result, previous.as_ref().map(|p| &p.result)) {
@@ -263,7 +311,7 @@ impl OciStore {
             result: result.clone(),
             checked_at: Instant::now(),
         });
-        result.map(|resolved| resolved.image.clone())
+        result
     }
 
     fn entry(&self, image: &str, policy: ImagePullPolicy) -> Arc<Entry> {
@@ -468,7 +516,7 @@ impl FirmwareSource for OciStore {
         let FirmwareSpec::Container { image, pull_policy } = spec else {
             return Err(FetchError::NotConfigured("OCI store asked for another kind"));
         };
-        self.fetch_image(image, *pull_policy).await
+        self.inner.fetch_image(image, *pull_policy).await
     }
 }
 

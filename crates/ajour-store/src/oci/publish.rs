@@ -126,7 +126,7 @@ impl OciStore {
         data: &[u8],
         progress: Progress,
     ) -> Result<PushedImage, OciError> {
-        let reference = ImageRef::parse(&self.config.registry_prefix, image)?;
+        let reference = ImageRef::parse(&self.config().registry_prefix, image)?;
         if reference.tag().is_none() {
             return Err(OciError::Invalid {
                 image: image.to_string(),
@@ -137,19 +137,19 @@ impl OciStore {
             image: reference.to_string(),
             reason,
         };
-        if data.len() as u64 > self.config.max_firmware_size {
+        if data.len() as u64 > self.config().max_firmware_size {
             return Err(invalid(format!(
                 "firmware of {} bytes is more than the {} allowed",
                 data.len(),
-                self.config.max_firmware_size
+                self.config().max_firmware_size
             )));
         }
         let built = build_image(version, data).map_err(invalid)?;
-        self.client.authenticate_push(&reference).await?;
-        self.client
+        self.client().authenticate_push(&reference).await?;
+        self.client()
             .push_blob(&reference, built.layer.clone(), &built.layer_digest, progress)
             .await?;
-        self.client
+        self.client()
             .push_blob(
                 &reference,
                 built.config.clone(),
@@ -158,7 +158,7 @@ impl OciStore {
             )
             .await?;
         let digest = self
-            .client
+            .client()
             .push_manifest(&reference, built.manifest.clone(), MEDIA_OCI_MANIFEST)
             .await?;
         Ok(PushedImage {

@@ -1021,3 +1021,82 @@ async fn the_distribution_token_flow_trades_credentials_for_bearer_tokens() {
         );
     }
 }
+
+/// A TCP proxy in front of the registry that can be told to hang: it then stops passing bytes on
+/// every connection, old and new, without closing any (a registry that accepts and never answers).
+async fn hanging_proxy(upstream: String) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let hang = Arc::new(AtomicBool::new(false));
+    let flag = hang.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            for (mut from, mut to) in [
+                (
+                    Box::new(client_read) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+                    Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Unpin + Send>,
+                ),
+                (Box::new(server_read), Box::new(client_write)),
+            ] {
+                let flag = flag.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if flag.load(Ordering::SeqCst) {
+                            // Hold the connection open, pass nothing on.
+                            std::future::pending::<()>().await;
+                        }
+                        if to.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    (addr, hang)
+}
+
+#[tokio::test]
+async fn an_always_re_check_never_makes_a_device_wait_even_on_a_registry_that_hangs() {
+    let registry = OciRegistry::start().await;
+    let image = firmware_bytes(1500, 15);
+    push(&store(&registry), "slow:1", "1.0.0", &image).await;
+    let (proxy, hang) = hanging_proxy(registry.host()).await;
+    let store = OciStore::new(OciConfig {
+        registry_prefix: format!("{proxy}/fw/"),
+        always_recheck: Duration::from_millis(100),
+        ..oci_config(&registry)
+    })
+    .unwrap();
+    let always = FirmwareSpec::Container {
+        image: "slow:1".into(),
+        pull_policy: ImagePullPolicy::Always,
+    };
+    assert_eq!(store.fetch(&always).await.unwrap().version(), "1.0.0");
+
+    hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Let the recheck interval pass: every fetch from here on has a re-check due.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let served = store.fetch(&always).await.unwrap();
+        assert_eq!(&served.data()[..], &image[..]);
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a fetch waited {:?} on the hung registry",
+            started.elapsed()
+        );
+    }
+}
