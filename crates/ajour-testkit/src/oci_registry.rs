@@ -258,7 +258,7 @@ const TOKEN_SERVICE: &str = "ajour-test-registry";
 const TOKEN_ISSUER: &str = "ajour-test-issuer";
 
 /// A CA (`ca.pem`) and a certificate for 127.0.0.1 signed by it (`server.pem`, `server.key`).
-fn write_tls_files(dir: &Path) {
+pub(crate) fn write_tls_files(dir: &Path) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
