@@ -929,3 +929,52 @@ async fn tls_to_the_integration_takes_a_ca_file_or_the_insecure_switch_and_nothi
     insecure.stop().await;
     registry.stop().await;
 }
+
+#[tokio::test]
+async fn a_registry_outage_makes_devices_wait_and_shows_in_logs_and_metrics() {
+    let broker = Mosquitto::start();
+    let registry = registry_with_app("my-app", &["dev-1"]).await;
+    let mut instance = Instance::start(
+        &registry,
+        &["--drogue-mqtt-url", &broker.url(), "--application", "my-app"],
+    )
+    .await;
+    instance.subscribed(1).await;
+    let mut peer = Peer::connect(&broker, MqttVersion::V3).await;
+    let event = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
+    peer.publish_json("app/my-app", &event).await;
+    let (bytes, _) = peer.command_on("command/my-app/dev-1/dfu").await;
+    assert!(matches!(decode_command(&bytes).unwrap(), Command::Write { .. }));
+
+    // The registry goes away: once the cached spec is stale, the device is told to wait (the
+    // instance's --wait-poll), and asks again later.
+    registry.stop().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        peer.publish_json("app/my-app", &event).await;
+        let (bytes, _) = peer.command_on("command/my-app/dev-1/dfu").await;
+        match decode_command(&bytes).unwrap() {
+            Command::Wait { poll, .. } => {
+                assert_eq!(poll, Some(1));
+                break;
+            }
+            Command::Write { .. } => assert!(Instant::now() < deadline, "never told to wait"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let addr = instance.running.as_ref().unwrap().addr;
+    let metrics = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"ajour_registry_calls_total{op="get",outcome="error"}"#,
+        r#"ajour_drogue_events_total{result="dfu"}"#,
+        r#"ajour_drogue_commands_total{result="published"}"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    instance.stop().await;
+}
