@@ -95,10 +95,25 @@ enum Received {
     Wait,
 }
 
-async fn send(server: &TestServer, user: &str, status: &DeviceStatus<'_>) -> Received {
+/// Where a device sends its statuses: a server of this process, or an `ajour serve` child.
+trait DfuEndpoint {
+    fn http(&self) -> &reqwest::Client;
+    fn url(&self) -> &str;
+}
+
+impl DfuEndpoint for TestServer {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+async fn send(server: &impl DfuEndpoint, user: &str, status: &DeviceStatus<'_>) -> Received {
     let response = server
-        .http
-        .post(format!("{}/v1/dfu?ct=30", server.url))
+        .http()
+        .post(format!("{}/v1/dfu?ct=30", server.url()))
         .basic_auth(user, Some("pw"))
         .header("content-type", "application/cbor")
         .body(serde_cbor::ser::to_vec_packed(status).unwrap())
@@ -143,7 +158,7 @@ struct Finished {
 /// Play a device from `version` until the server says Sync, waiting (briefly: the test's device
 /// polls fast) when told to. Fails on anything a real device would choke on.
 async fn play(
-    server: &TestServer,
+    server: &impl DfuEndpoint,
     user: &str,
     version: &str,
     mtu: u32,
@@ -1099,4 +1114,102 @@ async fn an_always_re_check_never_makes_a_device_wait_even_on_a_registry_that_ha
             started.elapsed()
         );
     }
+}
+
+/// An `ajour serve` child process, killed when dropped.
+struct ServeProcess {
+    _child: tokio::process::Child,
+    http: reqwest::Client,
+    url: String,
+}
+
+impl DfuEndpoint for ServeProcess {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+    fn url(&self) -> &str {
+        &self.url
+    }
+}
+
+#[tokio::test]
+async fn ajour_serve_with_the_oci_flags_updates_a_device_from_the_registry() {
+    use tokio::io::AsyncBufReadExt;
+    let registry = OciRegistry::start_with_auth("ci", "pass-word").await;
+    let image = firmware_bytes(9000, 16);
+    let pusher = OciStore::new(OciConfig {
+        auth: OciAuth::Basic {
+            username: "ci".into(),
+            password: "pass-word".into(),
+        },
+        ..oci_config(&registry)
+    })
+    .unwrap();
+    push(&pusher, "served:2.0.0", "2.0.0", &image).await;
+
+    let data = tempfile::tempdir().unwrap();
+    let prefix = format!("{}/fw/", registry.host());
+    let mut child = tokio::process::Command::new(AJOUR)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--password-cost",
+            "4",
+            "--api-token",
+            "t0k",
+        ])
+        .args(["--oci-registry", &prefix, "--oci-plain-http", "--oci-user", "ci"])
+        .arg("--data-dir")
+        .arg(data.path())
+        .env("AJOUR_OCI_PASSWORD", "pass-word")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("Ajour listening on ") {
+                return url.to_string();
+            }
+        }
+        panic!("ajour serve ended without printing its address")
+    })
+    .await
+    .expect("ajour serve printed its address");
+    let serve = ServeProcess {
+        _child: child,
+        http: reqwest::Client::new(),
+        url,
+    };
+    let api = |path: &str| format!("{}/api/registry/v1alpha1/{path}", serve.url);
+    for (path, body) in [
+        (
+            "apps",
+            json!({"metadata": {"name": "app"}, "spec": {"firmware": container("served:2.0.0", "IfNotPresent")}}),
+        ),
+        (
+            "apps/app/devices",
+            json!({"metadata": {"name": "d"}, "spec": {"authentication": {"credentials": [{"pass": "pw"}]}}}),
+        ),
+    ] {
+        let response = serve
+            .http
+            .post(api(path))
+            .bearer_auth("t0k")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "{path}");
+    }
+    let finished = play(&serve, "d@app", "1.0.0", 700, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        (finished.version.as_str(), &finished.installed),
+        ("2.0.0", &image)
+    );
 }
