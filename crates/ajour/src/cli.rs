@@ -338,8 +338,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(drogue) = &config.drogue {
         crate::say!(
             "Drogue mode: registry {}, MQTT integration {} (client id {})",
-            drogue.registry.url,
-            drogue.integration.mqtt.url,
+            server::redact(&drogue.registry.url),
+            server::redact(&drogue.integration.mqtt.url),
             drogue.integration.mqtt.client_id
         );
     }
