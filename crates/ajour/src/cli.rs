@@ -35,7 +35,8 @@ pub enum Command {
     /// Manage firmware images.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
-    /// Play one device, or a fleet, updating over the HTTP endpoint.
+    /// Play one device, or a fleet, updating over the HTTP endpoint (or, with --via-mqtt, behind
+    /// Drogue's MQTT integration).
     Simulate(SimulateArgs),
     /// Measure the server under load (see docs/benchmarks.md).
     Bench(crate::bench::BenchArgs),

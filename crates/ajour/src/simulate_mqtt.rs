@@ -26,8 +26,10 @@ pub struct MqttSimArgs {
     /// broker (`mqtt://HOST:PORT`) and take commands from `command/{app}/{device}/dfu`.
     #[arg(long = "via-mqtt", value_name = "URL")]
     pub via_mqtt: Option<String>,
+    /// User name for the broker (none: connect without credentials).
     #[arg(long = "mqtt-user")]
     pub mqtt_user: Option<String>,
+    /// Password for the broker (sent only with --mqtt-user).
     #[arg(
         long = "mqtt-password",
         env = "AJOUR_SIMULATE_MQTT_PASSWORD",
