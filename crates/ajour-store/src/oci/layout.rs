@@ -484,6 +484,30 @@ mod tests {
         assert!(!is_tar_layer("application/octet-stream"));
     }
 
+    proptest::proptest! {
+        /// Whatever a registry sends, parsing answers (Ok or Err) and never panics.
+        #[test]
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = parse_manifest(&bytes);
+            let _ = config_labels(&bytes);
+            let _ = read_tar_layer(&bytes, 1 << 16, 1 << 20);
+            let mut gzipped = vec![0x1f, 0x8b];
+            gzipped.extend_from_slice(&bytes);
+            let _ = read_tar_layer(&gzipped, 1 << 16, 1 << 20);
+        }
+
+        /// A real archive cut anywhere or with any byte flipped is read or refused, never panics.
+        #[test]
+        fn damaged_archives_never_panic(cut in 0usize..4096, flip in 0usize..4096) {
+            let json = br#"{"version":"1","size":3,"checksum":"x"}"#;
+            let mut blob = tar_of(&[("firmware.json", json), ("firmware.bin", b"abc")], true);
+            let at = flip % blob.len();
+            blob[at] ^= 0x5a;
+            blob.truncate(cut % (blob.len() + 1));
+            let _ = read_tar_layer(&blob, 1 << 16, 1 << 20);
+        }
+    }
+
     #[test]
     fn labels_give_metadata() {
         let labels = BTreeMap::from([

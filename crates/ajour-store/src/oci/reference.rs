@@ -224,6 +224,23 @@ mod tests {
         assert_eq!(reference.tag(), Some("2"));
     }
 
+    proptest::proptest! {
+        /// Any accepted name stays under the prefix and is something the registry client takes.
+        #[test]
+        fn accepted_names_stay_under_the_prefix(image in "[a-zA-Z0-9./_:@-]{1,40}") {
+            if let Ok(parsed) = ImageRef::parse("r.io/fw/", &image) {
+                let full = parsed.to_string();
+                proptest::prop_assert!(full.starts_with("r.io/fw/"), "{}", full);
+                proptest::prop_assert!(!full.contains(".."), "{}", full);
+                let reference = parsed.to_client_reference();
+                proptest::prop_assert!(reference.is_ok(), "{}", full);
+                let reference = reference.unwrap();
+                proptest::prop_assert_eq!(reference.registry(), "r.io");
+                proptest::prop_assert!(reference.repository().starts_with("fw/"), "{}", full);
+            }
+        }
+    }
+
     #[test]
     fn hostile_and_malformed_references_are_refused() {
         for bad in [
