@@ -727,7 +727,18 @@ async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway
     .await;
     let mut second = Instance::start_with_firmware(
         &registry,
-        &[&common[..], &["--drogue-mqtt-version", "3.1.1"]].concat(),
+        // This one authenticates as a user: Basic user:token to the registry, and the user
+        // name and token on MQTT.
+        &[
+            &common[..],
+            &[
+                "--drogue-mqtt-version",
+                "3.1.1",
+                "--drogue-user",
+                "ajour-operator",
+            ],
+        ]
+        .concat(),
         &firmware,
     )
     .await;
