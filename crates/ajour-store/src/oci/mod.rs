@@ -277,14 +277,24 @@ impl Inner {
             }
             return Ok(stale.image.clone());
         }
-        let _loading = entry.loading.lock().await;
+        let loading = entry.loading.clone().lock_owned().await;
         // Another caller may have loaded it while this one waited.
         if let Some(fresh) = self.fresh(&entry, image, policy) {
             return fresh;
         }
-        self.reload(&entry, image, policy)
-            .await
-            .map(|resolved| resolved.image.clone())
+        // The load runs in a task of its own: a device that gives up (its request is dropped)
+        // does not cancel a download the next device would have to start again.
+        let (this, entry, image) = (self.clone(), entry.clone(), image.to_string());
+        let load = tokio::spawn(async move {
+            let _loading = loading;
+            this.reload(&entry, &image, policy).await
+        });
+        match load.await {
+            Ok(result) => result.map(|resolved| resolved.image.clone()),
+            Err(error) => Err(FetchError::Unavailable(format!(
+                "loading did not finish: {error}"
+            ))),
+        }
     }
 
     /// Resolve the spec again and remember the outcome. The caller holds `entry.loading`.
