@@ -1,0 +1,208 @@
+//! The integration against a real broker (Mosquitto, started by the test) with an update service
+//! whose registry is in memory and whose firmware source can be held up: a device that is slow to
+//! serve must not hold up other devices, and one device's statuses must be answered in order.
+
+use ajour_drogue::event::structured_event;
+use ajour_drogue::mqtt::{connect, Incoming, MqttConfig, MqttVersion};
+use ajour_drogue::{Applications, Integration, IntegrationConfig};
+use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
+use ajour_registry::{AppName, Key, ListParams, Registry, RegistryError, Resource, Scope};
+use ajour_service::{ServiceConfig, UpdateService};
+use ajour_store::{FetchError, FirmwareImage, FirmwareSource, FirmwareSpec};
+use ajour_testkit::Mosquitto;
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Applications and devices in memory.
+#[derive(Default)]
+struct MemoryRegistry {
+    objects: Mutex<HashMap<Key, Resource>>,
+}
+
+impl MemoryRegistry {
+    fn put(&self, key: Key, spec: Value) {
+        let resource = Resource {
+            spec: spec.as_object().cloned().unwrap_or_default(),
+            ..Default::default()
+        };
+        self.objects.lock().unwrap().insert(key, resource);
+    }
+}
+
+#[async_trait]
+impl Registry for MemoryRegistry {
+    async fn create(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
+        self.objects.lock().unwrap().insert(key.clone(), resource.clone());
+        Ok(resource)
+    }
+    async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
+        Ok(self.objects.lock().unwrap().get(key).cloned())
+    }
+    async fn list(&self, _: &Scope, _: &ListParams) -> Result<Vec<Resource>, RegistryError> {
+        Ok(Vec::new())
+    }
+    async fn update(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
+        self.create(key, resource).await
+    }
+    async fn delete(&self, key: &Key) -> Result<(), RegistryError> {
+        self.objects.lock().unwrap().remove(key);
+        Ok(())
+    }
+    async fn set_status_section(&self, _: &Key, _: &str, _: Value) -> Result<(), RegistryError> {
+        Ok(())
+    }
+}
+
+/// Serves one image; fetches of firmware `slow` wait for a permit.
+struct GatedFirmware {
+    image: Arc<FirmwareImage>,
+    gate: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl FirmwareSource for GatedFirmware {
+    async fn fetch(&self, spec: &FirmwareSpec) -> Result<Arc<FirmwareImage>, FetchError> {
+        if matches!(spec, FirmwareSpec::File { name } if name == "slow") {
+            self.gate.acquire().await.unwrap().forget();
+        }
+        Ok(self.image.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_slow_device_holds_up_no_other_and_each_device_is_answered_in_order() {
+    let broker = Mosquitto::start();
+    let app = AppName::parse("app").unwrap();
+    let device = |name: &str| Key::Device(app.clone(), ajour_registry::DeviceName::parse(name).unwrap());
+    let registry = Arc::new(MemoryRegistry::default());
+    registry.put(Key::App(app.clone()), json!({}));
+    registry.put(device("slow"), json!({"firmware": {"file": {"name": "slow"}}}));
+    let fast: Vec<String> = (0..8).map(|i| format!("fast-{i}")).collect();
+    for name in &fast {
+        registry.put(device(name), json!({"firmware": {"file": {"name": "fast"}}}));
+    }
+    let gate = Arc::new(Semaphore::new(0));
+    let image: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let firmware = Arc::new(GatedFirmware {
+        image: Arc::new(FirmwareImage::new("2.0.0", image.clone()).unwrap()),
+        gate: gate.clone(),
+    });
+    let service = Arc::new(UpdateService::new(
+        registry.clone(),
+        firmware,
+        ServiceConfig::default(),
+    ));
+    let mut config = IntegrationConfig::new(
+        MqttConfig::new(broker.url(), "ajour-test"),
+        Applications::Listed(vec![app.clone()]),
+    );
+    config.workers = 16;
+    let integration = Integration::start(config, service, registry).unwrap();
+    let stats = integration.stats();
+
+    // The cloud side.
+    let mut peer_config = MqttConfig::new(broker.url(), "peer");
+    peer_config.version = MqttVersion::V3;
+    let (peer, mut connection) = connect(&peer_config, 1024).unwrap();
+    let (tx, mut commands) = mpsc::unbounded_channel();
+    let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
+    let subscriber = peer.clone();
+    let pump = tokio::spawn(async move {
+        loop {
+            match connection.poll().await {
+                Ok(Incoming::Connected) => {
+                    let subscriber = subscriber.clone();
+                    tokio::spawn(async move { subscriber.subscribe("command/#", false).await });
+                }
+                Ok(Incoming::Subscribed { .. }) => {
+                    let _ = subscribed_tx.send(true);
+                }
+                Ok(Incoming::Message(message)) => {
+                    let _ = tx.send((message.topic, message.payload.to_vec()));
+                }
+                Ok(Incoming::Other) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), subscribed.wait_for(|s| *s))
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while stats.subscriptions() < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "integration never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let publish = |name: &str, offset: u32| {
+        let status = if offset == 0 {
+            Status::first("1.0.0", Some(100), None)
+        } else {
+            Status::updating("1.0.0", Some(100), None, "2.0.0", offset)
+        };
+        let event = structured_event(
+            "app",
+            name,
+            "dfu",
+            "application/cbor",
+            &encode_status(&status, Encoding::Packed),
+        );
+        let peer = peer.clone();
+        async move {
+            peer.publish("app/app", event.to_string().into_bytes())
+                .await
+                .unwrap()
+        }
+    };
+    // The slow device first, three statuses; then the others.
+    for offset in [0, 100, 200] {
+        publish("slow", offset).await;
+    }
+    for name in &fast {
+        publish(name, 0).await;
+    }
+    // While the slow device's firmware is held up, others are served (any on another worker).
+    let (topic, _) = next(&mut commands).await;
+    assert!(topic.starts_with("command/app/fast-"), "{topic}");
+    assert!(
+        stats.statuses() >= 4,
+        "the slow device's statuses and this one decoded"
+    );
+
+    // Released: the slow device's answers come, in the order its statuses came.
+    gate.add_permits(3);
+    let mut slow_offsets = Vec::new();
+    let mut fast_seen = 1;
+    while slow_offsets.len() < 3 || fast_seen < fast.len() {
+        let (topic, bytes) = next(&mut commands).await;
+        match decode_command(&bytes).unwrap() {
+            Command::Write { offset, data, .. } => {
+                assert_eq!(data, &image[offset as usize..offset as usize + 100]);
+                if topic == "command/app/slow/dfu" {
+                    slow_offsets.push(offset);
+                } else {
+                    fast_seen += 1;
+                }
+            }
+            other => panic!("{topic}: {other:?}"),
+        }
+    }
+    assert_eq!(slow_offsets, [0, 100, 200]);
+    integration.stop().await;
+    pump.abort();
+}
+
+async fn next(commands: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) -> (String, Vec<u8>) {
+    tokio::time::timeout(Duration::from_secs(20), commands.recv())
+        .await
+        .expect("a command in time")
+        .unwrap()
+}
