@@ -84,6 +84,12 @@ impl BlobCache {
 
     fn admit(&self, digest: &str, cell: &Arc<OnceCell<Bytes>>, len: u64) {
         let mut state = self.state.lock().unwrap();
+        self.admit_locked(&mut state, digest, cell, len);
+        // `ajour_oci_blob_cache_bytes`: bytes held (of all OCI stores in the process).
+        metrics::gauge!("ajour_oci_blob_cache_bytes").set(state.bytes as f64);
+    }
+
+    fn admit_locked(&self, state: &mut State, digest: &str, cell: &Arc<OnceCell<Bytes>>, len: u64) {
         let now = state.clock;
         match state.slots.get(digest) {
             Some(slot) if Arc::ptr_eq(&slot.cell, cell) => {}

@@ -80,13 +80,15 @@ impl RegistryClient {
     /// The manifest `image` names, and its digest (checked against the bytes).
     pub async fn manifest(&self, image: &ImageRef) -> Result<(Bytes, String), OciError> {
         let reference = reference(image)?;
-        let (bytes, digest) = self
-            .bounded(image, async {
+        let (bytes, digest) = counted(
+            "manifest",
+            self.bounded(image, async {
                 self.client
                     .pull_manifest_raw(&reference, &self.auth, MANIFEST_MEDIA_TYPES)
                     .await
             })
-            .await?;
+            .await,
+        )?;
         let actual = sha256_digest(&bytes);
         if actual != digest || image.digest().is_some_and(|d| d != actual) {
             return Err(OciError::Invalid {
@@ -100,10 +102,13 @@ impl RegistryClient {
     /// What the tag of `image` points to now: a HEAD request, no body.
     pub async fn manifest_digest(&self, image: &ImageRef) -> Result<String, OciError> {
         let reference = reference(image)?;
-        self.bounded(image, async {
-            self.client.fetch_manifest_digest(&reference, &self.auth).await
-        })
-        .await
+        counted(
+            "manifest_head",
+            self.bounded(image, async {
+                self.client.fetch_manifest_digest(&reference, &self.auth).await
+            })
+            .await,
+        )
     }
 
     /// The blob `descriptor` names, at most `limit` bytes, checked against its digest and size.
@@ -175,10 +180,11 @@ impl RegistryClient {
             }
             Ok(data.freeze())
         };
-        match tokio::time::timeout(self.timeout, download).await {
+        let result = match tokio::time::timeout(self.timeout, download).await {
             Ok(result) => result,
             Err(_) => Err(timed_out(image, self.timeout)),
-        }
+        };
+        counted("blob", result)
     }
 
     /// Log in for pushing (a no-op for registries without auth).
@@ -264,6 +270,14 @@ impl RegistryClient {
             Err(_) => Err(timed_out(image, self.timeout)),
         }
     }
+}
+
+/// `ajour_oci_registry_requests_total{kind, result}`: what the store asked the registry, and whether
+/// it got a usable answer.
+fn counted<T>(kind: &'static str, result: Result<T, OciError>) -> Result<T, OciError> {
+    let outcome = if result.is_ok() { "ok" } else { "error" };
+    metrics::counter!("ajour_oci_registry_requests_total", "kind" => kind, "result" => outcome).increment(1);
+    result
 }
 
 fn reference(image: &ImageRef) -> Result<oci_client::Reference, OciError> {

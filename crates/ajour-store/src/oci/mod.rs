@@ -257,6 +257,7 @@ impl Inner {
     ) -> Result<Arc<FirmwareImage>, FetchError> {
         let entry = self.entry(image, policy);
         if let Some(fresh) = self.fresh(&entry, image, policy) {
+            cache_total("hit");
             return fresh;
         }
         // A good image whose `Always` re-check is due: keep serving it while one background task
@@ -275,13 +276,16 @@ impl Inner {
                     let _ = this.reload(&entry, &image, policy).await;
                 });
             }
+            cache_total("stale");
             return Ok(stale.image.clone());
         }
         let loading = entry.loading.clone().lock_owned().await;
         // Another caller may have loaded it while this one waited.
         if let Some(fresh) = self.fresh(&entry, image, policy) {
+            cache_total("hit");
             return fresh;
         }
+        cache_total("miss");
         // The load runs in a task of its own: a device that gives up (its request is dropped)
         // does not cancel a download the next device would have to start again.
         let (this, entry, image) = (self.clone(), entry.clone(), image.to_string());
@@ -528,6 +532,12 @@ impl FirmwareSource for OciStore {
         };
         self.inner.fetch_image(image, *pull_policy).await
     }
+}
+
+/// `ajour_firmware_cache_total{source="oci", result}`: `hit` (served from memory), `stale` (served
+/// from memory while an `Always` re-check runs), `miss` (the caller waited for the registry).
+fn cache_total(result: &'static str) {
+    metrics::counter!("ajour_firmware_cache_total", "source" => "oci", "result" => result).increment(1);
 }
 
 fn check_labels(labels: &LabelMetadata, size: u64, checksum: &str) -> Result<(), String> {

@@ -729,6 +729,35 @@ async fn the_registry_is_asked_for_each_blob_once_however_many_devices_and_block
         1
     );
 
+    // The server's metrics show the source at work.
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (name, labels) in [
+        ("ajour_firmware_cache_total", ["source=\"oci\"", "result=\"hit\""]),
+        (
+            "ajour_firmware_cache_total",
+            ["source=\"oci\"", "result=\"miss\""],
+        ),
+        (
+            "ajour_oci_registry_requests_total",
+            ["kind=\"blob\"", "result=\"ok\""],
+        ),
+    ] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label))),
+            "{name} {labels:?} not in:\n{metrics}"
+        );
+    }
+
     // A fresh store (a second server) asked by twenty devices at once: still one download.
     let requests = registry.access_log().len();
     let server_store = store(&registry);
