@@ -175,7 +175,10 @@ async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
         }
     ));
 
-    // Changing the password through the API voids the remembered credential.
+    // Changing the password through the API voids the remembered credential. The status write
+    // for the Write above runs beside the request: let it finish, or the PUT below may carry a
+    // resourceVersion it has already replaced (409).
+    server.service().settle_status_writes().await;
     let mut device = server.device("app", "d").await;
     device["spec"]["authentication"] = json!({"credentials": [{"pass": "new"}]});
     let (code, _) = server

@@ -6,11 +6,12 @@ use serde_json::json;
 
 /// The value of the first sample of `metric` whose line contains all of `labels`.
 fn sample(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    // The sum over every series with these labels: the recorder is process-wide, and other tests
+    // running meanwhile add series of their own (e.g. `outcome="error"` next to `op="get"`).
     text.lines()
         .filter(|l| l.starts_with(metric) && labels.iter().all(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .next()
-        .unwrap_or(0.0)
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]
