@@ -15,38 +15,59 @@ pub struct OciConnectionArgs {
     /// Registry prefix that image names in specs are relative to, e.g. `registry.example.com/fw/`
     /// (an empty string: specs give full references). `serve` reads firmware from OCI images only
     /// when this is set.
-    #[arg(long = "oci-registry", env = "AJOUR_OCI_REGISTRY", value_name = "PREFIX")]
+    #[arg(
+        id = "oci_registry",
+        long = "oci-registry",
+        env = "AJOUR_OCI_REGISTRY",
+        value_name = "PREFIX"
+    )]
     pub registry: Option<String>,
     /// User name for the registry (HTTP Basic, or exchanged for a token when the registry uses
     /// the distribution token flow).
-    #[arg(long = "oci-user", env = "AJOUR_OCI_USER", value_name = "USER")]
+    #[arg(
+        id = "oci_user",
+        long = "oci-user",
+        env = "AJOUR_OCI_USER",
+        value_name = "USER"
+    )]
     pub user: Option<String>,
     /// Password or access token going with --oci-user.
     #[arg(
+        id = "oci_password",
         long = "oci-password",
         env = "AJOUR_OCI_PASSWORD",
         hide_env_values = true,
-        requires = "user",
+        requires = "oci_user",
         value_name = "PASSWORD"
     )]
     pub password: Option<String>,
     /// A bearer token sent as is (instead of --oci-user).
     #[arg(
+        id = "oci_token",
         long = "oci-token",
         env = "AJOUR_OCI_TOKEN",
         hide_env_values = true,
-        conflicts_with = "user",
+        conflicts_with = "oci_user",
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
     /// Extra CA certificates (PEM) to trust for the registry, beside the system's.
-    #[arg(long = "oci-ca-file", env = "AJOUR_OCI_CA_FILE", value_name = "PEM")]
+    #[arg(
+        id = "oci_ca_file",
+        long = "oci-ca-file",
+        env = "AJOUR_OCI_CA_FILE",
+        value_name = "PEM"
+    )]
     pub ca_file: Option<PathBuf>,
     /// Talk plain HTTP to the registry (credentials and firmware travel in clear).
-    #[arg(long = "oci-plain-http", env = "AJOUR_OCI_PLAIN_HTTP")]
+    #[arg(id = "oci_plain_http", long = "oci-plain-http", env = "AJOUR_OCI_PLAIN_HTTP")]
     pub plain_http: bool,
     /// Accept any TLS certificate from the registry (labs and tests only).
-    #[arg(long = "oci-insecure-tls", env = "AJOUR_OCI_INSECURE_TLS")]
+    #[arg(
+        id = "oci_insecure_tls",
+        long = "oci-insecure-tls",
+        env = "AJOUR_OCI_INSECURE_TLS"
+    )]
     pub insecure_tls: bool,
 }
 
@@ -77,19 +98,23 @@ pub struct OciServeArgs {
     pub connection: OciConnectionArgs,
     /// Under imagePullPolicy `Always`, milliseconds a resolved tag is trusted before the registry
     /// is asked again.
-    #[arg(long = "oci-recheck-ms", default_value_t = 60_000)]
+    #[arg(id = "oci_recheck_ms", long = "oci-recheck-ms", default_value_t = 60_000)]
     pub recheck_ms: u64,
     /// Milliseconds a registry failure is remembered before trying again.
-    #[arg(long = "oci-error-retry-ms", default_value_t = 10_000)]
+    #[arg(
+        id = "oci_error_retry_ms",
+        long = "oci-error-retry-ms",
+        default_value_t = 10_000
+    )]
     pub error_retry_ms: u64,
     /// Largest firmware accepted from the registry, in bytes.
-    #[arg(long = "oci-max-firmware-bytes", default_value_t = 64 << 20)]
+    #[arg(id = "oci_max_firmware_bytes", long = "oci-max-firmware-bytes", default_value_t = 64 << 20)]
     pub max_firmware_bytes: u64,
     /// Byte budget of the cache of registry blobs.
-    #[arg(long = "oci-cache-bytes", default_value_t = 256 << 20)]
+    #[arg(id = "oci_cache_bytes", long = "oci-cache-bytes", default_value_t = 256 << 20)]
     pub cache_bytes: u64,
     /// Milliseconds to wait for the registry to connect or send data.
-    #[arg(long = "oci-timeout-ms", default_value_t = 30_000)]
+    #[arg(id = "oci_timeout_ms", long = "oci-timeout-ms", default_value_t = 30_000)]
     pub timeout_ms: u64,
 }
 
@@ -180,4 +205,60 @@ pub async fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     });
     crate::say!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{Cli, Command};
+    use ajour_store::OciAuth;
+    use clap::{CommandFactory, Parser};
+    use std::time::Duration;
+
+    fn serve(args: &[&str]) -> Result<Option<ajour_store::OciConfig>, clap::Error> {
+        let cli = Cli::try_parse_from(["ajour", "serve"].iter().chain(args))?;
+        match cli.command {
+            Command::Serve(serve) => Ok(serve.config().oci),
+            _ => unreachable!("parsed as serve"),
+        }
+    }
+
+    #[test]
+    fn serve_flags_configure_the_oci_source() {
+        // Argument ids are unique across everything flattened into `serve`.
+        Cli::command().debug_assert();
+        assert_eq!(serve(&[]).unwrap().map(|c| c.registry_prefix), None);
+        let config = serve(&[
+            "--oci-registry",
+            "registry.example.com/fw/",
+            "--oci-user",
+            "robot",
+            "--oci-password",
+            "secret",
+            "--oci-plain-http",
+            "--oci-recheck-ms",
+            "5",
+            "--oci-max-firmware-bytes",
+            "1000",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(config.registry_prefix, "registry.example.com/fw/");
+        assert_eq!(
+            config.auth,
+            OciAuth::Basic {
+                username: "robot".into(),
+                password: "secret".into()
+            }
+        );
+        assert!(config.plain_http && !config.accept_invalid_certs);
+        assert_eq!(config.always_recheck, Duration::from_millis(5));
+        assert_eq!(config.max_firmware_size, 1000);
+        let token = serve(&["--oci-registry", "r/fw/", "--oci-token", "t"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(token.auth, OciAuth::Bearer { token: "t".into() });
+        // A token and a user at once, or a password without a user, are refused.
+        assert!(serve(&["--oci-registry", "r/", "--oci-token", "t", "--oci-user", "u"]).is_err());
+        assert!(serve(&["--oci-registry", "r/", "--oci-password", "p"]).is_err());
+    }
 }
