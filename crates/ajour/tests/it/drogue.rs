@@ -883,6 +883,16 @@ async fn with_two_live_instances_every_device_is_left_shown_in_sync() {
         }
     })
     .await;
+    // Nothing is pending, so no write starts from now on; those already running are waited for.
+    for instance in [&first, &second] {
+        instance
+            .running
+            .as_ref()
+            .unwrap()
+            .service
+            .settle_status_writes()
+            .await;
+    }
     // Coalesced: nowhere near one registry write per block, even with two writers per device.
     let writes = first.running.as_ref().unwrap().service.status_writes()
         + second.running.as_ref().unwrap().service.status_writes();
