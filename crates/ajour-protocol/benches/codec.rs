@@ -20,7 +20,12 @@ fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("encode_write");
     for size in [512usize, 4096] {
         let data = vec![0xa5u8; size];
-        let command = Command::Write { version: b"0.2.0", correlation_id: Some(7), offset: 65536, data: &data };
+        let command = Command::Write {
+            version: b"0.2.0",
+            correlation_id: Some(7),
+            offset: 65536,
+            data: &data,
+        };
         let mut out = Vec::with_capacity(size + 64);
         group.throughput(Throughput::Elements(1));
         group.bench_with_input(BenchmarkId::from_parameter(size), &command, |b, command| {

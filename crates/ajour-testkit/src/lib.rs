@@ -1,22 +1,22 @@
 //! Helpers that give each test real servers of its own, cleaned up on `Drop`.
 //!
+//! MQTT broker: [`Mosquitto`] runs Debian's `mosquitto` on a free port in a temp dir.
+//!
 //! OCI registry: [`OciRegistry`] runs Debian's `docker-registry` on a free port (see
 //! [`oci_registry`]).
-//!
-//! MQTT broker: [`Mosquitto`] runs Debian's `mosquitto` on a free port in a temp dir.
 //!
 //! PostgreSQL: each [`TestDatabase`] is a fresh database on the server named by
 //! `AJOUR_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, the server
 //! every development and CI machine runs), dropped when the test ends. Tests that need PostgreSQL
 //! fail, loudly, when it is not reachable: a silently skipped backend is an untested backend.
 
-pub mod mosquitto;
-
-pub use mosquitto::Mosquitto;
-
 pub mod oci_registry;
 
 pub use oci_registry::{OciLayout, OciRegistry};
+
+pub mod mosquitto;
+
+pub use mosquitto::Mosquitto;
 
 use sqlx::Connection;
 

@@ -105,7 +105,7 @@ async fn publish(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("a status is at most {MAX_STATUS_SIZE} bytes\n"),
             )
-                .into_response()
+                .into_response();
         }
     };
     if channel != DFU_CHANNEL {

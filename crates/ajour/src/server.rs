@@ -5,10 +5,10 @@ use ajour_registry::{MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions}
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
 use anyhow::Context;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngCore;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -27,10 +27,10 @@ pub struct ServerConfig {
     /// How often firmware files are checked for replacement.
     pub firmware_recheck: Duration,
     pub password_cost: u32,
-    /// The OCI registry firmware source; `None`: specs naming a container image are refused.
-    pub oci: Option<OciConfig>,
     /// Drogue mode: the registry is Drogue's and statuses arrive on its MQTT integration.
     pub drogue: Option<ajour_drogue::DrogueConfig>,
+    /// The OCI registry firmware source; `None`: specs naming a container image are refused.
+    pub oci: Option<OciConfig>,
 }
 
 impl ServerConfig {
@@ -42,8 +42,8 @@ impl ServerConfig {
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
             password_cost: 10,
-            oci: None,
             drogue: None,
+            oci: None,
         }
     }
 
@@ -152,7 +152,10 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             "/readyz",
             axum::routing::get(move || readiness(ready_registry.clone())),
         )
-        .route("/metrics", axum::routing::get(move || std::future::ready(metrics.render())))
+        .route(
+            "/metrics",
+            axum::routing::get(move || std::future::ready(metrics.render())),
+        )
         .merge(ajour_transport::http::router(service.clone()))
         .merge(ajour_api::router(
             ApiState {
@@ -219,7 +222,10 @@ fn metrics_handle() -> PrometheusHandle {
 async fn readiness(registry: Arc<dyn Registry>) -> (axum::http::StatusCode, String) {
     match registry.ping().await {
         Ok(()) => (axum::http::StatusCode::OK, "ready\n".into()),
-        Err(error) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("registry: {error}\n")),
+        Err(error) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("registry: {error}\n"),
+        ),
     }
 }
 
