@@ -43,32 +43,33 @@ fn parse_body(body: &Bytes) -> Result<Resource, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid object: {e}")))
 }
 
+// Pending device statuses are taken before the registry is read: a status write landing in
+// between is then in one or the other (see `UpdateService::pending_status`).
+
 async fn list(state: &ApiState, scope: Scope, params: ListParams) -> ApiResult {
-    let items = state.registry.list(&scope, &params).await?;
-    let items: Vec<Resource> = match scope {
-        Scope::Apps => items,
-        Scope::Devices(app) => items
-            .into_iter()
-            .map(|mut device| {
-                if let Ok(name) = DeviceName::parse(&device.metadata.name) {
-                    state
-                        .service
-                        .overlay_status(&Key::Device(app.clone(), name), &mut device);
-                }
-                device
-            })
-            .collect(),
+    let mut pending = match &scope {
+        Scope::Apps => Default::default(),
+        Scope::Devices(app) => state.service.pending_statuses(app),
     };
+    let mut items = state.registry.list(&scope, &params).await?;
+    for item in &mut items {
+        if let Some(status) = pending.remove(&item.metadata.name) {
+            item.status.insert("firmware".into(), status);
+        }
+    }
     Ok(Json(items).into_response())
 }
 
 async fn get_one(state: &ApiState, key: Key) -> ApiResult {
+    let pending = state.service.pending_status(&key);
     let mut resource = state
         .registry
         .get(&key)
         .await?
         .ok_or_else(|| ajour_registry::RegistryError::NotFound(key.to_string()))?;
-    state.service.overlay_status(&key, &mut resource);
+    if let Some(status) = pending {
+        resource.status.insert("firmware".into(), status);
+    }
     Ok(Json(resource).into_response())
 }
 

@@ -23,6 +23,7 @@ use ajour_protocol::{encode_command, Status};
 use ajour_registry::{Key, Registry, Resource};
 use ajour_store::FirmwareSource;
 use context::ContextCache;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracker::StatusTracker;
@@ -176,10 +177,21 @@ impl UpdateService {
         self.auth.invalidate(key);
     }
 
-    /// Put the device's latest firmware status into `resource`, including progress not written
-    /// to the registry yet, so the API always shows where a device is.
+    /// The device's latest `status.firmware` when the registry may not have it yet (not written,
+    /// or being written). Take it *before* reading the device from the registry: a write that
+    /// lands between the two is then covered by one or the other.
+    pub fn pending_status(&self, key: &Key) -> Option<serde_json::Value> {
+        self.tracker.pending_json(key)
+    }
+
+    /// [`Self::pending_status`] of every device of `app` that has one, by device name.
+    pub fn pending_statuses(&self, app: &ajour_registry::AppName) -> HashMap<String, serde_json::Value> {
+        self.tracker.pending_of_app(app)
+    }
+
+    /// Put a status taken with [`Self::pending_status`] into `resource`.
     pub fn overlay_status(&self, key: &Key, resource: &mut Resource) {
-        if let Some(pending) = self.tracker.pending_json(key) {
+        if let Some(pending) = self.pending_status(key) {
             resource.status.insert("firmware".into(), pending);
         }
     }

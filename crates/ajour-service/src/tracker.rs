@@ -249,6 +249,22 @@ impl StatusTracker {
         (tracked.written.as_ref() != Some(&latest)).then(|| tracked.render(&latest))
     }
 
+    /// [`Self::pending_json`] for every device of `app` that has one, by device name.
+    pub fn pending_of_app(&self, app: &ajour_registry::AppName) -> HashMap<String, Value> {
+        let mut devices = self.inner.devices.lock().unwrap();
+        devices
+            .iter_mut()
+            .filter_map(|(key, tracked)| match key {
+                Key::Device(a, device) if a == app => {
+                    let latest = tracked.latest.clone()?;
+                    (tracked.written.as_ref() != Some(&latest))
+                        .then(|| (device.to_string(), tracked.render(&latest)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Write progress that is due (all of it when `force`), and wait for writes in flight.
     pub async fn flush(&self, force: bool) {
         let due: Vec<Key> = {
