@@ -357,16 +357,33 @@ fn print_json(value: &Value) {
     crate::say!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
 }
 
-fn set_firmware(object: &mut Value, firmware: Option<Value>) {
-    let spec = object
-        .as_object_mut()
-        .map(|o| o.entry("spec").or_insert_with(|| json!({})));
-    if let Some(Value::Object(spec)) = spec {
-        match firmware {
-            Some(firmware) => spec.insert("firmware".into(), firmware),
-            None => spec.remove("firmware"),
-        };
-    }
+/// Set (or clear) `spec.firmware` of the object at `path`, re-reading it on a conflict.
+async fn set_firmware(
+    connection: &Connection,
+    path: &str,
+    what: &str,
+    firmware: &FirmwareChoice,
+) -> anyhow::Result<()> {
+    let section = firmware.to_spec();
+    connection
+        .client()?
+        .modify(path, |object| {
+            let spec = object
+                .as_object_mut()
+                .map(|o| o.entry("spec").or_insert_with(|| json!({})));
+            if let Some(Value::Object(spec)) = spec {
+                match &section {
+                    Some(section) => spec.insert("firmware".into(), section.clone()),
+                    None => spec.remove("firmware"),
+                };
+            }
+        })
+        .await?;
+    crate::say!(
+        "{what}: firmware {}",
+        describe_firmware(&section.unwrap_or(Value::Null))
+    );
+    Ok(())
 }
 
 async fn app(command: AppCommand) -> anyhow::Result<()> {
@@ -408,15 +425,8 @@ async fn app(command: AppCommand) -> anyhow::Result<()> {
             firmware,
             connection,
         } => {
-            let spec = firmware.to_spec();
-            connection
-                .client()?
-                .modify(&format!("apps/{name}"), |o| set_firmware(o, spec.clone()))
-                .await?;
-            crate::say!(
-                "application '{name}': firmware {}",
-                describe_firmware(&spec.unwrap_or(Value::Null))
-            );
+            let what = format!("application '{name}'");
+            set_firmware(&connection, &format!("apps/{name}"), &what, &firmware).await?;
         }
     }
     Ok(())
@@ -495,17 +505,8 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
             firmware,
             connection,
         } => {
-            let spec = firmware.to_spec();
-            connection
-                .client()?
-                .modify(&format!("apps/{app}/devices/{name}"), |o| {
-                    set_firmware(o, spec.clone())
-                })
-                .await?;
-            crate::say!(
-                "device '{name}': firmware {}",
-                describe_firmware(&spec.unwrap_or(Value::Null))
-            );
+            let path = format!("apps/{app}/devices/{name}");
+            set_firmware(&connection, &path, &format!("device '{name}'"), &firmware).await?;
         }
         DeviceCommand::Status {
             app,

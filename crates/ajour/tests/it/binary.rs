@@ -127,6 +127,39 @@ fn quick_start_from_the_readme() {
     let listed = ok(ajour(&data, &url, &["app", "list"]));
     assert!(listed.contains("my-app\tfile my-fw"), "{listed}");
 
+    // A device's own firmware overrides its application's, and can be cleared again.
+    ok(ajour(
+        &data,
+        &url,
+        &[
+            "device",
+            "set-firmware",
+            "my-app",
+            "dev",
+            "--firmware-image",
+            "fw/special:1",
+        ],
+    ));
+    let device: serde_json::Value =
+        serde_json::from_str(&ok(ajour(&data, &url, &["device", "get", "my-app", "dev"]))).unwrap();
+    assert_eq!(device["spec"]["firmware"]["container"]["image"], "fw/special:1");
+    assert!(
+        device["spec"]["authentication"].is_object(),
+        "the rest of the spec is kept: {device}"
+    );
+    ok(ajour(&data, &url, &["device", "set-firmware", "my-app", "dev"]));
+    let device: serde_json::Value =
+        serde_json::from_str(&ok(ajour(&data, &url, &["device", "get", "my-app", "dev"]))).unwrap();
+    assert!(device["spec"].get("firmware").is_none(), "{device}");
+    ok(ajour(
+        &data,
+        &url,
+        &["app", "set-firmware", "my-app", "--firmware-file", "other-fw"],
+    ));
+    let app: serde_json::Value =
+        serde_json::from_str(&ok(ajour(&data, &url, &["app", "get", "my-app"]))).unwrap();
+    assert_eq!(app["spec"]["firmware"]["file"]["name"], "other-fw");
+
     // Failures exit non-zero with a message.
     let wrong = ajour(
         &data,

@@ -730,15 +730,7 @@ async fn the_registry_is_asked_for_each_blob_once_however_many_devices_and_block
     );
 
     // The server's metrics show the source at work.
-    let metrics = server
-        .http
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics().await;
     for (name, labels) in [
         ("ajour_firmware_cache_total", ["source=\"oci\"", "result=\"hit\""]),
         (

@@ -42,15 +42,7 @@ async fn health_readiness_and_metrics() {
     let (code, _, _) = server.post_dfu("d@app", "pw", b"junk".to_vec()).await;
     assert_eq!(code, 400);
 
-    let text = server
-        .http
-        .get(format!("{}/metrics", server.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics().await;
     // The recorder is process-wide and tests run in parallel: at least what this test caused.
     assert!(
         sample(&text, "ajour_statuses_received_total", &[]) >= 2.0,

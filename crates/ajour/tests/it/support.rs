@@ -108,6 +108,17 @@ impl TestServer {
         body
     }
 
+    /// The server's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap();
+        response.text().await.unwrap()
+    }
+
     /// Store firmware in the server's file store, as `ajour firmware add` does.
     pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
         FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
