@@ -62,7 +62,29 @@ type Routes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Vec<u8>>>>>;
 pub struct Fleet {
     client: MqttClient,
     routes: Routes,
+    app: String,
     stop: watch::Sender<bool>,
+}
+
+/// Where a device's commands arrive while it is registered with a [`Fleet`]; unregistered when
+/// dropped.
+pub struct DeviceCommands {
+    name: String,
+    routes: Routes,
+    commands: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl DeviceCommands {
+    /// The next command for the device; `None` when the fleet's connection has stopped.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        self.commands.recv().await
+    }
+}
+
+impl Drop for DeviceCommands {
+    fn drop(&mut self) {
+        self.routes.lock().unwrap().remove(&self.name);
+    }
 }
 
 impl Fleet {
@@ -72,12 +94,18 @@ impl Fleet {
         config.username = args.mqtt.mqtt_user.clone();
         config.password = args.mqtt.mqtt_password.clone();
         config.version = args.mqtt.mqtt_version.into();
-        let (client, mut connection) = connect(&config, 4096)?;
+        Self::connect_with(&config, &args.app).await
+    }
+
+    /// [`Self::connect`] with a connection configured by the caller (the load generator).
+    pub async fn connect_with(config: &MqttConfig, app: &str) -> anyhow::Result<Self> {
+        let url = &config.url;
+        let (client, mut connection) = connect(config, 4096)?;
         let routes: Routes = Arc::default();
         let (stop, mut stopped) = watch::channel(false);
         let (subscribed_tx, mut subscribed) = watch::channel(false);
-        let filter = format!("command/{}/+/dfu", args.app);
-        let prefix = format!("command/{}/", args.app);
+        let filter = format!("command/{app}/+/dfu");
+        let prefix = format!("command/{app}/");
         let (task_client, task_routes) = (client.clone(), routes.clone());
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -122,30 +150,54 @@ impl Fleet {
         let confirmed = tokio::time::timeout(Duration::from_secs(30), subscribed.wait_for(|s| *s)).await;
         if !matches!(confirmed, Ok(Ok(_))) {
             let _ = stop.send(true);
-            bail!(
-                "the broker at {url} did not confirm the subscription to {}",
-                format_args!("command/{}/+/dfu", args.app)
-            );
+            bail!("the broker at {url} did not confirm the subscription to command/{app}/+/dfu");
         }
-        Ok(Self { client, routes, stop })
+        Ok(Self {
+            client,
+            routes,
+            app: app.to_string(),
+            stop,
+        })
+    }
+
+    /// Take the commands for device `name` from now on.
+    pub fn register(&self, name: &str) -> DeviceCommands {
+        let (tx, commands) = mpsc::unbounded_channel();
+        self.routes.lock().unwrap().insert(name.to_string(), tx);
+        DeviceCommands {
+            name: name.to_string(),
+            routes: self.routes.clone(),
+            commands,
+        }
+    }
+
+    /// Publish a status of device `name` as Drogue's integration would deliver it: a structured
+    /// CloudEvent on `app/{app}`, its data `status` (CBOR) with `content_type`.
+    pub async fn publish_status(&self, name: &str, content_type: &str, status: &[u8]) -> anyhow::Result<()> {
+        let event = structured_event(&self.app, name, "dfu", content_type, status);
+        self.client
+            .publish_with_properties(
+                &format!("app/{}", self.app),
+                event.to_string().into_bytes(),
+                Some("application/cloudevents+json".into()),
+                Vec::new(),
+            )
+            .await
+            .context("publishing a status")
     }
 
     /// One device, from its first status to Sync.
     pub async fn simulate_device(&self, args: &SimulateArgs, name: &str) -> anyhow::Result<Outcome> {
-        let (tx, mut commands) = mpsc::unbounded_channel();
-        self.routes.lock().unwrap().insert(name.to_string(), tx);
-        let result = self.run_device(args, name, &mut commands).await;
-        self.routes.lock().unwrap().remove(name);
-        result
+        let mut commands = self.register(name);
+        self.run_device(args, name, &mut commands).await
     }
 
     async fn run_device(
         &self,
         args: &SimulateArgs,
         name: &str,
-        commands: &mut mpsc::UnboundedReceiver<Vec<u8>>,
+        commands: &mut DeviceCommands,
     ) -> anyhow::Result<Outcome> {
-        let topic = format!("app/{}", args.app);
         let content_type = match args.encoding {
             StatusEncoding::Packed => "application/cbor",
             // drgdfu sends no content type, which Drogue reports as octet-stream.
@@ -157,22 +209,8 @@ impl Fleet {
         loop {
             correlation_id = correlation_id.wrapping_add(1);
             device.set_correlation_id(Some(correlation_id));
-            let event = structured_event(
-                &args.app,
-                name,
-                "dfu",
-                content_type,
-                &device.encoded_status(args.encoding),
-            );
-            self.client
-                .publish_with_properties(
-                    &topic,
-                    event.to_string().into_bytes(),
-                    Some("application/cloudevents+json".into()),
-                    Vec::new(),
-                )
-                .await
-                .context("publishing a status")?;
+            self.publish_status(name, content_type, &device.encoded_status(args.encoding))
+                .await?;
             let deadline = tokio::time::Instant::now() + command_timeout;
             let step = loop {
                 match tokio::time::timeout_at(deadline, commands.recv()).await {

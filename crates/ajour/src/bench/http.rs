@@ -59,6 +59,8 @@ pub struct LoadReport {
     pub cpu_seconds: f64,
     pub peak_rss_mib: f64,
     pub status_writes: Option<f64>,
+    /// CPU seconds the MQTT broker spent carrying this run's messages (MQTT benchmarks only).
+    pub broker_cpu_seconds: Option<f64>,
 }
 
 impl LoadReport {
@@ -67,10 +69,11 @@ impl LoadReport {
     }
 }
 
-const APP: &str = "bench";
+pub(super) const APP: &str = "bench";
 const PASSWORD: &str = "bench-password";
-const FROM: &str = "1.0.0";
-const TO: &str = "2.0.0";
+pub(super) const FROM: &str = "1.0.0";
+pub(super) const TO: &str = "2.0.0";
+pub(super) const API_TOKEN: &str = "bench-token";
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
@@ -102,7 +105,7 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
         "--listen",
         "127.0.0.1:0",
         "--api-token",
-        "bench-token",
+        API_TOKEN,
         "--max-mtu",
         "65536",
     ];
@@ -110,7 +113,7 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
         serve_args.extend(["--database-url", url]);
     }
     let server = ServerProcess::start(&serve_args)?;
-    provision(&server.url, args.devices).await?;
+    provision(&server.url, args.devices, true).await?;
     let mut report = drive(&server, args, "ajour").await?;
     report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.devices));
     Ok(report)
@@ -122,18 +125,23 @@ async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     drive(&server, args, "bare").await
 }
 
-/// One application with the firmware, and N devices sharing one pre-hashed password (bcrypt
-/// cost 4): the server verifies each device's password once, as in production, without the
-/// benchmark spending minutes hashing at registration.
-async fn provision(url: &str, devices: u32) -> anyhow::Result<()> {
-    let client = crate::client::ApiClient::new(url, "bench-token")?;
+/// One application with the firmware, and N devices. With `credentials`, the devices share one
+/// pre-hashed password (bcrypt cost 4): the server verifies each device's password once, as in
+/// production, without the benchmark spending minutes hashing at registration. Without (devices
+/// behind Drogue, which authenticated them already), they have none.
+pub(super) async fn provision(url: &str, devices: u32, credentials: bool) -> anyhow::Result<()> {
+    let client = crate::client::ApiClient::new(url, API_TOKEN)?;
     client
         .create(
             "apps",
             &json!({"metadata": {"name": APP}, "spec": {"firmware": {"file": {"name": "bench-fw"}}}}),
         )
         .await?;
-    let hash = bcrypt::hash(PASSWORD, 4)?;
+    let hash = if credentials {
+        bcrypt::hash(PASSWORD, 4)?
+    } else {
+        String::new()
+    };
     let bar = progress_bar(u64::from(devices), "registering devices");
     let client = Arc::new(client);
     let mut names = (0..devices).map(device_name);
@@ -143,8 +151,12 @@ async fn provision(url: &str, devices: u32) -> anyhow::Result<()> {
             let Some(name) = names.next() else { break };
             let (client, hash) = (client.clone(), hash.clone());
             tasks.spawn(async move {
-                let body = json!({"metadata": {"name": name},
-                    "spec": {"authentication": {"credentials": [{"pass": {"bcrypt": hash}}]}}});
+                let body = if credentials {
+                    json!({"metadata": {"name": name},
+                        "spec": {"authentication": {"credentials": [{"pass": {"bcrypt": hash}}]}}})
+                } else {
+                    json!({"metadata": {"name": name}})
+                };
                 client.create(&format!("apps/{APP}/devices"), &body).await
             });
         }
@@ -160,7 +172,7 @@ async fn provision(url: &str, devices: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device_name(i: u32) -> String {
+pub(super) fn device_name(i: u32) -> String {
     format!("dev-{i}")
 }
 
@@ -228,6 +240,7 @@ async fn drive(
         cpu_seconds: server.cpu_seconds()? - cpu_before,
         peak_rss_mib: server.peak_rss_mib()?,
         status_writes: None,
+        broker_cpu_seconds: None,
     })
 }
 
@@ -298,7 +311,7 @@ async fn device(
 }
 
 /// `status.firmware` writes the server made, from its `/metrics`.
-async fn status_writes(url: &str) -> anyhow::Result<f64> {
+pub(super) async fn status_writes(url: &str) -> anyhow::Result<f64> {
     let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
     Ok(text
         .lines()
@@ -308,7 +321,7 @@ async fn status_writes(url: &str) -> anyhow::Result<f64> {
 }
 
 fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
-    crate::say!(
+    let title = format!(
         "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections",
         args.devices,
         args.image_size,
@@ -320,6 +333,13 @@ fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
         },
         args.connections
     );
+    print_table(&title, reports);
+}
+
+/// The table every benchmark prints: one row per target, then how Ajour compares to the bare
+/// baseline when both ran.
+pub(super) fn print_table(title: &str, reports: &[LoadReport]) {
+    crate::say!("{title}");
     crate::say!(
         "{:<6} {:>11} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>8}",
         "target",
@@ -361,5 +381,10 @@ fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
             100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second(),
             ajour.p99_us as f64 / bare.p99_us.max(1) as f64
         );
+    }
+    for r in reports {
+        if let Some(cpu) = r.broker_cpu_seconds {
+            crate::say!("broker cpu during {}: {cpu:.2} s", r.target);
+        }
     }
 }

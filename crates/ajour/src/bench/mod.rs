@@ -5,14 +5,20 @@
 //! per second, latency percentiles, server CPU seconds, peak memory and registry writes per device.
 //!
 //! The same load is run against the *bare endpoint* (`ajour bench bare-server`: decode, slice the
-//! image, encode; no auth, no registry) in the same run, as the baseline the targets compare to.
+//! image, encode; no auth, no registry) in the same run, as the baseline the targets compare to;
+//! `ajour bench mqtt` does the same through the Drogue MQTT integration path and a Mosquitto
+//! broker, against a bare server behind the same broker (`ajour bench bare-mqtt-server`).
 
 mod bare;
+mod bare_mqtt;
 mod http;
+mod mqtt;
 mod process;
 
 pub use bare::BareServerArgs;
+pub use bare_mqtt::BareMqttServerArgs;
 pub use http::HttpBenchArgs;
+pub use mqtt::MqttBenchArgs;
 
 use clap::{Args, Subcommand};
 
@@ -29,12 +35,20 @@ pub enum BenchCommand {
     /// The bare baseline endpoint (started by `ajour bench http`).
     #[command(hide = true)]
     BareServer(BareServerArgs),
+    /// N devices updating concurrently through the Drogue MQTT integration path (a Mosquitto of
+    /// its own), against `ajour serve` in Drogue mode and a bare server behind the same broker.
+    Mqtt(MqttBenchArgs),
+    /// The bare baseline behind a broker (started by `ajour bench mqtt`).
+    #[command(hide = true)]
+    BareMqttServer(BareMqttServerArgs),
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Http(args) => http::run(args).await,
         BenchCommand::BareServer(args) => bare::serve(args).await,
+        BenchCommand::Mqtt(args) => mqtt::run(args).await,
+        BenchCommand::BareMqttServer(args) => bare_mqtt::serve(args).await,
     }
 }
 

@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod bad_input;
+mod bench;
 mod binary;
 mod devices;
 mod drogue;

@@ -1,0 +1,106 @@
+//! The bare MQTT server: the least a server behind Drogue's MQTT integration must do per block,
+//! as the baseline of `ajour bench mqtt`. It subscribes to `app/{app}` at QoS 1, parses each event
+//! exactly as the real integration does (the same [`ajour_drogue::event`] functions), decides on
+//! an image held in memory and publishes the command on `command/{app}/{device}/dfu` at QoS 1.
+//! No registry, no authentication, no status tracking.
+
+use ajour_drogue::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest};
+use ajour_drogue::mqtt::{connect, Incoming, Message, MqttConfig};
+use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
+use ajour_protocol::encode_command;
+use anyhow::{bail, Context};
+use clap::Args;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Args)]
+pub struct BareMqttServerArgs {
+    /// The broker, `mqtt://HOST:PORT`.
+    #[arg(long)]
+    pub broker: String,
+    /// The application whose events are answered.
+    #[arg(long, default_value = "bench")]
+    pub app: String,
+    #[arg(long, default_value_t = 65536)]
+    pub image_size: usize,
+    #[arg(long, default_value = "2.0.0")]
+    pub version: String,
+}
+
+/// Requests the connection may queue: enough that answering never waits for the connection
+/// while the connection waits for the answering task.
+const QUEUE: usize = 64 * 1024;
+
+pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
+    let image = FirmwareImage::new(args.version, super::bench_image(args.image_size))?;
+    let config = EngineConfig::default();
+    let (client, mut connection) = connect(&MqttConfig::new(&args.broker, "ajour-bare"), QUEUE)?;
+    let filter = format!("app/{}", args.app);
+
+    // One task answers, as the integration's workers do; the connection only reads and parses,
+    // as the integration's connection task does.
+    let (requests, mut pending) = mpsc::channel::<DfuRequest>(QUEUE / 2);
+    let answering = client.clone();
+    tokio::spawn(async move {
+        while let Some(request) = pending.recv().await {
+            let command = encode_command(&decide(&request.status, Target::Ready(&image), &config).command);
+            if let Err(error) = answering.publish(&request.command_topic(), command).await {
+                tracing::warn!(%error, "bare MQTT server: publishing a command failed");
+            }
+        }
+    });
+
+    let started = tokio::time::Instant::now();
+    let mut subscribed = false;
+    loop {
+        let polled = connection.poll().await;
+        match polled {
+            Ok(Incoming::Connected) => {
+                let (client, filter) = (client.clone(), filter.clone());
+                tokio::spawn(async move { client.subscribe(&filter, false).await });
+            }
+            Ok(Incoming::Subscribed { granted }) => {
+                if !granted {
+                    bail!("the broker refused the subscription to {filter}");
+                }
+                if !subscribed {
+                    subscribed = true;
+                    crate::say!("bare MQTT server listening on {}", args.broker);
+                }
+            }
+            Ok(Incoming::Message(message)) => match parse(&message) {
+                Some(request) => requests
+                    .send(request)
+                    .await
+                    .context("the answering task stopped")?,
+                None => tracing::warn!(topic = %message.topic, "bare MQTT server: not a DFU status"),
+            },
+            Ok(Incoming::Other) => {}
+            Err(error) => {
+                // The benchmark's own broker on loopback: losing it ends the run.
+                if subscribed || started.elapsed() > Duration::from_secs(30) {
+                    bail!("bare MQTT server: connection lost: {error}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The DFU request in a message, as the integration's `classify` finds it.
+fn parse(message: &Message) -> Option<DfuRequest> {
+    let topic_app = message.topic.strip_prefix("app/");
+    if is_binary_mode(&message.user_properties) {
+        let event = parse_binary(
+            &message.payload,
+            message.content_type.as_deref(),
+            &message.user_properties,
+        );
+        dfu_request(&event, topic_app).ok().flatten()
+    } else {
+        parse_structured(&message.payload)
+            .and_then(|event| dfu_request(&event, topic_app))
+            .ok()
+            .flatten()
+    }
+}
