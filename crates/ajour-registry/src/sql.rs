@@ -306,15 +306,45 @@ impl Registry for SqlRegistry {
     }
 
     async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
+        // Only the status column is read and written: status writes are the registry's most
+        // frequent ones, and the spec and metadata need not travel for them.
+        let (table, key_clause) = match key {
+            Key::App(_) => ("applications", "name = $1"),
+            Key::Device(..) => ("devices", "name = $1 AND application = $2"),
+        };
+        let select = format!("SELECT status, resource_version FROM {table} WHERE {key_clause}");
+        let (next_param, expected_param) = match key {
+            Key::App(_) => (2, 4),
+            Key::Device(..) => (3, 5),
+        };
+        let update = format!(
+            "UPDATE {table} SET status = ${next_param}, resource_version = ${} WHERE {key_clause} AND resource_version = ${expected_param}",
+            next_param + 1
+        );
+        let (app, name) = key_parts(key);
         for _ in 0..STATUS_WRITE_ATTEMPTS {
-            let mut resource = self
-                .fetch_row(key)
+            let mut query = sqlx::query(&select).bind(name);
+            if let Some(app) = app {
+                query = query.bind(app);
+            }
+            let row = query
+                .fetch_optional(&self.pool)
                 .await?
                 .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
-            let expected = std::mem::take(&mut resource.metadata.resource_version);
-            resource.status.insert(section.to_string(), value.clone());
-            resource.metadata.resource_version = uuid::Uuid::new_v4().to_string();
-            if self.replace_if_unchanged(key, &resource, &expected).await? {
+            let mut status: Map<String, Value> = from_text(&row, "status")?;
+            let expected: String = row.try_get("resource_version")?;
+            status.insert(section.to_string(), value.clone());
+            let mut query = sqlx::query(&update).bind(name);
+            if let Some(app) = app {
+                query = query.bind(app);
+            }
+            let result = query
+                .bind(to_text(&status)?)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(expected)
+                .execute(&self.pool)
+                .await?;
+            if result.rows_affected() == 1 {
                 return Ok(());
             }
         }

@@ -2,7 +2,7 @@
 //! while: a device sends one status per block, and reading two objects from the database for each
 //! would make the database the bottleneck.
 
-use ajour_registry::{Key, Registry, RegistryError, Resource};
+use ajour_registry::{AppName, Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSpec;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -25,6 +25,8 @@ pub(crate) struct DeviceContext {
 pub(crate) struct ContextCache {
     ttl: Duration,
     entries: RwLock<HashMap<Key, (Instant, Arc<DeviceContext>)>>,
+    /// Applications apart: one read serves all of an application's devices.
+    applications: RwLock<HashMap<AppName, (Instant, Arc<Resource>)>>,
 }
 
 impl ContextCache {
@@ -32,6 +34,7 @@ impl ContextCache {
         Self {
             ttl,
             entries: RwLock::default(),
+            applications: RwLock::default(),
         }
     }
 
@@ -53,7 +56,7 @@ impl ContextCache {
         let Some(device) = registry.get(key).await? else {
             return Ok(None);
         };
-        let Some(application) = registry.get(&Key::App(app.clone())).await? else {
+        let Some(application) = self.application(registry, app).await? else {
             return Ok(None);
         };
         let context = Arc::new(resolve(&device, &application));
@@ -64,13 +67,37 @@ impl ContextCache {
         Ok(Some(context))
     }
 
+    async fn application(
+        &self,
+        registry: &dyn Registry,
+        app: &AppName,
+    ) -> Result<Option<Arc<Resource>>, RegistryError> {
+        if let Some((at, application)) = self.applications.read().unwrap().get(app) {
+            if at.elapsed() < self.ttl {
+                return Ok(Some(application.clone()));
+            }
+        }
+        let Some(application) = registry.get(&Key::App(app.clone())).await? else {
+            return Ok(None);
+        };
+        let application = Arc::new(application);
+        self.applications
+            .write()
+            .unwrap()
+            .insert(app.clone(), (Instant::now(), application.clone()));
+        Ok(Some(application))
+    }
+
     pub fn invalidate(&self, key: &Key) {
         let mut entries = self.entries.write().unwrap();
         match key {
             Key::Device(..) => {
                 entries.remove(key);
             }
-            Key::App(app) => entries.retain(|k, _| k.app() != app),
+            Key::App(app) => {
+                entries.retain(|k, _| k.app() != app);
+                self.applications.write().unwrap().remove(app);
+            }
         }
     }
 }

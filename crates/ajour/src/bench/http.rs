@@ -32,6 +32,9 @@ pub struct HttpBenchArgs {
     /// Registry database for `ajour serve` (default: SQLite in a temp dir).
     #[arg(long)]
     pub database_url: Option<String>,
+    /// An extra flag for `ajour serve`, e.g. `--serve-arg=--spec-cache-ms=60000` (repeatable).
+    #[arg(long = "serve-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
     /// Skip the bare baseline.
     #[arg(long)]
     pub no_bare: bool,
@@ -112,6 +115,7 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     if let Some(url) = &args.database_url {
         serve_args.extend(["--database-url", url]);
     }
+    serve_args.extend(args.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&serve_args)?;
     provision(&server.url, args.devices, true).await?;
     let mut report = drive(&server, args, "ajour").await?;
