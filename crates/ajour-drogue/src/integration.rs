@@ -55,7 +55,7 @@ pub struct IntegrationConfig {
     pub binary_content_mode: bool,
     /// Devices served at the same time.
     pub workers: usize,
-    /// Statuses queued per worker before the connection stops reading.
+    /// Room per worker in the connection's queue of outgoing requests (commands, subscriptions).
     pub queue: usize,
 }
 
@@ -168,10 +168,9 @@ impl Integration {
                 )));
             }
         }
-        // Workers publish through the connection's request queue while the connection task may
-        // be waiting for room in a worker's queue. With room for every status the workers can
-        // hold (and then some, for subscriptions), a worker's publish never waits on a
-        // connection task that waits on it.
+        // Workers publish through the connection's request queue, which only the connection task
+        // drains (by polling); a worker finding it full waits until it does. The connection task
+        // never waits on a worker (their queues are unbounded, see `run`), so that wait ends.
         let capacity = config.workers * config.queue * 2 + 1024;
         let (client, connection) = connect(&config.mqtt, capacity)?;
         let stats = Arc::new(IntegrationStats::default());
@@ -242,8 +241,13 @@ async fn run(
 ) {
     let mut workers = JoinSet::new();
     let mut shards = Vec::with_capacity(config.workers);
+    // Unbounded: a connection task waiting for room in a worker's queue stops polling, so the
+    // commands the workers publish stop leaving, the workers stop, and nothing moves again (seen
+    // with 10,000 devices: more statuses came in than the request queue holds commands). What
+    // waits here is bounded by the devices: each waits for the answer to its status before
+    // sending another (or for its own timeout, to send it again).
     for _ in 0..config.workers {
-        let (tx, rx) = mpsc::channel(config.queue);
+        let (tx, rx) = mpsc::unbounded_channel();
         shards.push(tx);
         workers.spawn(worker(rx, service.clone(), client.clone(), stats.clone()));
     }
@@ -303,7 +307,7 @@ async fn run(
                     continue;
                 };
                 let shard = shard_of(&request, shards.len());
-                if shards[shard].send(Job { request }).await.is_err() {
+                if shards[shard].send(Job { request }).is_err() {
                     tracing::error!("a worker of the Drogue integration has stopped");
                     break;
                 }
@@ -404,7 +408,7 @@ fn shard_of(request: &DfuRequest, shards: usize) -> usize {
 }
 
 async fn worker(
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
     service: Arc<UpdateService>,
     client: MqttClient,
     stats: Arc<IntegrationStats>,

@@ -27,8 +27,7 @@ pub struct BareMqttServerArgs {
     pub version: String,
 }
 
-/// Requests the connection may queue: enough that answering never waits for the connection
-/// while the connection waits for the answering task.
+/// Requests (commands) the connection may queue.
 const QUEUE: usize = 64 * 1024;
 
 pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
@@ -38,8 +37,9 @@ pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
     let filter = format!("app/{}", args.app);
 
     // One task answers, as the integration's workers do; the connection only reads and parses,
-    // as the integration's connection task does.
-    let (requests, mut pending) = mpsc::channel::<DfuRequest>(QUEUE / 2);
+    // as the integration's connection task does. Unbounded for the same reason: a connection
+    // task waiting on the answering task would stop sending the commands it waits for.
+    let (requests, mut pending) = mpsc::unbounded_channel::<DfuRequest>();
     let answering = client.clone();
     tokio::spawn(async move {
         while let Some(request) = pending.recv().await {
@@ -69,10 +69,7 @@ pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
                 }
             }
             Ok(Incoming::Message(message)) => match parse(&message) {
-                Some(request) => requests
-                    .send(request)
-                    .await
-                    .context("the answering task stopped")?,
+                Some(request) => requests.send(request).context("the answering task stopped")?,
                 None => tracing::warn!(topic = %message.topic, "bare MQTT server: not a DFU status"),
             },
             Ok(Incoming::Other) => {}
