@@ -49,6 +49,10 @@ pub struct MqttBenchArgs {
     /// `--drogue-workers` of the server under test (default: serve's own).
     #[arg(long)]
     pub workers: Option<u16>,
+    /// An extra flag for the `ajour serve` under test, e.g. `--serve-arg=--drogue-workers=32`
+    /// (repeatable).
+    #[arg(long = "serve-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
     /// Seconds a device waits for its command before sending its status again.
     #[arg(long, default_value_t = 30.0)]
     pub command_timeout: f64,
@@ -153,8 +157,15 @@ async fn run_ajour(
     if let Some(workers) = &workers {
         serve_args.extend(["--drogue-workers", workers]);
     }
+    serve_args.extend(args.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&serve_args)?;
+    // The registry runs on the same cores; what it costs is shown apart from the server's.
+    let registry_before = registry.cpu_seconds()?;
     let mut report = drive(&server, broker, broker_pid, args, "ajour").await?;
+    crate::say!(
+        "registry (Drogue's, played by a second ajour serve) cpu during ajour: {:.2} s",
+        registry.cpu_seconds()? - registry_before
+    );
     report.status_writes = Some(settled_status_writes(&server.url).await? / f64::from(args.devices));
     Ok(report)
 }
