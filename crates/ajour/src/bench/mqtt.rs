@@ -167,7 +167,36 @@ async fn run_ajour(
         registry.cpu_seconds()? - registry_before
     );
     report.status_writes = Some(settled_status_writes(&server.url).await? / f64::from(args.devices));
+    crate::say!(
+        "registry calls per device during ajour: {}",
+        registry_calls(&server.url, args.devices).await?
+    );
     Ok(report)
+}
+
+/// `ajour_registry_calls_total` per device, by operation: in Drogue mode each is an HTTP request
+/// to Drogue's registry, so this is where the registry's cost comes from.
+async fn registry_calls(url: &str, devices: u32) -> anyhow::Result<String> {
+    let text = reqwest::get(format!("{url}/metrics")).await?.text().await?;
+    let mut calls = std::collections::BTreeMap::<String, f64>::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("ajour_registry_calls_total{"))
+    {
+        let op = line
+            .split_once("op=\"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(op, _)| op.to_string());
+        let value = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(op), Some(value)) = (op, value) {
+            *calls.entry(op).or_default() += value;
+        }
+    }
+    Ok(calls
+        .iter()
+        .map(|(op, n)| format!("{op} {:.2}", n / f64::from(devices)))
+        .collect::<Vec<_>>()
+        .join(", "))
 }
 
 async fn run_bare(args: &MqttBenchArgs, broker: &str, broker_pid: Option<u32>) -> anyhow::Result<LoadReport> {
