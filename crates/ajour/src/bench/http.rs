@@ -66,7 +66,50 @@ pub struct LoadReport {
     pub broker_cpu_seconds: Option<f64>,
 }
 
+/// The longest latency recorded: ten minutes, in microseconds.
+pub const MAX_LATENCY_US: u64 = 600_000_000;
+
+/// The latencies of one run: each device's first round trip, and all the others.
+pub struct Latencies {
+    pub first: Histogram<u64>,
+    pub rest: Histogram<u64>,
+}
+
+impl Latencies {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            first: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+            rest: Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)?,
+        })
+    }
+}
+
 impl LoadReport {
+    /// A report of a run of `target`, before the figures only some targets have.
+    pub fn new(
+        target: &'static str,
+        round_trips: u64,
+        elapsed: Duration,
+        latencies: &Latencies,
+        cpu_seconds: f64,
+        peak_rss_mib: f64,
+    ) -> Self {
+        Self {
+            target,
+            round_trips,
+            elapsed,
+            first_p50_us: latencies.first.value_at_quantile(0.50),
+            first_p99_us: latencies.first.value_at_quantile(0.99),
+            p50_us: latencies.rest.value_at_quantile(0.50),
+            p99_us: latencies.rest.value_at_quantile(0.99),
+            max_us: latencies.rest.max(),
+            cpu_seconds,
+            peak_rss_mib,
+            status_writes: None,
+            broker_cpu_seconds: None,
+        }
+    }
+
     pub fn round_trips_per_second(&self) -> f64 {
         self.round_trips as f64 / self.elapsed.as_secs_f64()
     }
@@ -205,8 +248,7 @@ async fn drive(
             result
         });
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut first = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latencies = Latencies::new()?;
     let mut round_trips = 0u64;
     let mut failures = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
@@ -217,8 +259,8 @@ async fn drive(
         match joined? {
             Ok(device) => {
                 round_trips += device.rest.len() + 1;
-                histogram.add(&device.rest)?;
-                first.record(device.first)?;
+                latencies.rest.add(&device.rest)?;
+                latencies.first.record(device.first)?;
             }
             Err(error) => failures.push(error),
         }
@@ -232,20 +274,14 @@ async fn drive(
             failures[0]
         );
     }
-    Ok(LoadReport {
+    Ok(LoadReport::new(
         target,
         round_trips,
         elapsed,
-        first_p50_us: first.value_at_quantile(0.50),
-        first_p99_us: first.value_at_quantile(0.99),
-        p50_us: histogram.value_at_quantile(0.50),
-        p99_us: histogram.value_at_quantile(0.99),
-        max_us: histogram.max(),
-        cpu_seconds: server.cpu_seconds()? - cpu_before,
-        peak_rss_mib: server.peak_rss_mib()?,
-        status_writes: None,
-        broker_cpu_seconds: None,
-    })
+        &latencies,
+        server.cpu_seconds()? - cpu_before,
+        server.peak_rss_mib()?,
+    ))
 }
 
 /// Latencies of one device: its first round trip (which carries the one password verification and
@@ -272,7 +308,7 @@ async fn device(
     let mut device = SimulatedDevice::new(FROM, Some(mtu), None);
     let mut latencies = DeviceLatencies {
         first: 0,
-        rest: Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?,
+        rest: Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?,
     };
     let mut writes = 0u32;
     let mut round_trip = 0u64;

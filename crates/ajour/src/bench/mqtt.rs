@@ -14,7 +14,10 @@
 //! The broker is measured too (its CPU seconds per run), since on one machine it competes with
 //! the server for the same cores.
 
-use super::http::{device_name, print_table, provision, status_writes, LoadReport, API_TOKEN, APP, FROM, TO};
+use super::http::{
+    device_name, print_table, provision, status_writes, Latencies, LoadReport, API_TOKEN, APP, FROM,
+    MAX_LATENCY_US, TO,
+};
 use super::process::{self, ServerProcess};
 use crate::simulate::{progress_bar, Outcome, SimulatedDevice, StatusEncoding, Step};
 use crate::simulate_mqtt::Fleet;
@@ -257,8 +260,7 @@ async fn drive(
             result
         });
     }
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    let mut first = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let mut latencies = Latencies::new()?;
     let (mut round_trips, mut resends) = (0u64, 0u64);
     let mut failures = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
@@ -270,8 +272,8 @@ async fn drive(
             Ok(device) => {
                 round_trips += device.rest.len() + 1;
                 resends += device.resends;
-                histogram.add(&device.rest)?;
-                first.record(device.first)?;
+                latencies.rest.add(&device.rest)?;
+                latencies.first.record(device.first)?;
             }
             Err(error) => failures.push(error),
         }
@@ -294,20 +296,16 @@ async fn drive(
         // Not a failure (devices resend, as real ones do), but the figures include the waits.
         crate::say!("{target}: {resends} status(es) sent again after no command within --command-timeout");
     }
-    Ok(LoadReport {
+    let mut report = LoadReport::new(
         target,
         round_trips,
         elapsed,
-        first_p50_us: first.value_at_quantile(0.50),
-        first_p99_us: first.value_at_quantile(0.99),
-        p50_us: histogram.value_at_quantile(0.50),
-        p99_us: histogram.value_at_quantile(0.99),
-        max_us: histogram.max(),
+        &latencies,
         cpu_seconds,
-        peak_rss_mib: server.peak_rss_mib()?,
-        status_writes: None,
-        broker_cpu_seconds,
-    })
+        server.peak_rss_mib()?,
+    );
+    report.broker_cpu_seconds = broker_cpu_seconds;
+    Ok(report)
 }
 
 /// Wait until the target answers: it subscribes after it starts, and a status published before
@@ -350,7 +348,7 @@ async fn device(
     let mut device = SimulatedDevice::new(FROM, Some(mtu), None);
     let mut latencies = DeviceLatencies {
         first: 0,
-        rest: Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?,
+        rest: Histogram::<u64>::new_with_bounds(1, MAX_LATENCY_US, 3)?,
         resends: 0,
     };
     let mut correlation_id: u32 = rand::random::<u32>() >> 1;
