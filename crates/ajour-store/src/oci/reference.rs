@@ -153,28 +153,44 @@ fn check_path(path: &str) -> Result<(), &'static str> {
         return Err("the repository name is empty");
     }
     for component in path.split('/') {
-        let bytes = component.as_bytes();
-        let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+        if component.is_empty() {
             return Err("the repository path has an empty component");
-        };
-        if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
-            return Err("each repository path component must start and end with a letter or digit");
         }
-        if !bytes
-            .iter()
+        if !component
+            .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
         {
             return Err("a repository name has only lower-case letters, digits, '.', '_', '-' and '/'");
         }
-        if component.contains("..")
-            || component.contains("___")
-            || component.contains("._")
-            || component.contains("_.")
-        {
-            return Err("a repository path component has a separator distribution does not allow");
+        if !is_path_component(component) {
+            return Err(
+                "each repository path component is letters and digits joined by single '.', '_', '__' or runs of '-'",
+            );
         }
     }
     Ok(())
+}
+
+/// `[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*`, distribution's path component, without a regex engine.
+fn is_path_component(component: &str) -> bool {
+    let bytes = component.as_bytes();
+    let alphanumeric = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let mut i = 0;
+    loop {
+        let run = bytes[i..].iter().take_while(|b| alphanumeric(b)).count();
+        if run == 0 {
+            return false;
+        }
+        i += run;
+        if i == bytes.len() {
+            return true;
+        }
+        let separator = &component[i..i + bytes[i..].iter().take_while(|b| !alphanumeric(b)).count()];
+        if !matches!(separator, "." | "_" | "__") && !separator.bytes().all(|b| b == b'-') {
+            return false;
+        }
+        i += separator.len();
+    }
 }
 
 fn is_tag(tag: &str) -> bool {
@@ -231,13 +247,24 @@ mod tests {
             if let Ok(parsed) = ImageRef::parse("r.io/fw/", &image) {
                 let full = parsed.to_string();
                 proptest::prop_assert!(full.starts_with("r.io/fw/"), "{}", full);
-                proptest::prop_assert!(!full.contains(".."), "{}", full);
                 let reference = parsed.to_client_reference();
                 proptest::prop_assert!(reference.is_ok(), "{}", full);
                 let reference = reference.unwrap();
+                // A tag may hold "..", which is harmless; the repository path may not.
+                proptest::prop_assert!(!reference.repository().contains(".."), "{}", full);
                 proptest::prop_assert_eq!(reference.registry(), "r.io");
                 proptest::prop_assert!(reference.repository().starts_with("fw/"), "{}", full);
             }
+        }
+    }
+
+    #[test]
+    fn path_components_follow_the_distribution_grammar() {
+        for good in ["a", "fw", "a.b", "a_b", "a__b", "a-b", "a---b", "0a.b-c__d"] {
+            assert!(is_path_component(good), "{good}");
+        }
+        for bad in ["0_-a", "a-_b", "a._b", "a..b", "a___b", "_a", "a-", ".", "-"] {
+            assert!(!is_path_component(bad), "{bad}");
         }
     }
 
