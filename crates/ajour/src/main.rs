@@ -10,6 +10,8 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| "info,tower_http=warn,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours for people, plain text for files and log collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match ajour::cli::run(ajour::cli::Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
