@@ -13,15 +13,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Args)]
 pub struct HttpBenchArgs {
-    /// Devices updating at the same time.
-    #[arg(long, default_value_t = 1000)]
-    pub devices: u32,
-    /// Firmware image size in bytes.
-    #[arg(long, default_value_t = 65536)]
-    pub image_size: usize,
-    /// Block size the devices ask for.
-    #[arg(long, default_value_t = 512)]
-    pub mtu: u32,
+    #[command(flatten)]
+    pub fleet: super::FleetArgs,
     /// Stop each device after this many blocks (0: the whole update, through Swap and Sync).
     /// With a large image this holds the fleet in the middle of its update, to measure memory.
     #[arg(long, default_value_t = 0)]
@@ -32,18 +25,6 @@ pub struct HttpBenchArgs {
     /// Registry database for `ajour serve` (default: SQLite in a temp dir).
     #[arg(long)]
     pub database_url: Option<String>,
-    /// An extra flag for `ajour serve`, e.g. `--serve-arg=--spec-cache-ms=60000` (repeatable).
-    #[arg(long = "serve-arg", value_name = "FLAG", allow_hyphen_values = true)]
-    pub serve_args: Vec<String>,
-    /// Skip the bare baseline.
-    #[arg(long)]
-    pub no_bare: bool,
-    /// Skip `ajour serve` (measure only the bare baseline).
-    #[arg(long)]
-    pub no_ajour: bool,
-    /// Give up after this many seconds.
-    #[arg(long, default_value_t = 900)]
-    pub timeout: u64,
 }
 
 /// What one run measured.
@@ -122,14 +103,14 @@ pub(super) const TO: &str = "2.0.0";
 pub(super) const API_TOKEN: &str = "bench-token";
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
     // Each in-flight request holds a socket in both processes.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut reports = Vec::new();
-    if !args.no_ajour {
+    if !args.fleet.no_ajour {
         reports.push(run_ajour(&args).await?);
     }
-    if !args.no_bare {
+    if !args.fleet.no_bare {
         reports.push(run_bare(&args).await?);
     }
     print_reports(&args, &reports);
@@ -141,7 +122,7 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     FileStore::new(crate::server::firmware_dir(data.path()), Duration::ZERO).add(
         &FirmwareName::parse("bench-fw")?,
         TO,
-        &super::bench_image(args.image_size),
+        &super::bench_image(args.fleet.image_size),
     )?;
     let data_dir = data.path().to_str().context("temp dir path")?.to_string();
     let mut serve_args = vec![
@@ -158,16 +139,16 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     if let Some(url) = &args.database_url {
         serve_args.extend(["--database-url", url]);
     }
-    serve_args.extend(args.serve_args.iter().map(String::as_str));
+    serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&serve_args)?;
-    provision(&server.url, args.devices, true).await?;
+    provision(&server.url, args.fleet.devices, true).await?;
     let mut report = drive(&server, args, "ajour").await?;
-    report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.devices));
+    report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
     Ok(report)
 }
 
 async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
-    let size = args.image_size.to_string();
+    let size = args.fleet.image_size.to_string();
     let server = ServerProcess::start(&["bench", "bare-server", "--image-size", &size, "--version", TO])?;
     drive(&server, args, "bare").await
 }
@@ -235,13 +216,13 @@ async fn drive(
         .build()?;
     let url = format!("{}/v1/dfu", server.url);
     let in_flight = Arc::new(tokio::sync::Semaphore::new(args.connections.max(1)));
-    let bar = progress_bar(u64::from(args.devices), target);
+    let bar = progress_bar(u64::from(args.fleet.devices), target);
     let cpu_before = server.cpu_seconds()?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.devices {
+    for i in 0..args.fleet.devices {
         let (http, url, in_flight, bar) = (http.clone(), url.clone(), in_flight.clone(), bar.clone());
-        let (mtu, blocks) = (args.mtu, args.blocks);
+        let (mtu, blocks) = (args.fleet.mtu, args.blocks);
         tasks.spawn(async move {
             let result = device(&http, &url, i, mtu, blocks, &in_flight).await;
             bar.inc(1);
@@ -251,7 +232,7 @@ async fn drive(
     let mut latencies = Latencies::new()?;
     let mut round_trips = 0u64;
     let mut failures = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.fleet.timeout);
     while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
         .await
         .context("benchmark timed out")?
@@ -363,9 +344,9 @@ pub(super) async fn status_writes(url: &str) -> anyhow::Result<f64> {
 fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
     let title = format!(
         "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections",
-        args.devices,
-        args.image_size,
-        args.mtu,
+        args.fleet.devices,
+        args.fleet.image_size,
+        args.fleet.mtu,
         if args.blocks == 0 {
             "whole update".to_string()
         } else {

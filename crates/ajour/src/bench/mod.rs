@@ -58,3 +58,30 @@ pub fn bench_image(size: usize) -> Vec<u8> {
         .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1])
         .collect()
 }
+
+/// What every load generator takes: the fleet, the image, and which servers to measure.
+#[derive(Debug, Clone, Args)]
+pub struct FleetArgs {
+    /// Devices updating at the same time.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: u32,
+    /// Firmware image size in bytes.
+    #[arg(long, default_value_t = 65536)]
+    pub image_size: usize,
+    /// Block size the devices ask for.
+    #[arg(long, default_value_t = 512)]
+    pub mtu: u32,
+    /// An extra flag for the `ajour serve` under test, e.g. `--serve-arg=--spec-cache-ms=60000`
+    /// (repeatable).
+    #[arg(long = "serve-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub serve_args: Vec<String>,
+    /// Skip the bare baseline.
+    #[arg(long)]
+    pub no_bare: bool,
+    /// Skip `ajour serve` (measure only the bare baseline).
+    #[arg(long)]
+    pub no_ajour: bool,
+    /// Give up after this many seconds (per target).
+    #[arg(long, default_value_t = 900)]
+    pub timeout: u64,
+}

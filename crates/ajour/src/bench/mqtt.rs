@@ -34,15 +34,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Args)]
 pub struct MqttBenchArgs {
-    /// Devices updating at the same time.
-    #[arg(long, default_value_t = 1000)]
-    pub devices: u32,
-    /// Firmware image size in bytes.
-    #[arg(long, default_value_t = 65536)]
-    pub image_size: usize,
-    /// Block size the devices ask for.
-    #[arg(long, default_value_t = 512)]
-    pub mtu: u32,
+    #[command(flatten)]
+    pub fleet: super::FleetArgs,
     /// Use this broker (`mqtt://127.0.0.1:PORT`) instead of starting a Mosquitto of our own.
     #[arg(long)]
     pub broker: Option<String>,
@@ -52,26 +45,13 @@ pub struct MqttBenchArgs {
     /// `--drogue-workers` of the server under test (default: serve's own).
     #[arg(long)]
     pub workers: Option<u16>,
-    /// An extra flag for the `ajour serve` under test, e.g. `--serve-arg=--drogue-workers=32`
-    /// (repeatable).
-    #[arg(long = "serve-arg", value_name = "FLAG", allow_hyphen_values = true)]
-    pub serve_args: Vec<String>,
     /// Seconds a device waits for its command before sending its status again.
     #[arg(long, default_value_t = 30.0)]
     pub command_timeout: f64,
-    /// Skip the bare baseline.
-    #[arg(long)]
-    pub no_bare: bool,
-    /// Skip `ajour serve` (measure only the bare baseline).
-    #[arg(long)]
-    pub no_ajour: bool,
-    /// Give up after this many seconds (per target).
-    #[arg(long, default_value_t = 900)]
-    pub timeout: u64,
 }
 
 pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(args.command_timeout > 0.0, "--command-timeout must be positive");
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let own_broker = match &args.broker {
@@ -85,10 +65,10 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
     };
     let broker_pid = own_broker.as_ref().map(Broker::pid);
     let mut reports = Vec::new();
-    if !args.no_ajour {
+    if !args.fleet.no_ajour {
         reports.push(run_ajour(&args, &url, broker_pid).await?);
     }
-    if !args.no_bare {
+    if !args.fleet.no_bare {
         reports.push(run_bare(&args, &url, broker_pid).await?);
     }
     print_table(
@@ -99,9 +79,9 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
             } else {
                 url.as_str()
             },
-            args.devices,
-            args.image_size,
-            args.mtu
+            args.fleet.devices,
+            args.fleet.image_size,
+            args.fleet.mtu
         ),
         &reports,
     );
@@ -129,14 +109,14 @@ async fn run_ajour(
         "--api-token",
         API_TOKEN,
     ])?;
-    provision(&registry.url, args.devices, false).await?;
+    provision(&registry.url, args.fleet.devices, false).await?;
 
     // The server under test reads firmware from its own sources, named by the registry's spec.
     let data = tempfile::tempdir()?;
     FileStore::new(crate::server::firmware_dir(data.path()), Duration::ZERO).add(
         &FirmwareName::parse("bench-fw")?,
         TO,
-        &super::bench_image(args.image_size),
+        &super::bench_image(args.fleet.image_size),
     )?;
     let data_dir = data.path().to_str().context("temp dir path")?.to_string();
     let workers = args.workers.map(|w| w.to_string());
@@ -160,7 +140,7 @@ async fn run_ajour(
     if let Some(workers) = &workers {
         serve_args.extend(["--drogue-workers", workers]);
     }
-    serve_args.extend(args.serve_args.iter().map(String::as_str));
+    serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&serve_args)?;
     // The registry runs on the same cores; what it costs is shown apart from the server's.
     let registry_before = registry.cpu_seconds()?;
@@ -169,10 +149,10 @@ async fn run_ajour(
         "registry (Drogue's, played by a second ajour serve) cpu during ajour: {:.2} s",
         registry.cpu_seconds()? - registry_before
     );
-    report.status_writes = Some(settled_status_writes(&server.url).await? / f64::from(args.devices));
+    report.status_writes = Some(settled_status_writes(&server.url).await? / f64::from(args.fleet.devices));
     crate::say!(
         "registry calls per device during ajour: {}",
-        registry_calls(&server.url, args.devices).await?
+        registry_calls(&server.url, args.fleet.devices).await?
     );
     Ok(report)
 }
@@ -203,7 +183,7 @@ async fn registry_calls(url: &str, devices: u32) -> anyhow::Result<String> {
 }
 
 async fn run_bare(args: &MqttBenchArgs, broker: &str, broker_pid: Option<u32>) -> anyhow::Result<LoadReport> {
-    let size = args.image_size.to_string();
+    let size = args.fleet.image_size.to_string();
     let server = ServerProcess::start(&[
         "bench",
         "bare-mqtt-server",
@@ -244,16 +224,16 @@ async fn drive(
 ) -> anyhow::Result<LoadReport> {
     let fleet = Arc::new(Fleet::connect_with(&MqttConfig::new(broker, "ajour-bench"), APP).await?);
     answering(&fleet, target).await?;
-    let image = Arc::new(super::bench_image(args.image_size));
+    let image = Arc::new(super::bench_image(args.fleet.image_size));
     let command_timeout = Duration::from_secs_f64(args.command_timeout);
-    let bar = progress_bar(u64::from(args.devices), target);
+    let bar = progress_bar(u64::from(args.fleet.devices), target);
     let cpu_before = server.cpu_seconds()?;
     let broker_before = broker_pid.map(process::cpu_seconds).transpose()?;
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..args.devices {
+    for i in 0..args.fleet.devices {
         let (fleet, image, bar) = (fleet.clone(), image.clone(), bar.clone());
-        let mtu = args.mtu;
+        let mtu = args.fleet.mtu;
         tasks.spawn(async move {
             let result = device(&fleet, i, mtu, command_timeout, &image).await;
             bar.inc(1);
@@ -263,7 +243,7 @@ async fn drive(
     let mut latencies = Latencies::new()?;
     let (mut round_trips, mut resends) = (0u64, 0u64);
     let mut failures = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.fleet.timeout);
     while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
         .await
         .with_context(|| format!("{target}: benchmark timed out"))?
