@@ -117,14 +117,21 @@ pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+/// A temp data directory for `ajour serve` holding the benchmark firmware as `bench-fw`; the
+/// directory lives as long as the returned guard.
+pub(super) fn data_dir_with_firmware(image_size: usize) -> anyhow::Result<(tempfile::TempDir, String)> {
     let data = tempfile::tempdir()?;
     FileStore::new(crate::server::firmware_dir(data.path()), Duration::ZERO).add(
         &FirmwareName::parse("bench-fw")?,
         TO,
-        &super::bench_image(args.fleet.image_size),
+        &super::bench_image(image_size),
     )?;
-    let data_dir = data.path().to_str().context("temp dir path")?.to_string();
+    let path = data.path().to_str().context("temp dir path")?.to_string();
+    Ok((data, path))
+}
+
+async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+    let (_data, data_dir) = data_dir_with_firmware(args.fleet.image_size)?;
     let mut serve_args = vec![
         "serve",
         "--data-dir",

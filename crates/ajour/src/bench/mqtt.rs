@@ -15,14 +15,13 @@
 //! the server for the same cores.
 
 use super::http::{
-    device_name, print_table, provision, status_writes, Latencies, LoadReport, API_TOKEN, APP, FROM,
-    MAX_LATENCY_US, TO,
+    data_dir_with_firmware, device_name, print_table, provision, status_writes, Latencies, LoadReport,
+    API_TOKEN, APP, FROM, MAX_LATENCY_US, TO,
 };
 use super::process::{self, ServerProcess};
 use crate::simulate::{progress_bar, Outcome, SimulatedDevice, StatusEncoding, Step};
 use crate::simulate_mqtt::Fleet;
 use ajour_drogue::mqtt::MqttConfig;
-use ajour_store::{FileStore, FirmwareName};
 use anyhow::{bail, Context};
 use clap::Args;
 use hdrhistogram::Histogram;
@@ -112,13 +111,7 @@ async fn run_ajour(
     provision(&registry.url, args.fleet.devices, false).await?;
 
     // The server under test reads firmware from its own sources, named by the registry's spec.
-    let data = tempfile::tempdir()?;
-    FileStore::new(crate::server::firmware_dir(data.path()), Duration::ZERO).add(
-        &FirmwareName::parse("bench-fw")?,
-        TO,
-        &super::bench_image(args.fleet.image_size),
-    )?;
-    let data_dir = data.path().to_str().context("temp dir path")?.to_string();
+    let (_data, data_dir) = data_dir_with_firmware(args.fleet.image_size)?;
     let workers = args.workers.map(|w| w.to_string());
     let mut serve_args = vec![
         "serve",
