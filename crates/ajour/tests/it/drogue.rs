@@ -696,20 +696,25 @@ async fn a_broker_restart_is_survived_by_reconnecting_and_subscribing_again() {
     registry.stop().await;
 }
 
+/// Ajour's own server as Drogue's registry, with application `app` (firmware file `fw`) and
+/// devices `sim-0 .. sim-(devices-1)`.
+async fn registry_with_fleet(app: &str, devices: u32) -> TestServer {
+    let registry = TestServer::start(Backend::Sqlite).await;
+    registry
+        .create_app(app, Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for i in 0..devices {
+        registry.create_device(app, &format!("sim-{i}"), "pw", None).await;
+    }
+    registry
+}
+
 #[tokio::test]
 async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway() {
     const DEVICES: u32 = 16;
     let image = firmware_bytes(12_000, 11);
     let broker = Mosquitto::start();
-    let registry = TestServer::start(Backend::Sqlite).await;
-    registry
-        .create_app("fleet", Some(json!({"file": {"name": "fw"}})))
-        .await;
-    for i in 0..DEVICES {
-        registry
-            .create_device("fleet", &format!("sim-{i}"), "pw", None)
-            .await;
-    }
+    let registry = registry_with_fleet("fleet", DEVICES).await;
     let firmware = [("fw", "2.0.0", image.clone())];
     let common = [
         "--drogue-mqtt-url",
@@ -830,15 +835,7 @@ async fn with_two_live_instances_every_device_is_left_shown_in_sync() {
     const DEVICES: u32 = 12;
     let image = firmware_bytes(4000, 12);
     let broker = Mosquitto::start();
-    let registry = TestServer::start(Backend::Sqlite).await;
-    registry
-        .create_app("pair", Some(json!({"file": {"name": "fw"}})))
-        .await;
-    for i in 0..DEVICES {
-        registry
-            .create_device("pair", &format!("sim-{i}"), "pw", None)
-            .await;
-    }
+    let registry = registry_with_fleet("pair", DEVICES).await;
     let firmware = [("fw", "3.0.0", image)];
     let flags = [
         "--drogue-mqtt-url",

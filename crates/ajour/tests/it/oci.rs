@@ -31,6 +31,14 @@ fn oci_config(registry: &OciRegistry) -> OciConfig {
     }
 }
 
+fn store_with_auth(registry: &OciRegistry, auth: OciAuth) -> OciStore {
+    OciStore::new(OciConfig {
+        auth,
+        ..oci_config(registry)
+    })
+    .unwrap()
+}
+
 fn store(registry: &OciRegistry) -> OciStore {
     OciStore::new(oci_config(registry)).unwrap()
 }
@@ -882,13 +890,7 @@ async fn with_the_registry_down_mid_fleet_devices_wait_and_all_finish_correctly_
 #[tokio::test]
 async fn an_htpasswd_registry_serves_the_right_credentials_and_refuses_others() {
     let registry = OciRegistry::start_with_auth("fleet-bot", "s3cret").await;
-    let with = |auth: OciAuth| {
-        OciStore::new(OciConfig {
-            auth,
-            ..oci_config(&registry)
-        })
-        .unwrap()
-    };
+    let with = |auth: OciAuth| store_with_auth(&registry, auth);
     let right = with(OciAuth::Basic {
         username: "fleet-bot".into(),
         password: "s3cret".into(),
@@ -996,13 +998,7 @@ async fn the_distribution_token_flow_trades_credentials_for_bearer_tokens() {
         ..RegistryOptions::default()
     })
     .await;
-    let with = |auth: OciAuth| {
-        OciStore::new(OciConfig {
-            auth,
-            ..oci_config(&registry)
-        })
-        .unwrap()
-    };
+    let with = |auth: OciAuth| store_with_auth(&registry, auth);
     let robot = with(OciAuth::Basic {
         username: "robot".into(),
         password: "t0ken-pass".into(),
