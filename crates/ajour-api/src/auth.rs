@@ -5,7 +5,6 @@ use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -51,12 +50,6 @@ fn presented_token(header: &str) -> Option<String> {
     if scheme.eq_ignore_ascii_case("bearer") {
         return Some(value.trim().to_string());
     }
-    if scheme.eq_ignore_ascii_case("basic") {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(value.trim())
-            .ok()?;
-        let decoded = String::from_utf8(decoded).ok()?;
-        return decoded.split_once(':').map(|(_, token)| token.to_string());
-    }
-    None
+    // Drogue's tools send the token as the password of Basic credentials.
+    ajour_types::basic_auth::parse(header).map(|(_, token)| token)
 }

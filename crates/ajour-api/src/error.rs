@@ -20,6 +20,12 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<ajour_types::NameError> for ApiError {
+    fn from(error: ajour_types::NameError) -> Self {
+        ApiError::BadRequest(error.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, error, message) = match self {

@@ -4,25 +4,12 @@
 //! Registry failures reach the update service as [`ajour_registry::RegistryError`], which makes
 //! the device wait.
 
-use std::path::PathBuf;
-
 /// Why the Drogue integration cannot be set up as configured.
 #[derive(Debug, thiserror::Error)]
 pub enum DrogueError {
-    #[error("invalid URL '{url}': {reason}")]
-    InvalidUrl { url: String, reason: String },
-    #[error("reading the CA file {path}: {source}")]
-    CaFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the CA file {0} holds no PEM certificate")]
-    NoCertificate(PathBuf),
-    #[error("TLS set-up: {0}")]
-    Tls(#[from] rustls::Error),
-    #[error("HTTP client set-up: {0}")]
-    Http(#[from] reqwest::Error),
+    /// The MQTT or registry client (URL, CA file, TLS).
+    #[error(transparent)]
+    Client(#[from] ajour_client::SetupError),
     #[error("invalid configuration: {0}")]
     Config(String),
 }

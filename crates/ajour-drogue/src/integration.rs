@@ -12,13 +12,17 @@
 //! registry error reaches the device as a Wait (the update service's policy).
 
 use crate::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest, EventError};
-use crate::mqtt::{connect, Incoming, Message, MqttClient, MqttConfig, MqttConnection};
 use crate::DrogueError;
+use ajour_client::mqtt::{
+    connect, disconnect, run_session, Message, MqttClient, MqttConfig, MqttConnection, SessionHandler,
+    SessionOptions,
+};
 use ajour_registry::{AppName, ListParams, Registry, Scope};
 use ajour_service::UpdateService;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
 use std::hash::{Hash, Hasher};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -269,61 +273,21 @@ async fn run(
         "Drogue integration starting"
     );
 
-    let mut backoff = MIN_BACKOFF;
-    loop {
-        let polled = tokio::select! {
-            _ = stopped.wait_for(|s| *s) => break,
-            polled = connection.poll() => polled,
-        };
-        match polled {
-            Ok(Incoming::Connected) => {
-                backoff = MIN_BACKOFF;
-                bump(&stats.connections);
-                metrics::counter!("ajour_drogue_connections_total").increment(1);
-                let apps: Vec<AppName> = applications.lock().unwrap().iter().cloned().collect();
-                tracing::info!(
-                    applications = apps.len(),
-                    "connected to the MQTT integration; subscribing"
-                );
-                // Not awaited here: the subscriptions go out through this very loop. Those of
-                // earlier connections are done by now; forget them.
-                while helpers.try_join_next().is_some() {}
-                let (client, config) = (client.clone(), config.clone());
-                helpers.spawn(async move {
-                    for app in apps {
-                        subscribe(&client, &config, &app).await;
-                    }
-                });
-            }
-            Ok(Incoming::Subscribed { granted: true }) => bump(&stats.subscriptions),
-            Ok(Incoming::Subscribed { granted: false }) => {
-                tracing::error!(
-                    "the broker refused a subscription: check the user's access to the application"
-                )
-            }
-            Ok(Incoming::Message(message)) => {
-                bump(&stats.events);
-                let Some(request) = classify(&message, &stats) else {
-                    continue;
-                };
-                let shard = shard_of(&request, shards.len());
-                if shards[shard].send(Job { request }).is_err() {
-                    tracing::error!("a worker of the Drogue integration has stopped");
-                    break;
-                }
-            }
-            Ok(Incoming::Other) => {}
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "MQTT connection lost; reconnecting");
-                metrics::counter!("ajour_drogue_connection_errors_total").increment(1);
-                tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => break,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
-        }
-    }
+    let mut session = Session {
+        applications: &applications,
+        config: &config,
+        stats: &stats,
+        shards: &shards,
+    };
+    let options = SessionOptions {
+        binary_content_mode: config.binary_content_mode,
+        min_backoff: MIN_BACKOFF,
+        max_backoff: MAX_BACKOFF,
+    };
+    run_session(&client, &mut connection, &options, &mut session, async {
+        let _ = stopped.wait_for(|s| *s).await;
+    })
+    .await;
 
     // Stopping: no new statuses; answer those taken (while the connection still sends), then
     // say goodbye. Statuses not answered are sent again by their devices.
@@ -343,12 +307,57 @@ async fn run(
         }
     }
     workers.abort_all();
-    client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        while connection.poll().await.is_ok() {}
-    })
-    .await;
+    disconnect(&client, &mut connection).await;
     tracing::info!(client_id = %config.mqtt.client_id, "Drogue integration stopped");
+}
+
+/// The integration's side of the MQTT session: subscriptions on every connection, and each
+/// DFU status to the worker of its device.
+struct Session<'a> {
+    applications: &'a Mutex<BTreeSet<AppName>>,
+    config: &'a IntegrationConfig,
+    stats: &'a IntegrationStats,
+    shards: &'a [mpsc::UnboundedSender<Job>],
+}
+
+impl SessionHandler for Session<'_> {
+    fn connected(&mut self) -> Vec<String> {
+        bump(&self.stats.connections);
+        metrics::counter!("ajour_drogue_connections_total").increment(1);
+        let apps: Vec<AppName> = self.applications.lock().unwrap().iter().cloned().collect();
+        tracing::info!(
+            applications = apps.len(),
+            "connected to the MQTT integration; subscribing"
+        );
+        apps.iter().map(|app| self.config.filter(app)).collect()
+    }
+
+    fn subscribed(&mut self, granted: bool) {
+        if granted {
+            bump(&self.stats.subscriptions);
+        } else {
+            tracing::error!("the broker refused a subscription: check the user's access to the application");
+        }
+    }
+
+    fn message(&mut self, message: Message) -> ControlFlow<()> {
+        bump(&self.stats.events);
+        let Some(request) = classify(&message, self.stats) else {
+            return ControlFlow::Continue(());
+        };
+        let shard = shard_of(&request, self.shards.len());
+        if self.shards[shard].send(Job { request }).is_err() {
+            tracing::error!("a worker of the Drogue integration has stopped");
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn connection_lost(&mut self, error: &str) -> ControlFlow<()> {
+        tracing::warn!(%error, "MQTT connection lost; reconnecting");
+        metrics::counter!("ajour_drogue_connection_errors_total").increment(1);
+        ControlFlow::Continue(())
+    }
 }
 
 async fn subscribe(client: &MqttClient, config: &IntegrationConfig, app: &AppName) {
@@ -414,7 +423,23 @@ async fn worker(
     stats: Arc<IntegrationStats>,
 ) {
     while let Some(Job { request }) = jobs.recv().await {
-        let reply = service.handle_status(&request.key, &request.status).await;
+        // Drogue authenticated the device: no credentials to check here.
+        let reply = match service.device(&request.key, None).await {
+            Ok(device) => device.handle_status(&request.status).await,
+            Err(error) => {
+                tracing::warn!(key = %request.key, %error, "device unavailable");
+                continue;
+            }
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                bump(&stats.malformed);
+                count_event("malformed");
+                tracing::warn!(key = %request.key, %error, "skipping a malformed status");
+                continue;
+            }
+        };
         let topic = request.command_topic();
         tracing::trace!(%topic, command = reply.kind, "answering");
         match client.publish(&topic, reply.command).await {

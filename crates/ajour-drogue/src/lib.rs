@@ -18,15 +18,13 @@
 mod error;
 pub mod event;
 mod integration;
-pub mod mqtt;
 mod registry;
-mod tls;
 
+pub use ajour_client::mqtt::{MqttConfig, MqttVersion};
+pub use ajour_client::{RegistryClientConfig as RegistryConfig, TlsOptions};
 pub use error::DrogueError;
 pub use integration::{Applications, Integration, IntegrationConfig, IntegrationStats};
-pub use mqtt::{MqttConfig, MqttVersion};
-pub use registry::{DrogueRegistry, RegistryConfig};
-pub use tls::TlsOptions;
+pub use registry::DrogueRegistry;
 
 /// Everything Drogue mode needs: where the registry and the integration are.
 #[derive(Debug, Clone)]

@@ -2,60 +2,19 @@
 //! whose registry is in memory and whose firmware source can be held up: a device that is slow to
 //! serve must not hold up other devices, and one device's statuses must be answered in order.
 
+use ajour_client::mqtt::{connect, Incoming, MqttConfig, MqttVersion};
 use ajour_drogue::event::structured_event;
-use ajour_drogue::mqtt::{connect, Incoming, MqttConfig, MqttVersion};
 use ajour_drogue::{Applications, Integration, IntegrationConfig};
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
-use ajour_registry::{AppName, Key, ListParams, Registry, RegistryError, Resource, Scope};
+use ajour_registry::{AppName, Key};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FetchError, FirmwareImage, FirmwareSource, FirmwareSpec};
-use ajour_testkit::Mosquitto;
+use ajour_testkit::{MemoryRegistry, Mosquitto};
 use async_trait::async_trait;
-use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
-
-/// Applications and devices in memory.
-#[derive(Default)]
-struct MemoryRegistry {
-    objects: Mutex<HashMap<Key, Resource>>,
-}
-
-impl MemoryRegistry {
-    fn put(&self, key: Key, spec: Value) {
-        let resource = Resource {
-            spec: spec.as_object().cloned().unwrap_or_default(),
-            ..Default::default()
-        };
-        self.objects.lock().unwrap().insert(key, resource);
-    }
-}
-
-#[async_trait]
-impl Registry for MemoryRegistry {
-    async fn create(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
-        self.objects.lock().unwrap().insert(key.clone(), resource.clone());
-        Ok(resource)
-    }
-    async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
-        Ok(self.objects.lock().unwrap().get(key).cloned())
-    }
-    async fn list(&self, _: &Scope, _: &ListParams) -> Result<Vec<Resource>, RegistryError> {
-        Ok(Vec::new())
-    }
-    async fn update(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
-        self.create(key, resource).await
-    }
-    async fn delete(&self, key: &Key) -> Result<(), RegistryError> {
-        self.objects.lock().unwrap().remove(key);
-        Ok(())
-    }
-    async fn set_status_section(&self, _: &Key, _: &str, _: Value) -> Result<(), RegistryError> {
-        Ok(())
-    }
-}
 
 /// Serves one image; fetches of firmware `slow` wait for a permit.
 struct GatedFirmware {
@@ -79,11 +38,11 @@ async fn a_slow_device_holds_up_no_other_and_each_device_is_answered_in_order() 
     let app = AppName::parse("app").unwrap();
     let device = |name: &str| Key::Device(app.clone(), ajour_registry::DeviceName::parse(name).unwrap());
     let registry = Arc::new(MemoryRegistry::default());
-    registry.put(Key::App(app.clone()), json!({}));
-    registry.put(device("slow"), json!({"firmware": {"file": {"name": "slow"}}}));
+    registry.put(&Key::App(app.clone()), json!({}));
+    registry.put(&device("slow"), json!({"firmware": {"file": {"name": "slow"}}}));
     let fast: Vec<String> = (0..8).map(|i| format!("fast-{i}")).collect();
     for name in &fast {
-        registry.put(device(name), json!({"firmware": {"file": {"name": "fast"}}}));
+        registry.put(&device(name), json!({"firmware": {"file": {"name": "fast"}}}));
     }
     let gate = Arc::new(Semaphore::new(0));
     let image: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();

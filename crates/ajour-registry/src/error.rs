@@ -13,10 +13,11 @@ pub enum RegistryError {
     /// The request is malformed; the message says what to change.
     #[error("{0}")]
     Invalid(String),
+    /// The database failed; the source is kept for the logs.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(Box<dyn std::error::Error + Send + Sync>),
     #[error("database migration failed: {0}")]
-    Migration(#[from] sqlx::migrate::MigrateError),
+    Migration(Box<dyn std::error::Error + Send + Sync>),
     #[error("stored object is corrupt: {0}")]
     Corrupt(String),
     #[error("password hashing failed: {0}")]
@@ -24,4 +25,24 @@ pub enum RegistryError {
     /// A registry reached over the network (Drogue's) failed or could not be reached.
     #[error("remote registry: {0}")]
     Remote(String),
+}
+
+impl From<ajour_types::NameError> for RegistryError {
+    fn from(error: ajour_types::NameError) -> Self {
+        RegistryError::Invalid(error.to_string())
+    }
+}
+
+#[cfg(feature = "sql")]
+impl From<sqlx::Error> for RegistryError {
+    fn from(error: sqlx::Error) -> Self {
+        RegistryError::Database(Box::new(error))
+    }
+}
+
+#[cfg(feature = "sql")]
+impl From<sqlx::migrate::MigrateError> for RegistryError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        RegistryError::Migration(Box::new(error))
+    }
 }

@@ -1,9 +1,9 @@
 //! The device registry: applications and devices, shaped as Drogue Cloud shapes them
 //! (`metadata`/`spec`/`status`), so Drogue's tooling and Ajour's own API share one model.
 //!
-//! [`Registry`] is the trait every backend implements; [`SqlRegistry`] is the one here, on SQLite
-//! (the default, a file in the data directory) or PostgreSQL, through the same queries and
-//! migrations. The registry keeps Drogue's rules: optimistic locking on `resourceVersion`,
+//! [`Registry`] is the trait every backend implements; `SqlRegistry` (feature `sql`, so crates
+//! that only use the trait do not build a database driver) is the one here, on SQLite (the
+//! default, a file in the data directory) or PostgreSQL, through the same queries and migrations. The registry keeps Drogue's rules: optimistic locking on `resourceVersion`,
 //! `generation` bumped only when the spec changes, and passwords given in plain text stored hashed.
 //!
 //! It knows nothing of firmware or devices' update state beyond the JSON sections it stores.
@@ -13,6 +13,7 @@ mod error;
 mod metered;
 mod model;
 mod selector;
+#[cfg(feature = "sql")]
 mod sql;
 
 pub use credentials::{verify_password, PasswordCheck};
@@ -20,10 +21,14 @@ pub use error::RegistryError;
 pub use metered::MeteredRegistry;
 pub use model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 pub use selector::LabelSelector;
+#[cfg(feature = "sql")]
 pub use sql::{SqlRegistry, SqlRegistryOptions};
 
 use async_trait::async_trait;
 use serde_json::Value;
+
+/// What a status section should become, given the stored one (`None`: there is none).
+pub type StatusMerge<'a> = &'a (dyn Fn(Option<&Value>) -> Option<Value> + Send + Sync);
 
 /// Applications and devices, stored somewhere.
 #[async_trait]
@@ -37,9 +42,24 @@ pub trait Registry: Send + Sync + 'static {
     async fn update(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError>;
     /// Delete an object (an application with its devices).
     async fn delete(&self, key: &Key) -> Result<(), RegistryError>;
-    /// Set one section of `status` (e.g. `firmware`), leaving everything else as it is. Retries
-    /// on concurrent writes; returns `NotFound` when the object is gone.
-    async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError>;
+    /// Replace one section of `status` (e.g. `firmware`) by what `merge` makes of the stored one,
+    /// leaving everything else as it is; `merge` returning `None` keeps what is stored. The read
+    /// and the write are one step: a concurrent write makes the backend read again and call
+    /// `merge` again, so a rule in `merge` holds whatever other writers do. Returns whether it
+    /// wrote; `NotFound` when the object is gone.
+    async fn merge_status_section(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: StatusMerge<'_>,
+    ) -> Result<bool, RegistryError>;
+
+    /// Set one section of `status`, whatever is stored.
+    async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
+        self.merge_status_section(key, section, &|_| Some(value.clone()))
+            .await
+            .map(|_| ())
+    }
     /// Whether the registry answers, for readiness checks.
     async fn ping(&self) -> Result<(), RegistryError> {
         let one = ListParams {

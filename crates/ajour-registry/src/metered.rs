@@ -1,9 +1,8 @@
 //! Counts calls to any registry backend (`ajour_registry_calls_total{op, outcome}`), so the cost of
 //! the registry per device update can be watched in production, whatever the backend.
 
-use crate::{Key, ListParams, Registry, RegistryError, Resource, Scope};
+use crate::{Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge};
 use async_trait::async_trait;
-use serde_json::Value;
 use std::sync::Arc;
 
 /// A registry that counts the calls made to the one it wraps.
@@ -60,8 +59,13 @@ impl Registry for MeteredRegistry {
         result
     }
 
-    async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
-        let result = self.inner.set_status_section(key, section, value).await;
+    async fn merge_status_section(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: StatusMerge<'_>,
+    ) -> Result<bool, RegistryError> {
+        let result = self.inner.merge_status_section(key, section, merge).await;
         count("set_status", &result);
         result
     }

@@ -4,7 +4,7 @@
 use crate::credentials::hash_plain_passwords;
 use crate::model::{Key, ListParams, Metadata, Resource, Scope};
 use crate::selector::LabelSelector;
-use crate::{Registry, RegistryError};
+use crate::{Registry, RegistryError, StatusMerge};
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -305,7 +305,12 @@ impl Registry for SqlRegistry {
         Ok(())
     }
 
-    async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {
+    async fn merge_status_section(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: StatusMerge<'_>,
+    ) -> Result<bool, RegistryError> {
         // Only the status column is read and written: status writes are the registry's most
         // frequent ones, and the spec and metadata need not travel for them.
         let (table, key_clause) = match key {
@@ -333,7 +338,10 @@ impl Registry for SqlRegistry {
                 .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
             let mut status: Map<String, Value> = from_text(&row, "status")?;
             let expected: String = row.try_get("resource_version")?;
-            status.insert(section.to_string(), value.clone());
+            let Some(value) = merge(status.get(section)) else {
+                return Ok(false);
+            };
+            status.insert(section.to_string(), value);
             let mut query = sqlx::query(&update).bind(name);
             if let Some(app) = app {
                 query = query.bind(app);
@@ -345,7 +353,7 @@ impl Registry for SqlRegistry {
                 .execute(&self.pool)
                 .await?;
             if result.rows_affected() == 1 {
-                return Ok(());
+                return Ok(true);
             }
         }
         Err(RegistryError::Conflict)

@@ -1,13 +1,15 @@
 //! The update service: one device status in, one command out.
 //!
-//! [`UpdateService::handle_status`] is what every transport calls. It finds the firmware the device
-//! should run (the device's `spec.firmware` over its application's, read through a short-lived
-//! cache rather than from the database on every block), gets the image from the firmware source,
-//! asks the engine for the next command, and records the device's progress in
-//! `status.firmware` without writing to the database for every block (see [`tracker`]).
+//! Every transport makes the same two calls per status: [`UpdateService::device`] reads the
+//! device's context (its firmware spec and credentials, through a short-lived cache rather than
+//! from the database on every block) once, and checks the credentials the device presented; then
+//! [`Device::handle_status`] takes the status bytes as they arrived and returns the command
+//! bytes: it decodes the status, gets the image from the firmware source, asks the engine for the
+//! next command, and records the device's progress in `status.firmware` without writing to the
+//! database for every block (see [`tracker`]).
 //!
-//! It also checks device passwords ([`UpdateService::authenticate`]): the slow hash is verified once,
-//! after which the same credential is recognised by a keyed hash held in memory.
+//! Passwords: the slow hash is verified once, after which the same credential is recognised by a
+//! keyed hash held in memory.
 //!
 //! This crate does no network I/O of its own; the registry and firmware source are traits.
 
@@ -15,14 +17,14 @@ mod auth;
 mod context;
 pub mod tracker;
 
+pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
-pub use tracker::{FirmwareState, FirmwareStatus};
 
 use ajour_engine::{decide, wait, EngineConfig, Outcome, Target};
-use ajour_protocol::{encode_command, Status};
-use ajour_registry::{Key, Registry, Resource};
+use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
+use ajour_registry::{Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSource;
-use context::ContextCache;
+use context::{ContextCache, DeviceContext};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,19 +93,46 @@ impl UpdateService {
         &self.config
     }
 
+    /// The device `key`, its context read once for the status at hand. With `credentials` (what
+    /// the device presented to a transport), they are checked: an unknown device and a wrong
+    /// password are both [`AuthError::Denied`], a registry that cannot be read is
+    /// [`AuthError::Unavailable`]. Without (Drogue mode: Drogue checked them), an unknown device or
+    /// an unreadable registry is answered with `Wait` by [`Device::handle_status`].
+    pub async fn device(
+        &self,
+        key: &Key,
+        credentials: Option<Credentials<'_>>,
+    ) -> Result<Device<'_>, AuthError> {
+        let context = self.contexts.get(self.registry.as_ref(), key).await;
+        if let Some(credentials) = credentials {
+            match &context {
+                Ok(Some(context)) => {
+                    self.auth
+                        .check(key, context, credentials.username, credentials.password)
+                        .await?
+                }
+                Ok(None) => return Err(AuthError::Denied),
+                Err(error) => return Err(AuthError::Unavailable(error.to_string())),
+            }
+        }
+        Ok(Device {
+            service: self,
+            key: key.clone(),
+            context,
+        })
+    }
+
     /// Decide what device `key` gets for `status`. Never fails: whatever goes wrong on the
     /// server's side (registry down, firmware missing or corrupt) makes the device wait, and the
     /// device's status says why.
-    pub async fn handle_status(&self, key: &Key, status: &Status) -> Reply {
-        metrics::counter!("ajour_statuses_received_total").increment(1);
-        let reply = self.decide_for(key, status).await;
-        metrics::counter!("ajour_commands_sent_total", "kind" => reply.kind).increment(1);
-        reply
-    }
-
-    async fn decide_for(&self, key: &Key, status: &Status) -> Reply {
+    async fn decide_for(
+        &self,
+        key: &Key,
+        context: &Result<Option<Arc<DeviceContext>>, RegistryError>,
+        status: &Status,
+    ) -> Reply {
         let correlation_id = status.correlation_id;
-        let context = match self.contexts.get(self.registry.as_ref(), key).await {
+        let context = match context {
             Ok(Some(context)) => context,
             Ok(None) => {
                 tracing::debug!(%key, "status from a device not in the registry");
@@ -157,18 +186,6 @@ impl UpdateService {
             },
         );
         reply(&decision.command)
-    }
-
-    /// Check the password a device presented as `username` (its own name, or the user name of a
-    /// `user` credential). Unknown devices and wrong passwords are both [`AuthError::Denied`].
-    pub async fn authenticate(&self, key: &Key, username: &str, password: &str) -> Result<(), AuthError> {
-        let context = self
-            .contexts
-            .get(self.registry.as_ref(), key)
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?
-            .ok_or(AuthError::Denied)?;
-        self.auth.check(key, &context, username, password).await
     }
 
     /// Forget what is cached about `key` (an application: all its devices), after a write.
@@ -225,6 +242,41 @@ impl UpdateService {
     /// The number of registry writes of `status.firmware` so far (for benchmarks and tests).
     pub fn status_writes(&self) -> u64 {
         self.tracker.writes()
+    }
+}
+
+/// The credentials a device presented to a transport.
+#[derive(Clone, Copy)]
+pub struct Credentials<'a> {
+    /// Its own name, or the user name of a `user` credential.
+    pub username: &'a str,
+    pub password: &'a str,
+}
+
+/// A device, for one status: its context as read by [`UpdateService::device`].
+pub struct Device<'s> {
+    service: &'s UpdateService,
+    key: Key,
+    context: Result<Option<Arc<DeviceContext>>, RegistryError>,
+}
+
+impl Device<'_> {
+    /// The command for the status `bytes` the device sent, encoded. A status that does not decode
+    /// is the device's fault and an error; whatever goes wrong on the server's side (registry
+    /// down, firmware missing or corrupt) is answered with `Wait`, and the device's status says
+    /// why.
+    pub async fn handle_status(&self, bytes: &[u8]) -> Result<Reply, DecodeError> {
+        metrics::counter!("ajour_statuses_received_total").increment(1);
+        let status = match decode_status(bytes) {
+            Ok(status) => status,
+            Err(error) => {
+                error_total("decode");
+                return Err(error);
+            }
+        };
+        let reply = self.service.decide_for(&self.key, &self.context, &status).await;
+        metrics::counter!("ajour_commands_sent_total", "kind" => reply.kind).increment(1);
+        Ok(reply)
     }
 }
 

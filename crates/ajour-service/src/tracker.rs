@@ -4,104 +4,22 @@
 //! updating, failing; or a new current or target version) is written to the registry at once.
 //! Progress within an update is written at most once per interval, and only when it advanced by at
 //! least a step (20 percentage points by default) or the device has gone quiet for an interval: so
-//! a whole update costs a handful of writes however large the image and however slow the device. Writes run beside the request, not in it: the device gets its command without
-//! waiting for the database. Writes for one device are serialised and always write the newest
-//! state, so a late progress write can never overwrite the final "in sync"; until a state is
-//! written, the API shows it from here.
+//! a whole update costs a handful of writes however large the image and however slow the device.
+//! Writes run beside the request, not in it: the device gets its command without waiting for the
+//! database. Writes for one device are serialised and always write the newest state, so a late
+//! progress write can never overwrite the final "in sync"; until a state is written, the API shows
+//! it from here. Across instances (several sharing one registry) the same holds through the
+//! registry's read-and-write step: a write that would turn a device shown in sync since t1 back to
+//! "updating" as seen before t1 is dropped ([`ajour_types::FirmwareReport::is_late_over`]).
 
 use ajour_registry::{Key, Registry, RegistryError};
-use serde_json::{json, Value};
+use ajour_types::{FirmwareReport, FirmwareStatus};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
-
-/// Where a device is with its firmware.
-#[derive(Debug, Clone, PartialEq)]
-pub enum FirmwareState {
-    InSync,
-    Updating { percent: f64 },
-    Error { reason: String },
-}
-
-/// A device's firmware status: what it runs, what it should run, and how far along it is.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FirmwareStatus {
-    pub current: String,
-    pub target: String,
-    pub state: FirmwareState,
-}
-
-impl FirmwareStatus {
-    /// The firmware could not be had; the original's shape: target "Unknown".
-    pub fn error(current: String, reason: String) -> Self {
-        Self {
-            current,
-            target: "Unknown".into(),
-            state: FirmwareState::Error { reason },
-        }
-    }
-
-    fn percent(&self) -> Option<f64> {
-        match self.state {
-            FirmwareState::Updating { percent } => Some(percent),
-            _ => None,
-        }
-    }
-
-    /// Equal but for progress within an update.
-    fn same_phase(&self, other: &Self) -> bool {
-        let phase = |s: &FirmwareState| match s {
-            FirmwareState::Updating { .. } => None,
-            other => Some(other.clone()),
-        };
-        self.current == other.current
-            && self.target == other.target
-            && phase(&self.state) == phase(&other.state)
-    }
-
-    /// The conditions in Drogue's shape.
-    fn conditions(&self) -> Vec<Condition> {
-        match &self.state {
-            FirmwareState::InSync => vec![Condition::new("InSync", "True", None, None)],
-            FirmwareState::Updating { percent } => vec![
-                Condition::new("InSync", "False", None, None),
-                Condition::new("UpdateProgress", "Unknown", None, Some(format!("{percent:.2}"))),
-            ],
-            FirmwareState::Error { reason } => vec![Condition::new(
-                "InSync",
-                "False",
-                Some(reason.clone()),
-                Some("Error retrieving firmware metadata".into()),
-            )],
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct Condition {
-    kind: &'static str,
-    status: &'static str,
-    reason: Option<String>,
-    message: Option<String>,
-}
-
-impl Condition {
-    fn new(
-        kind: &'static str,
-        status: &'static str,
-        reason: Option<String>,
-        message: Option<String>,
-    ) -> Self {
-        Self {
-            kind,
-            status,
-            reason,
-            message,
-        }
-    }
-}
 
 /// A device that sent nothing for this long (or the progress interval, if longer) has stopped.
 const QUIET_AFTER: Duration = Duration::from_secs(5);
@@ -120,36 +38,17 @@ struct Tracked {
     last_write: Option<Instant>,
     /// When the last status was recorded.
     last_record: Option<Instant>,
-    /// When each condition type last changed its status: `lastTransitionTime` moves only then.
-    transitions: HashMap<&'static str, (&'static str, String)>,
+    /// The newest report rendered: its conditions' times carry over to the next one, so
+    /// `lastTransitionTime` moves only when a condition changes.
+    report: Option<FirmwareReport>,
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Tracked {
-    fn render(&mut self, status: &FirmwareStatus) -> Value {
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let conditions: Vec<Value> = status
-            .conditions()
-            .into_iter()
-            .map(|c| {
-                let since = match self.transitions.get(c.kind) {
-                    Some((status, since)) if *status == c.status => since.clone(),
-                    _ => {
-                        self.transitions.insert(c.kind, (c.status, now.clone()));
-                        now.clone()
-                    }
-                };
-                let mut condition = json!({"type": c.kind, "status": c.status, "lastTransitionTime": since});
-                if let Some(reason) = c.reason {
-                    condition["reason"] = reason.into();
-                }
-                if let Some(message) = c.message {
-                    condition["message"] = message.into();
-                }
-                condition
-            })
-            .collect();
-        json!({"current": status.current, "target": status.target, "conditions": conditions})
+    fn render(&mut self, status: &FirmwareStatus) -> FirmwareReport {
+        let report = FirmwareReport::observe(self.report.as_ref(), status.clone(), chrono::Utc::now());
+        self.report = Some(report.clone());
+        report
     }
 
     fn due(&self, interval: Duration) -> bool {
@@ -246,11 +145,11 @@ impl StatusTracker {
         let mut devices = self.inner.devices.lock().unwrap();
         let tracked = devices.get_mut(key)?;
         let latest = tracked.latest.clone()?;
-        (tracked.written.as_ref() != Some(&latest)).then(|| tracked.render(&latest))
+        (tracked.written.as_ref() != Some(&latest)).then(|| tracked.render(&latest).to_json())
     }
 
     /// [`Self::pending_json`] for every device of `app` that has one, by device name.
-    pub fn pending_of_app(&self, app: &ajour_registry::AppName) -> HashMap<String, Value> {
+    pub fn pending_of_app(&self, app: &ajour_types::AppName) -> HashMap<String, Value> {
         let mut devices = self.inner.devices.lock().unwrap();
         devices
             .iter_mut()
@@ -258,7 +157,7 @@ impl StatusTracker {
                 Key::Device(a, device) if a == app => {
                     let latest = tracked.latest.clone()?;
                     (tracked.written.as_ref() != Some(&latest))
-                        .then(|| (device.to_string(), tracked.render(&latest)))
+                        .then(|| (device.to_string(), tracked.render(&latest).to_json()))
                 }
                 _ => None,
             })
@@ -309,7 +208,7 @@ impl Inner {
             return;
         };
         let _writing = lock.lock().await;
-        let (status, value) = {
+        let (status, report) = {
             let mut devices = self.devices.lock().unwrap();
             let Some(tracked) = devices.get_mut(&key) else {
                 return;
@@ -320,14 +219,26 @@ impl Inner {
             tracked.dirty = false;
             tracked.last_write = Some(Instant::now());
             tracked.started = Some(status.clone());
-            let value = tracked.render(&status);
-            (status, value)
+            let report = tracked.render(&status);
+            (status, report)
         };
-        let result = self.registry.set_status_section(&key, "firmware", value).await;
+        let value = report.to_json();
+        // The rule that holds for every backend and any number of instances: a late, older
+        // observation never turns a device shown in sync back to updating.
+        let merge = |stored: Option<&Value>| match stored.map(FirmwareReport::from_json) {
+            Some(Ok(stored)) if report.is_late_over(&stored) => None,
+            _ => Some(value.clone()),
+        };
+        let result = self.registry.merge_status_section(&key, "firmware", &merge).await;
         let mut devices = self.devices.lock().unwrap();
         match result {
-            Ok(()) => {
-                self.writes.fetch_add(1, Ordering::Relaxed);
+            Ok(written) => {
+                if written {
+                    self.writes.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    tracing::debug!(%key, "dropping a late firmware status: the device was seen in sync since");
+                    metrics::counter!("ajour_late_status_writes_total").increment(1);
+                }
                 if let Some(tracked) = devices.get_mut(&key) {
                     tracked.written = Some(status);
                 }

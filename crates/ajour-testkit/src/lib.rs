@@ -1,4 +1,5 @@
-//! Helpers that give each test real servers of its own, cleaned up on `Drop`.
+//! Helpers that give each test real servers of its own, cleaned up on `Drop`, and the one test
+//! double of the registry ([`MemoryRegistry`]) for tests of the layers above it.
 //!
 //! MQTT broker: [`Mosquitto`] runs Debian's `mosquitto` on a free port in a temp dir.
 //!
@@ -14,8 +15,10 @@ pub mod oci_registry;
 
 pub use oci_registry::{OciLayout, OciRegistry};
 
+pub mod memory;
 pub mod mosquitto;
 
+pub use memory::MemoryRegistry;
 pub use mosquitto::Mosquitto;
 
 use sqlx::Connection;

@@ -13,16 +13,15 @@
 //! | body that is not a status | 400, naming what is wrong |
 //! | registry unreachable while authenticating | 503 |
 
-use ajour_protocol::{decode_status, MAX_STATUS_SIZE};
-use ajour_registry::{AppName, DeviceName, Key};
-use ajour_service::{error_total, AuthError, UpdateService};
+use ajour_protocol::MAX_STATUS_SIZE;
+use ajour_service::{error_total, AuthError, Credentials, UpdateService};
+use ajour_types::{basic_auth, Key};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
-use base64::Engine;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -53,7 +52,11 @@ async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Some((user, password)) = basic_credentials(&headers) else {
+    let credentials = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(basic_auth::parse);
+    let Some((user, password)) = credentials else {
         error_total("auth_missing");
         return (
             StatusCode::UNAUTHORIZED,
@@ -69,9 +72,9 @@ async fn publish(
         )
             .into_response();
     }
-    let key = match parse_key(&user, query.application.as_deref()) {
-        Ok(key) => key,
-        Err(KeyError::NoApplication) => {
+    let key = match Key::from_device_user(&user, query.application.as_deref()) {
+        Ok(Some(key)) => key,
+        Ok(None) => {
             return (
                 StatusCode::UNAUTHORIZED,
                 "no application: authenticate as device@application or add ?application=\n",
@@ -79,14 +82,18 @@ async fn publish(
                 .into_response()
         }
         // A name that cannot exist is an unknown device: the same answer as a wrong password.
-        Err(KeyError::InvalidName) => {
+        Err(_) => {
             error_total("auth_denied");
             return StatusCode::FORBIDDEN.into_response();
         }
     };
     let username = user.split_once('@').map(|(d, _)| d).unwrap_or(&user);
-    match service.authenticate(&key, username, &password).await {
-        Ok(()) => {}
+    let presented = Credentials {
+        username,
+        password: &password,
+    };
+    let device = match service.device(&key, Some(presented)).await {
+        Ok(device) => device,
         Err(AuthError::Denied) => {
             error_total("auth_denied");
             return StatusCode::FORBIDDEN.into_response();
@@ -96,7 +103,7 @@ async fn publish(
             tracing::warn!(%reason, "device authentication unavailable");
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
-    }
+    };
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
         Err(_) => {
@@ -111,14 +118,10 @@ async fn publish(
     if channel != DFU_CHANNEL {
         return StatusCode::ACCEPTED.into_response();
     }
-    let status = match decode_status(&bytes) {
-        Ok(status) => status,
-        Err(error) => {
-            error_total("decode");
-            return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response();
-        }
+    let reply = match device.handle_status(&bytes).await {
+        Ok(reply) => reply,
+        Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
     };
-    let reply = service.handle_status(&key, &status).await;
     tracing::trace!(%key, command = reply.kind, "status answered");
     (
         StatusCode::OK,
@@ -132,36 +135,4 @@ async fn publish(
         reply.command,
     )
         .into_response()
-}
-
-/// `(user, password)` from a Basic `Authorization` header.
-fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, encoded) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return None;
-    }
-    let decoded = base64::engine::general_purpose::STANDARD
-        .decode(encoded.trim())
-        .ok()?;
-    let decoded = String::from_utf8(decoded).ok()?;
-    let (user, password) = decoded.split_once(':')?;
-    Some((user.to_string(), password.to_string()))
-}
-
-/// Why a request's user names no device.
-enum KeyError {
-    NoApplication,
-    InvalidName,
-}
-
-/// `device@app`, or `device` with the application from the query.
-fn parse_key(user: &str, application: Option<&str>) -> Result<Key, KeyError> {
-    let (device, app) = match user.split_once('@') {
-        Some((device, app)) => (device, app),
-        None => (user, application.ok_or(KeyError::NoApplication)?),
-    };
-    let app = AppName::parse(app).map_err(|_| KeyError::InvalidName)?;
-    let device = DeviceName::parse(device).map_err(|_| KeyError::InvalidName)?;
-    Ok(Key::Device(app, device))
 }

@@ -542,17 +542,15 @@ fn describe_firmware(firmware: &Value) -> String {
 /// `(current, target, state)` from `status.firmware`, for people.
 pub fn firmware_status(device: &Value) -> (String, String, String) {
     let firmware = &device["status"]["firmware"];
-    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
-    let conditions = firmware["conditions"].as_array().cloned().unwrap_or_default();
-    let find = |kind: &str| conditions.iter().find(|c| c["type"] == kind).cloned();
-    let state = match (find("InSync"), find("UpdateProgress")) {
-        (Some(sync), _) if sync["status"] == "True" => "in sync".to_string(),
-        (_, Some(progress)) => format!("updating {}%", progress["message"].as_str().unwrap_or("?")),
-        (Some(sync), None) => match sync["reason"].as_str() {
-            Some(reason) => format!("error: {reason}"),
-            None => "not in sync".into(),
-        },
-        (None, None) => "unknown (no status reported yet)".into(),
-    };
-    (text(&firmware["current"]), text(&firmware["target"]), state)
+    if firmware.is_null() {
+        return ("-".into(), "-".into(), "unknown (no status reported yet)".into());
+    }
+    match ajour_types::FirmwareReport::from_json(firmware) {
+        Ok(report) => (
+            report.status.current,
+            report.status.target,
+            report.status.state.to_string(),
+        ),
+        Err(error) => ("-".into(), "-".into(), format!("unknown ({error})")),
+    }
 }

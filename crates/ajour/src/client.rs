@@ -1,6 +1,8 @@
-//! A small client of Ajour's REST API, for the CLI (and usable against Drogue Cloud's registry).
+//! The CLI's use of the registry API: [`ajour_client::RegistryClient`] with answers turned into
+//! messages for people.
 
-use anyhow::{bail, Context};
+use ajour_client::{RegistryClient, RegistryClientConfig};
+use anyhow::bail;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -20,74 +22,47 @@ impl std::fmt::Display for HttpError {
 impl std::error::Error for HttpError {}
 
 pub struct ApiClient {
-    base: String,
-    token: String,
-    http: reqwest::Client,
+    client: RegistryClient,
 }
-
-const REGISTRY: &str = "api/registry/v1alpha1";
 
 impl ApiClient {
     pub fn new(base: &str, token: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(30))
-            .build()?;
+        let mut config = RegistryClientConfig::new(base);
+        config.token = Some(token.to_string());
+        config.timeout = std::time::Duration::from_secs(30);
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
-            token: token.to_string(),
-            http,
+            client: RegistryClient::new(&config)?,
         })
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/{REGISTRY}/{path}", self.base)
-    }
-
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(StatusCode, Value)> {
-        let mut request = self
-            .http
-            .request(method.clone(), self.url(path))
-            .bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request
-            .send()
+    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
+        let segments: Vec<&str> = path.split('/').collect();
+        let url = self.client.url(&segments);
+        let answer = self
+            .client
+            .send(method.clone(), url.clone(), body)
             .await
-            .with_context(|| format!("{method} {}: is `ajour serve` running there?", self.url(path)))?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        let value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if !status.is_success() {
-            let message = value
-                .get("message")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| value.to_string());
+            .map_err(|e| anyhow::anyhow!("{method} {url}: {e}: is `ajour serve` running there?"))?;
+        if !answer.status.is_success() {
+            let (_, message) = answer.error();
             return Err(HttpError {
-                status,
-                message: format!("{method} {path}: {status}: {message}"),
+                status: answer.status,
+                message: format!("{method} {path}: {}: {message}", answer.status),
             }
             .into());
         }
-        Ok((status, value))
+        // An answer that is not JSON is shown as text.
+        Ok(answer
+            .json()
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&answer.body).into_owned())))
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Value> {
-        Ok(self.send(Method::GET, path, None).await?.1)
+        self.send(Method::GET, path, None).await
     }
 
     pub async fn create(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
-        Ok(self.send(Method::POST, path, Some(body)).await?.1)
+        self.send(Method::POST, path, Some(body)).await
     }
 
     pub async fn put(&self, path: &str, body: &Value) -> anyhow::Result<()> {

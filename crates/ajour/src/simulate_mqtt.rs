@@ -11,8 +11,8 @@
 
 use crate::drogue_cli::MqttVersionArg;
 use crate::simulate::{Outcome, SimulateArgs, SimulatedDevice, StatusEncoding, Step};
+use ajour_client::mqtt::{connect, Incoming, MqttClient, MqttConfig};
 use ajour_drogue::event::structured_event;
-use ajour_drogue::mqtt::{connect, Incoming, MqttClient, MqttConfig};
 use anyhow::{bail, Context};
 use clap::Args;
 use std::collections::HashMap;

@@ -4,8 +4,8 @@
 //! an image held in memory and publishes the command on `command/{app}/{device}/dfu` at QoS 1.
 //! No registry, no authentication, no status tracking.
 
+use ajour_client::mqtt::{connect, Incoming, Message, MqttConfig};
 use ajour_drogue::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest};
-use ajour_drogue::mqtt::{connect, Incoming, Message, MqttConfig};
 use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
 use ajour_protocol::encode_command;
 use anyhow::{bail, Context};
@@ -43,7 +43,11 @@ pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
     let answering = client.clone();
     tokio::spawn(async move {
         while let Some(request) = pending.recv().await {
-            let command = encode_command(&decide(&request.status, Target::Ready(&image), &config).command);
+            let Ok(status) = ajour_protocol::decode_status(&request.status) else {
+                tracing::warn!("bare MQTT server: not a DFU status");
+                continue;
+            };
+            let command = encode_command(&decide(&status, Target::Ready(&image), &config).command);
             if let Err(error) = answering.publish(&request.command_topic(), command).await {
                 tracing::warn!(%error, "bare MQTT server: publishing a command failed");
             }

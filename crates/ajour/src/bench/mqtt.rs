@@ -21,7 +21,7 @@ use super::http::{
 use super::process::{self, ServerProcess};
 use crate::simulate::{progress_bar, Outcome, SimulatedDevice, StatusEncoding, Step};
 use crate::simulate_mqtt::Fleet;
-use ajour_drogue::mqtt::MqttConfig;
+use ajour_client::mqtt::MqttConfig;
 use anyhow::{bail, Context};
 use clap::Args;
 use hdrhistogram::Histogram;

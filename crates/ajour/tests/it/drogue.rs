@@ -5,8 +5,8 @@
 
 use crate::support::*;
 use ajour::server::{self, RunningServer};
+use ajour_client::mqtt::{connect, Incoming, MqttClient, MqttConfig, MqttVersion};
 use ajour_drogue::event::structured_event;
-use ajour_drogue::mqtt::{connect, Incoming, MqttClient, MqttConfig, MqttVersion};
 use ajour_drogue::{DrogueRegistry, IntegrationStats, RegistryConfig};
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
 use ajour_registry::{

@@ -3,7 +3,7 @@
 //! certificates). rustls with the ring provider, chosen here rather than through a process-wide
 //! default, so nothing depends on which crate installed one first.
 
-use crate::DrogueError;
+use crate::SetupError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -21,8 +21,8 @@ pub struct TlsOptions {
 }
 
 /// The PEM certificates in `path`.
-pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, DrogueError> {
-    let pem = std::fs::read(path).map_err(|source| DrogueError::CaFile {
+pub fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, SetupError> {
+    let pem = std::fs::read(path).map_err(|source| SetupError::CaFile {
         path: path.to_path_buf(),
         source,
     })?;
@@ -30,13 +30,13 @@ pub(crate) fn read_ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, 
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
-        return Err(DrogueError::NoCertificate(path.to_path_buf()));
+        return Err(SetupError::NoCertificate(path.to_path_buf()));
     }
     Ok(certs)
 }
 
 /// A rustls client configuration for `options`.
-pub(crate) fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, DrogueError> {
+pub fn client_config(options: &TlsOptions) -> Result<Arc<ClientConfig>, SetupError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder =
         ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;

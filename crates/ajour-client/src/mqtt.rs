@@ -1,11 +1,17 @@
 //! One MQTT connection, version 3.1.1 or 5, behind one small interface: the integration and the
 //! simulator need the same few operations (subscribe, publish at QoS 1, receive) whichever
 //! version the broker is spoken to in, and rumqttc has a separate client for each.
+//!
+//! [`run_session`] is the one loop that drives a connection: it subscribes again on every
+//! (re)connection, hands each message to a [`SessionHandler`], and backs off while the broker is
+//! away. [`disconnect`] says goodbye to the broker.
 
 use crate::tls::{client_config, TlsOptions};
-use crate::DrogueError;
+use crate::SetupError;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{PublishProperties, SubscribeProperties};
+use std::future::Future;
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 /// The largest packet sent or received: a command carries a block of up to `max_mtu` bytes
@@ -58,8 +64,8 @@ pub fn unique_client_id(prefix: &str) -> String {
 }
 
 /// Host, port and whether to use TLS, from a broker URL.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), DrogueError> {
-    let invalid = |reason: &str| DrogueError::InvalidUrl {
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), SetupError> {
+    let invalid = |reason: &str| SetupError::InvalidUrl {
         url: url.to_string(),
         reason: reason.into(),
     };
@@ -124,7 +130,7 @@ pub struct ClientError(String);
 
 /// A client and its connection for `config`; nothing is connected before the first poll.
 /// `capacity` bounds the requests (publishes, subscriptions) queued for the connection.
-pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, MqttConnection), DrogueError> {
+pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, MqttConnection), SetupError> {
     let (host, port, tls) = parse_broker_url(&config.url)?;
     let tls = if tls || config.tls.ca_file.is_some() || config.tls.insecure {
         let tls_config = client_config(&config.tls)?;
@@ -315,6 +321,123 @@ impl MqttConnection {
             }
         }
     }
+}
+
+/// What a [`run_session`] does with what its connection brings.
+pub trait SessionHandler {
+    /// (Re)connected: the broker's session is new. Returns the filters to subscribe to (again).
+    fn connected(&mut self) -> Vec<String>;
+
+    /// The broker answered a subscription; `granted` is false when it refused it.
+    fn subscribed(&mut self, granted: bool) {
+        if !granted {
+            tracing::error!("the broker refused a subscription: check the user's access");
+        }
+    }
+
+    /// A message arrived. `Break` ends the session.
+    fn message(&mut self, message: Message) -> ControlFlow<()>;
+
+    /// The connection was lost (or could not be made). `Continue` reconnects after a backoff,
+    /// `Break` ends the session.
+    fn connection_lost(&mut self, error: &str) -> ControlFlow<()> {
+        tracing::warn!(%error, "MQTT connection lost; reconnecting");
+        ControlFlow::Continue(())
+    }
+}
+
+/// How a [`run_session`] subscribes and reconnects.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Ask Drogue for events in binary content mode (MQTT 5 only).
+    pub binary_content_mode: bool,
+    /// The first wait before reconnecting; it doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            binary_content_mode: false,
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// `stop` resolved.
+    Stopped,
+    /// The handler ended it.
+    Handler,
+}
+
+/// Drive `connection` until `stop` resolves or `handler` ends the session: subscribe to the
+/// handler's filters on every (re)connection (without waiting here: the subscriptions go out
+/// through this very loop), hand it every message, and back off while the broker cannot be
+/// reached. The connection stays open; [`disconnect`] closes it.
+pub async fn run_session(
+    client: &MqttClient,
+    connection: &mut MqttConnection,
+    options: &SessionOptions,
+    handler: &mut impl SessionHandler,
+    stop: impl Future<Output = ()>,
+) -> SessionEnd {
+    tokio::pin!(stop);
+    let mut backoff = options.min_backoff;
+    loop {
+        let polled = tokio::select! {
+            _ = &mut stop => return SessionEnd::Stopped,
+            polled = connection.poll() => polled,
+        };
+        let flow = match polled {
+            Ok(Incoming::Connected) => {
+                backoff = options.min_backoff;
+                let filters = handler.connected();
+                let (client, binary) = (client.clone(), options.binary_content_mode);
+                tokio::spawn(async move {
+                    for filter in filters {
+                        if let Err(error) = client.subscribe(&filter, binary).await {
+                            tracing::warn!(%error, %filter, "subscribing failed");
+                        }
+                    }
+                });
+                ControlFlow::Continue(())
+            }
+            Ok(Incoming::Subscribed { granted }) => {
+                handler.subscribed(granted);
+                ControlFlow::Continue(())
+            }
+            Ok(Incoming::Message(message)) => handler.message(message),
+            Ok(Incoming::Other) => ControlFlow::Continue(()),
+            Err(error) => {
+                let flow = handler.connection_lost(&error);
+                if flow.is_continue() {
+                    tokio::select! {
+                        _ = &mut stop => return SessionEnd::Stopped,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(options.max_backoff);
+                }
+                flow
+            }
+        };
+        if flow.is_break() {
+            return SessionEnd::Handler;
+        }
+    }
+}
+
+/// Say goodbye to the broker: send what is queued and a DISCONNECT, for at most a second.
+pub async fn disconnect(client: &MqttClient, connection: &mut MqttConnection) {
+    client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while connection.poll().await.is_ok() {}
+    })
+    .await;
 }
 
 #[cfg(test)]
