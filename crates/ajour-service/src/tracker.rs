@@ -225,22 +225,38 @@ impl Inner {
         let value = report.to_json();
         // The rule that holds for every backend and any number of instances: a late, older
         // observation never turns a device shown in sync back to updating.
+        let newer = Mutex::new(None);
         let merge = |stored: Option<&Value>| match stored.map(FirmwareReport::from_json) {
-            Some(Ok(stored)) if report.is_late_over(&stored) => None,
+            Some(Ok(stored)) if report.is_late_over(&stored) => {
+                *newer.lock().unwrap() = Some(stored);
+                None
+            }
             _ => Some(value.clone()),
         };
         let result = self.registry.merge_status_section(&key, "firmware", &merge).await;
         let mut devices = self.devices.lock().unwrap();
         match result {
-            Ok(written) => {
-                if written {
-                    self.writes.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    tracing::debug!(%key, "dropping a late firmware status: the device was seen in sync since");
-                    metrics::counter!("ajour_late_status_writes_total").increment(1);
-                }
+            Ok(true) => {
+                self.writes.fetch_add(1, Ordering::Relaxed);
                 if let Some(tracked) = devices.get_mut(&key) {
                     tracked.written = Some(status);
+                }
+            }
+            Ok(false) => {
+                tracing::debug!(%key, "dropping a late firmware status: the device was seen in sync since");
+                metrics::counter!("ajour_late_status_writes_total").increment(1);
+                // What the registry has is newer than what this instance saw: take it as this
+                // instance's view, so the API shows it and the device's next status here is
+                // compared with it (a device seen updating again after that is a new phase).
+                let newer = newer.into_inner().unwrap();
+                if let (Some(tracked), Some(newer)) = (devices.get_mut(&key), newer) {
+                    if tracked.latest.as_ref() == Some(&status) {
+                        tracked.latest = Some(newer.status.clone());
+                        tracked.written = Some(newer.status.clone());
+                        tracked.started = Some(newer.status.clone());
+                        tracked.dirty = false;
+                        tracked.report = Some(newer);
+                    }
                 }
             }
             Err(RegistryError::NotFound(_)) => {

@@ -11,7 +11,7 @@
 //! had (the original's shape, which Drogue's console shows). The server writes it
 //! ([`FirmwareReport::to_json`]), the CLI and tests read it ([`FirmwareReport::from_json`]).
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde_json::{json, Value};
 use std::fmt;
 
@@ -125,6 +125,8 @@ impl FirmwareReport {
     /// The report of `status` observed at `now`, after `previous`: a condition whose status did
     /// not change keeps the time it changed at, as Drogue's `lastTransitionTime` does.
     pub fn observe(previous: Option<&FirmwareReport>, status: FirmwareStatus, now: DateTime<Utc>) -> Self {
+        // Kept at the precision it is written in, so a report read back compares as written.
+        let now = now.trunc_subsecs(3);
         let conditions = status
             .conditions()
             .into_iter()
@@ -157,14 +159,16 @@ impl FirmwareReport {
     /// device updating toward version T, but not its final status, may come to write "not in
     /// sync since t0" after another wrote "in sync since t1 > t0": that write is late and would
     /// leave the device shown as updating for ever. A write for another target, or one that saw
-    /// the device out of sync after t1 (it was reflashed), is not late.
+    /// the device out of sync after t1 (it was reflashed), is not late. Within the same
+    /// millisecond the two are taken as concurrent, and in sync wins: no device is reflashed
+    /// and rebooted that fast.
     pub fn is_late_over(&self, stored: &FirmwareReport) -> bool {
         if stored.status.target != self.status.target {
             return false;
         }
         match (stored.condition(IN_SYNC), self.condition(IN_SYNC)) {
             (Some(stored), Some(new)) => {
-                stored.status == "True" && new.status != "True" && new.since < stored.since
+                stored.status == "True" && new.status != "True" && new.since <= stored.since
             }
             _ => false,
         }

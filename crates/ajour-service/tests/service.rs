@@ -1,0 +1,367 @@
+//! The update service against an in-memory registry (and, where instances share one, a PostgreSQL
+//! database of the test's own): what it reads, what it writes, and whom it lets in. Statuses are
+//! handed over as bytes, as transports hand them over.
+
+use ajour_engine::FirmwareImage;
+use ajour_protocol::{encode_status, Encoding, Status};
+use ajour_registry::{Registry, SqlRegistry, SqlRegistryOptions};
+use ajour_service::{AuthError, Credentials, ServiceConfig, UpdateService};
+use ajour_store::{FetchError, FirmwareSource, FirmwareSpec};
+use ajour_testkit::{MemoryRegistry, TestDatabase};
+use ajour_types::{AppName, DeviceName, FirmwareReport, FirmwareState, Key};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+const FROM: &str = "1.0.0";
+const TO: &str = "2.0.0";
+/// 100 blocks of 100 bytes.
+const SIZE: usize = 10_000;
+const MTU: u32 = 100;
+
+/// Serves one image for every spec.
+struct OneImage(Arc<FirmwareImage>);
+
+#[async_trait::async_trait]
+impl FirmwareSource for OneImage {
+    async fn fetch(&self, _: &FirmwareSpec) -> Result<Arc<FirmwareImage>, FetchError> {
+        Ok(self.0.clone())
+    }
+}
+
+fn image() -> Arc<FirmwareImage> {
+    let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+    Arc::new(FirmwareImage::new(TO, data).unwrap())
+}
+
+fn app() -> Key {
+    Key::App(AppName::parse("app").unwrap())
+}
+
+fn device(name: &str) -> Key {
+    Key::Device(AppName::parse("app").unwrap(), DeviceName::parse(name).unwrap())
+}
+
+/// An application whose devices should run `fw`, and `devices` devices with password `pw`.
+async fn fleet(registry: &dyn Registry, devices: &[&str]) {
+    registry
+        .create(
+            &app(),
+            serde_json::from_value(
+                json!({"metadata": {"name": "app"}, "spec": {"firmware": {"file": {"name": "fw"}}}}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    for name in devices {
+        let resource = json!({"metadata": {"name": name},
+            "spec": {"authentication": {"credentials": [{"pass": "pw"}]}}});
+        registry
+            .create(&device(name), serde_json::from_value(resource).unwrap())
+            .await
+            .unwrap();
+    }
+}
+
+fn service(registry: Arc<dyn Registry>, config: ServiceConfig) -> UpdateService {
+    UpdateService::new(registry, Arc::new(OneImage(image())), config)
+}
+
+fn config(spec_cache: Duration, progress_interval: Duration) -> ServiceConfig {
+    ServiceConfig {
+        spec_cache_ttl: spec_cache,
+        progress_interval,
+        ..ServiceConfig::default()
+    }
+}
+
+/// The status of a device running `FROM` that holds `offset` bytes of `TO`; `None`: it runs `TO`.
+fn status_at(offset: Option<u32>) -> Vec<u8> {
+    let status = match offset {
+        Some(0) => Status::first(FROM, Some(MTU), None),
+        Some(offset) => Status::updating(FROM, Some(MTU), None, TO, offset),
+        None => Status::first(TO, Some(MTU), None),
+    };
+    encode_status(&status, Encoding::Packed)
+}
+
+/// Send `status` for `key` (no credentials: as Drogue mode does) and return the command's kind.
+async fn send(service: &UpdateService, key: &Key, status: &[u8]) -> &'static str {
+    let device = service.device(key, None).await.unwrap();
+    device.handle_status(status).await.unwrap().kind
+}
+
+fn stored(registry: &MemoryRegistry, key: &Key) -> FirmwareReport {
+    FirmwareReport::from_json(&registry.status_section(key, "firmware").expect("a stored status")).unwrap()
+}
+
+#[tokio::test]
+async fn the_context_is_read_once_per_status_and_reused_within_the_ttl() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a", "b"]).await;
+
+    // No reuse: each status reads the device and its application, once each, however the
+    // transport checks credentials and decides.
+    let uncached = service(
+        registry.clone(),
+        config(Duration::ZERO, Duration::from_secs(3600)),
+    );
+    let before = registry.gets();
+    for _ in 0..5 {
+        let device = uncached
+            .device(
+                &device("a"),
+                Some(Credentials {
+                    username: "a",
+                    password: "pw",
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            device.handle_status(&status_at(Some(0))).await.unwrap().kind,
+            "write"
+        );
+    }
+    assert_eq!(registry.gets() - before, 5 * 2);
+
+    // Reused: one read of each device and one of their common application.
+    let cached = service(
+        registry.clone(),
+        config(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    let before = registry.gets();
+    for _ in 0..5 {
+        for name in ["a", "b"] {
+            send(&cached, &device(name), &status_at(Some(0))).await;
+        }
+    }
+    assert_eq!(registry.gets() - before, 2 + 1);
+
+    // A write through this server (the API invalidates) is seen at once: the application's
+    // devices and the application are read again.
+    cached.invalidate(&app());
+    send(&cached, &device("a"), &status_at(Some(0))).await;
+    assert_eq!(registry.gets() - before, 2 + 1 + 2);
+}
+
+#[tokio::test]
+async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    let hash = bcrypt::hash("secret", 4).unwrap();
+    registry.put(
+        &device("b"),
+        json!({"authentication": {"credentials": [{"pass": {"bcrypt": hash}},
+            {"user": {"username": "gateway-7", "password": "other"}}]}}),
+    );
+    let service = service(
+        registry.clone(),
+        config(Duration::ZERO, Duration::from_secs(3600)),
+    );
+    let login = |name: &'static str, username: &'static str, password: &'static str| {
+        let service = &service;
+        async move {
+            service
+                .device(&device(name), Some(Credentials { username, password }))
+                .await
+                .map(|_| ())
+        }
+    };
+
+    assert_eq!(login("a", "a", "pw").await, Ok(()));
+    assert_eq!(login("a", "a", "wrong").await, Err(AuthError::Denied));
+    assert_eq!(login("b", "b", "secret").await, Ok(()));
+    // Verified once, then recognised: the same again.
+    assert_eq!(login("b", "b", "secret").await, Ok(()));
+    // A `user` credential answers to its own user name only.
+    assert_eq!(login("b", "gateway-7", "other").await, Ok(()));
+    assert_eq!(login("b", "b", "other").await, Err(AuthError::Denied));
+    // Unknown devices get the same answer as wrong passwords.
+    assert_eq!(login("nobody", "nobody", "pw").await, Err(AuthError::Denied));
+
+    // The password changes in the registry: the one verified before is refused at once.
+    registry.put(
+        &device("b"),
+        json!({"authentication": {"credentials": [{"pass": "new"}]}}),
+    );
+    assert_eq!(login("b", "b", "secret").await, Err(AuthError::Denied));
+    assert_eq!(login("b", "b", "new").await, Ok(()));
+
+    // The registry is down: not a denial, but unavailable (the HTTP endpoint answers 503).
+    registry.set_down(true);
+    assert!(matches!(
+        login("a", "a", "pw").await,
+        Err(AuthError::Unavailable(_))
+    ));
+    // Without credentials to check (Drogue mode), the device is told to wait.
+    assert_eq!(send(&service, &device("a"), &status_at(Some(0))).await, "wait");
+}
+
+#[tokio::test]
+async fn a_malformed_status_is_an_error_and_nothing_is_recorded() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    let service = service(registry.clone(), config(Duration::ZERO, Duration::ZERO));
+    let device_a = service.device(&device("a"), None).await.unwrap();
+    for bytes in [&b""[..], b"\xff\xff", b"not cbor at all"] {
+        assert!(device_a.handle_status(bytes).await.is_err(), "{bytes:?}");
+    }
+    service.settle_status_writes().await;
+    assert_eq!(registry.status_writes(), 0);
+    assert_eq!(registry.status_section(&device("a"), "firmware"), None);
+}
+
+#[tokio::test]
+async fn phases_are_written_at_once_and_progress_by_steps() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    // Progress is due at every status; only the 20-point step holds it back.
+    let service = service(
+        registry.clone(),
+        config(Duration::from_secs(3600), Duration::ZERO),
+    );
+    let key = device("a");
+    for block in 0..50 {
+        assert_eq!(send(&service, &key, &status_at(Some(block * MTU))).await, "write");
+    }
+    service.settle_status_writes().await;
+    // Half-way (the last block sent ended at 50%): the newest write started at the 41% step or
+    // later, so the registry shows at least that much and at most what the device has.
+    let halfway = stored(&registry, &key);
+    let FirmwareState::Updating { percent } = halfway.status.state else {
+        panic!("expected updating, got {:?}", halfway.status);
+    };
+    assert!((41.0..=50.0).contains(&percent), "{percent}");
+    assert_eq!(
+        (halfway.status.current.as_str(), halfway.status.target.as_str()),
+        (FROM, TO)
+    );
+
+    for block in 50..100 {
+        send(&service, &key, &status_at(Some(block * MTU))).await;
+    }
+    assert_eq!(send(&service, &key, &status_at(Some(SIZE as u32))).await, "swap");
+    assert_eq!(send(&service, &key, &status_at(None)).await, "sync");
+    service.settle_status_writes().await;
+    assert_eq!(stored(&registry, &key).status.state, FirmwareState::InSync);
+    // 1% (a new phase), 21, 41, 61, 81 (steps), in sync (a new phase): never one per block.
+    let writes = registry.status_writes();
+    assert!(
+        (2..=6).contains(&writes),
+        "{writes} status writes for 102 statuses"
+    );
+}
+
+/// Two instances share a registry. A saw the device half-way and holds that progress, not yet
+/// written; B saw it finish and wrote "in sync". A's write comes later, but it is older news.
+async fn late_progress_is_dropped(a: &UpdateService, b: &UpdateService, registry: &dyn Registry, name: &str) {
+    let key = device(name);
+    let read = || read_report(registry, &key);
+    send(a, &key, &status_at(Some(0))).await;
+    a.settle_status_writes().await;
+    send(a, &key, &status_at(Some(50 * MTU))).await;
+    assert_eq!(send(b, &key, &status_at(None)).await, "sync");
+    b.settle_status_writes().await;
+    assert_eq!(read().await.status.state, FirmwareState::InSync);
+
+    a.flush_status(true).await;
+    assert_eq!(
+        read().await.status.state,
+        FirmwareState::InSync,
+        "a late write turned it back"
+    );
+    // The API of A shows what the registry has, not its own stale view.
+    assert!(a.pending_status(&key).is_none(), "{:?}", a.pending_status(&key));
+
+    // Reflashed to the old version after it synced: not late, shown as updating again. (A
+    // reflash takes seconds; here it must at least come after the millisecond of the sync, as
+    // statuses within one millisecond count as concurrent.)
+    let synced_at = read().await.condition("InSync").unwrap().since;
+    while chrono::Utc::now() - synced_at < chrono::TimeDelta::milliseconds(2) {
+        tokio::task::yield_now().await;
+    }
+    send(a, &key, &status_at(Some(0))).await;
+    a.settle_status_writes().await;
+    assert!(matches!(
+        read().await.status.state,
+        FirmwareState::Updating { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_late_older_observation_never_turns_a_synced_device_back() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    let long = Duration::from_secs(3600);
+    let (a, b) = (
+        service(registry.clone(), config(long, long)),
+        service(registry.clone(), config(long, long)),
+    );
+    late_progress_is_dropped(&a, &b, registry.as_ref(), "a").await;
+}
+
+async fn postgres_registry(url: &str) -> Arc<dyn Registry> {
+    let options = SqlRegistryOptions {
+        password_cost: 4,
+        ..Default::default()
+    };
+    Arc::new(SqlRegistry::connect(url, options).await.unwrap())
+}
+
+async fn read_report(registry: &dyn Registry, key: &Key) -> FirmwareReport {
+    let resource = registry.get(key).await.unwrap().unwrap();
+    FirmwareReport::from_json(&resource.status["firmware"]).unwrap()
+}
+
+#[tokio::test]
+async fn two_instances_on_one_postgresql_database_never_leave_a_synced_device_out_of_sync() {
+    let database = TestDatabase::create().await;
+    // Each instance has a connection pool of its own, as two processes would.
+    let (registry_a, registry_b) = (
+        postgres_registry(database.url()).await,
+        postgres_registry(database.url()).await,
+    );
+    let names: Vec<String> = (0..20).map(|i| format!("d{i}")).collect();
+    fleet(
+        registry_a.as_ref(),
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
+    let long = Duration::from_secs(3600);
+    let a = service(registry_a.clone(), config(long, Duration::ZERO));
+    let b = service(registry_b.clone(), config(long, Duration::ZERO));
+
+    // The scenario step by step, read back through B's pool.
+    let long_a = service(registry_a.clone(), config(long, long));
+    late_progress_is_dropped(&long_a, &b, registry_b.as_ref(), "d0").await;
+
+    // Then a fleet whose statuses land on either instance in turn, as with a load balancer:
+    // each device's statuses alternate between A and B in a pattern of its own, and both write
+    // progress at every step. Once every device synced, each is shown in sync, whatever order
+    // the two instances' writes landed in.
+    let mut tasks = tokio::task::JoinSet::new();
+    let (a, b) = (Arc::new(a), Arc::new(b));
+    for (i, name) in names.iter().enumerate().skip(1) {
+        let (a, b, key) = (a.clone(), b.clone(), device(name));
+        tasks.spawn(async move {
+            let pick = |n: usize| if (n * (i + 1)).is_multiple_of(3) { &a } else { &b };
+            for block in 0..100u32 {
+                let command = send(pick(block as usize), &key, &status_at(Some(block * MTU))).await;
+                assert_eq!(command, "write");
+            }
+            send(pick(100), &key, &status_at(Some(SIZE as u32))).await;
+            assert_eq!(send(pick(101), &key, &status_at(None)).await, "sync");
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    a.flush_status(true).await;
+    b.flush_status(true).await;
+    for name in names.iter().skip(1) {
+        let report = read_report(registry_a.as_ref(), &device(name)).await;
+        assert_eq!(report.status.state, FirmwareState::InSync, "{name}: {report:?}");
+    }
+}
