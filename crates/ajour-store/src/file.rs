@@ -6,15 +6,15 @@
 //! changed, so replacing a file reaches devices within that interval. One load per name runs at a
 //! time; devices asking meanwhile wait for it instead of reading the same bytes again.
 
+use crate::checked::{CheckedCache, Slot};
 use crate::{FetchError, FirmwareImage, FirmwareName, FirmwareSource, FirmwareSpec};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// The metadata file beside each image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,20 +28,14 @@ pub struct FirmwareMetadata {
 pub struct FileStore {
     dir: PathBuf,
     recheck: Duration,
-    entries: RwLock<HashMap<FirmwareName, Arc<Entry>>>,
+    loaded: CheckedCache<FirmwareName, Loaded>,
 }
 
-#[derive(Default)]
-struct Entry {
-    loaded: RwLock<Option<Loaded>>,
-    loading: tokio::sync::Mutex<()>,
-}
-
+/// What a load of one name found: the image (or why not), and the files it was read from.
 #[derive(Clone)]
 struct Loaded {
     result: Result<Arc<FirmwareImage>, FetchError>,
     stamp: Option<Stamp>,
-    checked_at: Instant,
 }
 
 /// What identifies one version of the two files without reading them.
@@ -56,7 +50,7 @@ impl FileStore {
         Self {
             dir: dir.into(),
             recheck,
-            entries: RwLock::default(),
+            loaded: CheckedCache::default(),
         }
     }
 
@@ -90,18 +84,18 @@ impl FileStore {
     }
 
     async fn fetch_name(&self, name: FirmwareName) -> Result<Arc<FirmwareImage>, FetchError> {
-        let entry = self.entry(&name);
-        if let Some(fresh) = self.fresh(&entry) {
+        let slot = self.loaded.slot(&name);
+        if let Some(fresh) = self.fresh(&slot) {
             cache_total("hit");
             return fresh;
         }
-        let _loading = entry.loading.lock().await;
+        let _loading = slot.lock_loading().await;
         // Another caller may have loaded it while this one waited.
-        if let Some(fresh) = self.fresh(&entry) {
+        if let Some(fresh) = self.fresh(&slot) {
             cache_total("hit");
             return fresh;
         }
-        let previous = entry.loaded.read().unwrap().clone();
+        let previous = slot.last().map(|checked| checked.value);
         let (json_path, bin_path) = self.paths(&name);
         let stamp = stamp(&json_path, &bin_path).await;
         let result = match (&previous, &stamp) {
@@ -120,30 +114,17 @@ impl FileStore {
         } else if previous.as_ref().map(|p| p.stamp != stamp).unwrap_or(true) {
             tracing::info!(firmware = %name, "firmware file loaded");
         }
-        *entry.loaded.write().unwrap() = Some(Loaded {
+        slot.store(Loaded {
             result: result.clone(),
             stamp,
-            checked_at: Instant::now(),
         });
         result
     }
 
-    fn entry(&self, name: &FirmwareName) -> Arc<Entry> {
-        if let Some(entry) = self.entries.read().unwrap().get(name) {
-            return entry.clone();
-        }
-        self.entries
-            .write()
-            .unwrap()
-            .entry(name.clone())
-            .or_default()
-            .clone()
-    }
-
-    fn fresh(&self, entry: &Entry) -> Option<Result<Arc<FirmwareImage>, FetchError>> {
-        let loaded = entry.loaded.read().unwrap();
-        let loaded = loaded.as_ref()?;
-        (loaded.checked_at.elapsed() < self.recheck).then(|| loaded.result.clone())
+    /// The last outcome for a name, when it was checked within the re-check interval.
+    fn fresh(&self, slot: &Slot<Loaded>) -> Option<Result<Arc<FirmwareImage>, FetchError>> {
+        slot.fresh(|checked| checked.checked_at.elapsed() < self.recheck)
+            .map(|loaded| loaded.result)
     }
 }
 

@@ -9,6 +9,7 @@
 //!
 //! This crate knows nothing of devices, transports or the registry's storage.
 
+mod checked;
 mod file;
 mod name;
 pub mod oci;

@@ -28,6 +28,7 @@ pub use client::Progress;
 pub use publish::{build_image, BuiltImage, PushedImage};
 pub use reference::{ImageRef, InvalidImageRef};
 
+use crate::checked::{CheckedCache, Slot};
 use crate::{FetchError, FirmwareImage, FirmwareSource, FirmwareSpec, ImagePullPolicy};
 use async_trait::async_trait;
 use client::RegistryClient;
@@ -35,8 +36,8 @@ use layout::{LabelMetadata, Manifest, Plan};
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 /// How to log in to the registry.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -180,21 +181,12 @@ struct Inner {
     config: OciConfig,
     client: RegistryClient,
     blobs: BlobCache,
-    specs: RwLock<HashMap<(String, ImagePullPolicy), Arc<Entry>>>,
+    specs: CheckedCache<(String, ImagePullPolicy), Loaded>,
     decoded: Mutex<HashMap<String, Weak<ResolvedImage>>>,
 }
 
-#[derive(Default)]
-struct Entry {
-    loaded: RwLock<Option<Loaded>>,
-    loading: Arc<tokio::sync::Mutex<()>>,
-}
-
-#[derive(Clone)]
-struct Loaded {
-    result: Result<Arc<ResolvedImage>, FetchError>,
-    checked_at: Instant,
-}
+/// What resolving one spec found: the image, or why not.
+type Loaded = Result<Arc<ResolvedImage>, FetchError>;
 
 impl OciStore {
     pub fn new(config: OciConfig) -> Result<Self, OciError> {
@@ -245,7 +237,7 @@ impl Inner {
             client: RegistryClient::new(&config)?,
             blobs: BlobCache::new(config.cache_max_bytes),
             config,
-            specs: RwLock::default(),
+            specs: CheckedCache::default(),
             decoded: Mutex::default(),
         })
     }
@@ -255,43 +247,38 @@ impl Inner {
         image: &str,
         policy: ImagePullPolicy,
     ) -> Result<Arc<FirmwareImage>, FetchError> {
-        let entry = self.entry(image, policy);
-        if let Some(fresh) = self.fresh(&entry, image, policy) {
+        let slot = self.specs.slot(&(image.to_string(), policy));
+        if let Some(fresh) = self.fresh(&slot, image, policy) {
             cache_total("hit");
             return fresh;
         }
         // A good image whose `Always` re-check is due: keep serving it while one background task
         // asks the registry, so no device waits on the network.
-        let stale = entry
-            .loaded
-            .read()
-            .unwrap()
-            .as_ref()
-            .and_then(|loaded| loaded.result.as_ref().ok().cloned());
+        let stale = slot.last().and_then(|checked| checked.value.ok());
         if let Some(stale) = stale {
-            if let Ok(loading) = entry.loading.clone().try_lock_owned() {
-                let (this, entry, image) = (self.clone(), entry.clone(), image.to_string());
+            if let Some(loading) = slot.try_lock_loading() {
+                let (this, slot, image) = (self.clone(), slot.clone(), image.to_string());
                 tokio::spawn(async move {
                     let _loading = loading;
-                    let _ = this.reload(&entry, &image, policy).await;
+                    let _ = this.reload(&slot, &image, policy).await;
                 });
             }
             cache_total("stale");
             return Ok(stale.image.clone());
         }
-        let loading = entry.loading.clone().lock_owned().await;
+        let loading = slot.lock_loading().await;
         // Another caller may have loaded it while this one waited.
-        if let Some(fresh) = self.fresh(&entry, image, policy) {
+        if let Some(fresh) = self.fresh(&slot, image, policy) {
             cache_total("hit");
             return fresh;
         }
         cache_total("miss");
         // The load runs in a task of its own: a device that gives up (its request is dropped)
         // does not cancel a download the next device would have to start again.
-        let (this, entry, image) = (self.clone(), entry.clone(), image.to_string());
+        let (this, slot, image) = (self.clone(), slot.clone(), image.to_string());
         let load = tokio::spawn(async move {
             let _loading = loading;
-            this.reload(&entry, &image, policy).await
+            this.reload(&slot, &image, policy).await
         });
         match load.await {
             Ok(result) => result.map(|resolved| resolved.image.clone()),
@@ -301,16 +288,11 @@ impl Inner {
         }
     }
 
-    /// Resolve the spec again and remember the outcome. The caller holds `entry.loading`.
-    async fn reload(
-        &self,
-        entry: &Entry,
-        image: &str,
-        policy: ImagePullPolicy,
-    ) -> Result<Arc<ResolvedImage>, FetchError> {
-        let previous = entry.loaded.read().unwrap().clone();
+    /// Resolve the spec again and remember the outcome. The caller holds the slot's loading lock.
+    async fn reload(&self, slot: &Slot<Loaded>, image: &str, policy: ImagePullPolicy) -> Loaded {
+        let previous = slot.last().map(|checked| checked.value);
         let result = self.refresh(image, policy, previous.as_ref()).await;
-        match (&result, previous.as_ref().map(|p| &p.result)) {
+        match (&result, previous.as_ref()) {
             (Err(error), _) => tracing::warn!(image, %error, "OCI firmware not served"),
             (Ok(new), Some(Ok(old))) if Arc::ptr_eq(new, old) => {}
             (Ok(new), _) => tracing::info!(
@@ -321,46 +303,28 @@ impl Inner {
                 "OCI firmware loaded"
             ),
         }
-        *entry.loaded.write().unwrap() = Some(Loaded {
-            result: result.clone(),
-            checked_at: Instant::now(),
-        });
+        slot.store(result.clone());
         result
-    }
-
-    fn entry(&self, image: &str, policy: ImagePullPolicy) -> Arc<Entry> {
-        let key = (image.to_string(), policy);
-        if let Some(entry) = self.specs.read().unwrap().get(&key) {
-            return entry.clone();
-        }
-        self.specs.write().unwrap().entry(key).or_default().clone()
     }
 
     fn fresh(
         &self,
-        entry: &Entry,
+        slot: &Slot<Loaded>,
         image: &str,
         policy: ImagePullPolicy,
     ) -> Option<Result<Arc<FirmwareImage>, FetchError>> {
-        let loaded = entry.loaded.read().unwrap();
-        let loaded = loaded.as_ref()?;
         let pinned = image.contains('@');
-        let fresh = match &loaded.result {
+        slot.fresh(|checked| match &checked.value {
             Ok(_) if policy == ImagePullPolicy::IfNotPresent || pinned => true,
-            Ok(_) => loaded.checked_at.elapsed() < self.config.always_recheck,
-            Err(_) => loaded.checked_at.elapsed() < self.config.error_retry,
-        };
-        fresh.then(|| loaded.result.clone().map(|resolved| resolved.image.clone()))
+            Ok(_) => checked.checked_at.elapsed() < self.config.always_recheck,
+            Err(_) => checked.checked_at.elapsed() < self.config.error_retry,
+        })
+        .map(|loaded| loaded.map(|resolved| resolved.image.clone()))
     }
 
-    async fn refresh(
-        &self,
-        image: &str,
-        policy: ImagePullPolicy,
-        previous: Option<&Loaded>,
-    ) -> Result<Arc<ResolvedImage>, FetchError> {
+    async fn refresh(&self, image: &str, policy: ImagePullPolicy, previous: Option<&Loaded>) -> Loaded {
         let reference = ImageRef::parse(&self.config.registry_prefix, image).map_err(OciError::from)?;
-        let previous = previous.and_then(|p| p.result.as_ref().ok());
+        let previous = previous.and_then(|p| p.as_ref().ok());
         if let (ImagePullPolicy::Always, Some(previous)) = (policy, previous) {
             match self.client.manifest_digest(&reference).await {
                 Ok(digest) if digest == previous.manifest_digest => return Ok(previous.clone()),
