@@ -2,7 +2,7 @@
 //! `{"error": "...", "message": "..."}`; internal details go to the log, not to the client.
 
 use ajour_registry::RegistryError;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
@@ -39,7 +39,7 @@ impl IntoResponse for ApiError {
                 RegistryError::Conflict => (StatusCode::CONFLICT, "Conflict", "Conflict".to_string()),
                 RegistryError::Invalid(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
                 other => {
-                    tracing::error!(error = %other, "registry failure");
+                    ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, error = %other, "registry failure");
                     (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "ServiceUnavailable",
@@ -50,4 +50,37 @@ impl IntoResponse for ApiError {
         };
         (status, Json(json!({"error": error, "message": message}))).into_response()
     }
+}
+
+/// Every error the API answers is JSON in Drogue's shape, also those axum makes itself before a
+/// handler runs (a body over the size limit, a malformed path or query, a wrong method): their
+/// plain-text reason becomes the message.
+pub(crate) async fn as_json(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    // Axum's own rejections are short; anything longer is cut, not buffered whole.
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "PayloadTooLarge",
+        StatusCode::METHOD_NOT_ALLOWED => "MethodNotAllowed",
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "UnsupportedMediaType",
+        status if status.is_server_error() => "ServiceUnavailable",
+        _ => "BadRequest",
+    };
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    (status, Json(json!({"error": error, "message": message}))).into_response()
 }

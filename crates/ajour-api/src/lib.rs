@@ -37,4 +37,5 @@ pub fn router(state: ApiState, token: ApiToken) -> Router {
             auth::require_token,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(error::as_json))
 }

@@ -1,7 +1,7 @@
 //! `/api/registry/v1alpha1`: applications and their devices.
 
 use crate::{ApiError, ApiState};
-use ajour_registry::{AppName, DeviceName, Key, ListParams, Resource, Scope};
+use ajour_registry::{AppName, DeviceName, Key, ListParams, RegistryError, Resource, Scope};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
@@ -87,9 +87,48 @@ async fn create(state: &ApiState, key: Key, body: Bytes, location: String) -> Ap
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(created)).into_response())
 }
 
+/// How often a PUT without `status` is tried again when the object changed between reading its
+/// status and writing (a device's status write landed in between).
+const KEEP_STATUS_ATTEMPTS: usize = 8;
+
+/// Replace an object's metadata and spec. `status` is its own part, as in Drogue's registry: a
+/// body without it (a client changing a label or the firmware) keeps the stored status, which
+/// devices' updates write; a body with it replaces it.
 async fn update(state: &ApiState, key: Key, body: Bytes) -> ApiResult {
-    let resource = parse_body(&body)?;
-    state.registry.update(&key, resource).await?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("invalid object: {e}")))?;
+    let keep_status = value.get("status").is_none();
+    let resource: Resource =
+        serde_json::from_value(value).map_err(|e| ApiError::BadRequest(format!("invalid object: {e}")))?;
+    if !keep_status {
+        state.registry.update(&key, resource).await?;
+    } else {
+        // The stored status goes into the write, guarded by the version it was read at: if the
+        // client gave no version of its own, a status written in between is a conflict here,
+        // and the write is made again on what is stored then.
+        let client_version = !resource.metadata.resource_version.is_empty();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let stored = state
+                .registry
+                .get(&key)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+            let mut write = resource.clone();
+            write.status = stored.status;
+            if !client_version {
+                write.metadata.resource_version = stored.metadata.resource_version;
+            }
+            match state.registry.update(&key, write).await {
+                Err(RegistryError::Conflict) if !client_version && attempt < KEEP_STATUS_ATTEMPTS => continue,
+                result => {
+                    result?;
+                    break;
+                }
+            }
+        }
+    }
     state.service.invalidate(&key);
     Ok(StatusCode::NO_CONTENT.into_response())
 }

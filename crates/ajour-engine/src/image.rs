@@ -11,6 +11,8 @@ pub struct FirmwareImage {
     version: String,
     data: Bytes,
     checksum: [u8; 32],
+    /// The checksum in hex, made once: it names the image in every device's status.
+    checksum_hex: String,
 }
 
 /// Why bytes were refused as an image.
@@ -39,10 +41,11 @@ impl FirmwareImage {
                 size: data.len() as u64,
             });
         }
-        let checksum = Sha256::digest(&data).into();
+        let checksum: [u8; 32] = Sha256::digest(&data).into();
         Ok(Self {
             version,
             data,
+            checksum_hex: hex::encode(checksum),
             checksum,
         })
     }
@@ -63,7 +66,7 @@ impl FirmwareImage {
                 actual,
             });
         }
-        let actual_hex = hex::encode(image.checksum);
+        let actual_hex = image.checksum_hex.clone();
         if !actual_hex.eq_ignore_ascii_case(declared_checksum.trim()) {
             return Err(InvalidImage::ChecksumMismatch {
                 declared: declared_checksum.to_string(),
@@ -91,8 +94,9 @@ impl FirmwareImage {
         &self.checksum
     }
 
-    pub fn checksum_hex(&self) -> String {
-        hex::encode(self.checksum)
+    /// The SHA-256 in lower-case hex: with the version, the image's identity.
+    pub fn checksum_hex(&self) -> &str {
+        &self.checksum_hex
     }
 
     pub fn data(&self) -> &Bytes {

@@ -4,8 +4,7 @@
 //! `user` credential) are replaced by a bcrypt hash before anything is stored. Hashes already in
 //! Drogue's forms (`bcrypt`, `sha512` crypt) are kept as they are.
 
-use crate::RegistryError;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 /// The result of checking a password against a device's credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,7 +14,13 @@ pub enum PasswordCheck {
 }
 
 /// Replace every plain-text password in `spec` by its bcrypt hash at `cost`.
-pub(crate) fn hash_plain_passwords(spec: &mut Map<String, Value>, cost: u32) -> Result<(), RegistryError> {
+/// Hashing happens where objects are stored, so only with the SQL registry.
+#[cfg(feature = "sql")]
+pub(crate) fn hash_plain_passwords(
+    spec: &mut Map<String, Value>,
+    cost: u32,
+) -> Result<(), crate::RegistryError> {
+    use crate::RegistryError;
     for credentials in credential_lists_mut(spec) {
         let Some(list) = credentials.as_array_mut() else {
             return Err(RegistryError::Invalid("credentials must be a list".into()));
@@ -33,7 +38,7 @@ pub(crate) fn hash_plain_passwords(spec: &mut Map<String, Value>, cost: u32) -> 
                 if let Some(plain) = plain_text(password) {
                     let hash =
                         bcrypt::hash(plain, cost).map_err(|e| RegistryError::Hashing(e.to_string()))?;
-                    *password = json!({ "bcrypt": hash });
+                    *password = serde_json::json!({ "bcrypt": hash });
                 }
             }
         }
@@ -98,6 +103,7 @@ fn credential_lists(spec: &Map<String, Value>) -> impl Iterator<Item = &Value> {
     current.into_iter().chain(legacy)
 }
 
+#[cfg(feature = "sql")]
 fn credential_lists_mut(spec: &mut Map<String, Value>) -> impl Iterator<Item = &mut Value> {
     spec.iter_mut()
         .filter(|(section, _)| matches!(section.as_str(), "authentication" | "credentials"))
@@ -107,6 +113,7 @@ fn credential_lists_mut(spec: &mut Map<String, Value>) -> impl Iterator<Item = &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn spec(value: Value) -> Map<String, Value> {
         value.as_object().unwrap().clone()

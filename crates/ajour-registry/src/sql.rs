@@ -46,6 +46,9 @@ impl SqlRegistry {
     pub async fn connect(url: &str, options: SqlRegistryOptions) -> Result<Self, RegistryError> {
         sqlx::any::install_default_drivers();
         let is_sqlite = url.starts_with("sqlite:");
+        if let Some(path) = sqlite_file(url) {
+            owner_only(path)?;
+        }
         let pool = AnyPoolOptions::new()
             // SQLite serialises writers anyway; a few connections serve concurrent readers.
             .max_connections(if is_sqlite {
@@ -76,7 +79,7 @@ impl SqlRegistry {
         Ok(Self { pool, options })
     }
 
-    /// The SQLite database file in `data_dir`, created when missing.
+    /// The SQLite database file in `data_dir`, created when missing (readable by its owner only).
     pub fn sqlite_url(data_dir: &Path) -> String {
         format!("sqlite://{}?mode=rwc", data_dir.join("ajour.db").display())
     }
@@ -153,6 +156,36 @@ impl SqlRegistry {
         *spec = hashed;
         Ok(())
     }
+}
+
+/// The file of a `sqlite://PATH[?options]` URL; `None` for an in-memory database or another URL.
+fn sqlite_file(url: &str) -> Option<&Path> {
+    let path = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or_default();
+    (!path.is_empty() && !path.starts_with(':')).then(|| Path::new(path))
+}
+
+/// Make the database file readable and writable by its owner only, creating it (empty, which
+/// SQLite takes as a new database) when missing: it holds device credentials. SQLite gives its
+/// `-wal` and `-shm` files the permissions of the database file.
+#[cfg(unix)]
+fn owner_only(path: &Path) -> Result<(), RegistryError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed = |e: std::io::Error| RegistryError::Database(format!("{}: {e}", path.display()).into());
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(failed)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(failed)
+}
+
+#[cfg(not(unix))]
+fn owner_only(_: &Path) -> Result<(), RegistryError> {
+    Ok(())
 }
 
 #[async_trait]

@@ -309,3 +309,42 @@ async fn concurrent_status_writes_all_land_and_keep_the_spec() {
         ));
     }
 }
+
+/// The database holds device credentials: its files are the owner's alone, however the process's
+/// umask is set, and an existing file made readable by others is closed again.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_sqlite_database_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = SqlRegistry::connect(
+        &SqlRegistry::sqlite_url(dir.path()),
+        SqlRegistryOptions::default(),
+    )
+    .await
+    .unwrap();
+    registry
+        .create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+        .await
+        .unwrap();
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+        files += 1;
+    }
+    // The database and, in WAL mode, its -wal and -shm files.
+    assert!(files >= 2, "{files} files");
+    drop(registry);
+
+    let database = dir.path().join("ajour.db");
+    std::fs::set_permissions(&database, std::fs::Permissions::from_mode(0o644)).unwrap();
+    SqlRegistry::connect(
+        &SqlRegistry::sqlite_url(dir.path()),
+        SqlRegistryOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(mode(&database), 0o600);
+}

@@ -15,15 +15,17 @@
 
 mod auth;
 mod context;
+pub mod throttle;
 pub mod tracker;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
 
-use ajour_engine::{decide, wait, EngineConfig, Outcome, Target};
+use ajour_engine::{decide, wait, EngineConfig, FirmwareImage, Outcome, Target};
 use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
 use ajour_registry::{Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSource;
+use ajour_types::FirmwareReport;
 use context::{ContextCache, DeviceContext};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +95,56 @@ impl UpdateService {
         &self.config
     }
 
+    /// `status`, or `status` as if the device had just started (no update in progress) when it
+    /// reports an update of the target's version but may hold bytes of another image under that
+    /// version (replaced content, a moved tag): the identity of what a device downloads is the
+    /// image's digest, so blocks of two images are never mixed. What this instance sent the
+    /// device is known in memory; otherwise the registry says what the device was last sent (by
+    /// any instance), and when it cannot say, the device starts again: a wasted download is
+    /// safe, a spliced image is not.
+    async fn status_resuming_only_the_same_image<'s>(
+        &self,
+        key: &Key,
+        status: &'s Status,
+        image: &FirmwareImage,
+    ) -> std::borrow::Cow<'s, Status> {
+        let resuming = status
+            .update
+            .as_ref()
+            .is_some_and(|u| u.offset > 0 && u.version == image.version().as_bytes());
+        if !resuming {
+            return std::borrow::Cow::Borrowed(status);
+        }
+        let digest = image.checksum_hex();
+        let known = match self.tracker.target_digest(key, image.version()) {
+            Some(known) => Some(known),
+            None => self.stored_target_digest(key, image.version()).await,
+        };
+        if known.as_deref() == Some(digest) {
+            return std::borrow::Cow::Borrowed(status);
+        }
+        metrics::counter!("ajour_update_restarts_total").increment(1);
+        tracing::warn!(
+            %key,
+            version = image.version(),
+            was = known.as_deref().unwrap_or("unknown"),
+            now = digest,
+            "the device was downloading other content under this version; starting it again from offset 0"
+        );
+        let mut from_start = status.clone();
+        from_start.update = None;
+        std::borrow::Cow::Owned(from_start)
+    }
+
+    /// The digest of the image the registry says the device was last sent toward `target`.
+    async fn stored_target_digest(&self, key: &Key, target: &str) -> Option<String> {
+        let device = self.registry.get(key).await.ok()??;
+        let report = FirmwareReport::from_json(device.status.get("firmware")?).ok()?;
+        (report.status.target == target)
+            .then_some(report.status.target_digest)
+            .flatten()
+    }
+
     /// The device `key`, its context read once for the status at hand. With `credentials` (what
     /// the device presented to a transport), they are checked: an unknown device and a wrong
     /// password are both [`AuthError::Denied`], a registry that cannot be read is
@@ -140,7 +192,7 @@ impl UpdateService {
             }
             Err(error) => {
                 error_total("registry");
-                tracing::warn!(%key, %error, "registry unavailable; device told to wait");
+                warn_throttled!(LOG_INTERVAL, %key, %error, "registry unavailable; device told to wait");
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
@@ -162,8 +214,28 @@ impl UpdateService {
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
-        let decision = decide(status, Target::Ready(&image), &self.config.engine);
         let target = image.version().to_string();
+        let digest = image.checksum_hex();
+        let failed = |reason: String| FirmwareStatus {
+            current: current.clone(),
+            target: target.clone(),
+            target_digest: Some(digest.to_string()),
+            state: FirmwareState::Failed { reason },
+        };
+        // A device that was sent Swap for this very image again and again without coming back on
+        // the new version (the swap fails, or its bootloader rolls back) is left alone: its status
+        // says why, and a new image (another digest) starts afresh.
+        if status.version != target.as_bytes() && self.tracker.swaps_sent(key, digest) >= MAX_SWAPS {
+            self.tracker.record(
+                key,
+                failed(format!(
+                    "sent Swap to {target} {MAX_SWAPS} times, the device still runs {current}: not updated again until its firmware changes"
+                )),
+            );
+            return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+        }
+        let status = self.status_resuming_only_the_same_image(key, status, &image).await;
+        let decision = decide(&status, Target::Ready(&image), &self.config.engine);
         let state = match decision.outcome {
             Outcome::InSync => FirmwareState::InSync,
             Outcome::Writing { offset, len, size } => {
@@ -172,7 +244,10 @@ impl UpdateService {
                     percent: percent(offset as u64 + len as u64, size as u64),
                 }
             }
-            Outcome::Swapping => FirmwareState::Updating { percent: 100.0 },
+            Outcome::Swapping => {
+                self.tracker.count_swap(key, digest);
+                FirmwareState::Updating { percent: 100.0 }
+            }
             Outcome::Waiting => FirmwareState::Error {
                 reason: "firmware image is empty".into(),
             },
@@ -182,6 +257,7 @@ impl UpdateService {
             FirmwareStatus {
                 current,
                 target,
+                target_digest: Some(digest.to_string()),
                 state,
             },
         );
@@ -244,6 +320,13 @@ impl UpdateService {
         self.tracker.writes()
     }
 }
+
+/// How often a warning that every request would repeat (the registry is down) is logged.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Swaps sent for one image before a device that never comes back on its version is given up.
+/// More than one: a Swap command can be lost on the way, and the device then asks again.
+pub const MAX_SWAPS: u32 = 3;
 
 /// The credentials a device presented to a transport.
 #[derive(Clone, Copy)]

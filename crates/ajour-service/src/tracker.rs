@@ -13,7 +13,7 @@
 //! "updating" as seen before t1 is dropped ([`ajour_types::FirmwareReport::is_late_over`]).
 
 use ajour_registry::{Key, Registry, RegistryError};
-use ajour_types::{FirmwareReport, FirmwareStatus};
+use ajour_types::{FirmwareReport, FirmwareState, FirmwareStatus};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +41,8 @@ struct Tracked {
     /// The newest report rendered: its conditions' times carry over to the next one, so
     /// `lastTransitionTime` moves only when a condition changes.
     report: Option<FirmwareReport>,
+    /// Swaps sent for one image (its digest) since the device last synced.
+    swaps: Option<(String, u32)>,
     write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -122,6 +124,9 @@ impl StatusTracker {
                 .latest
                 .as_ref()
                 .is_none_or(|latest| !latest.same_phase(&status));
+            if status.state == FirmwareState::InSync {
+                tracked.swaps = None;
+            }
             tracked.latest = Some(status);
             tracked.dirty = true;
             tracked.last_record = Some(Instant::now());
@@ -137,6 +142,35 @@ impl StatusTracker {
         };
         if write_now {
             self.writers.spawn(self.inner.clone().write_latest(key.clone()));
+        }
+    }
+
+    /// The digest of the image this instance last recorded the device being sent toward
+    /// `target`; `None` when it recorded nothing of the kind (another instance may have).
+    pub fn target_digest(&self, key: &Key, target: &str) -> Option<String> {
+        let devices = self.inner.devices.lock().unwrap();
+        let latest = devices.get(key)?.latest.as_ref()?;
+        (latest.target == target)
+            .then(|| latest.target_digest.clone())
+            .flatten()
+    }
+
+    /// Swaps sent to the device for the image `digest` since it last synced.
+    pub fn swaps_sent(&self, key: &Key, digest: &str) -> u32 {
+        let devices = self.inner.devices.lock().unwrap();
+        match devices.get(key).and_then(|t| t.swaps.as_ref()) {
+            Some((swapped, count)) if swapped == digest => *count,
+            _ => 0,
+        }
+    }
+
+    /// Note one more Swap sent for the image `digest`.
+    pub fn count_swap(&self, key: &Key, digest: &str) {
+        let mut devices = self.inner.devices.lock().unwrap();
+        let tracked = devices.entry(key.clone()).or_default();
+        match &mut tracked.swaps {
+            Some((swapped, count)) if swapped == digest => *count += 1,
+            swaps => *swaps = Some((digest.to_string(), 1)),
         }
     }
 
@@ -263,7 +297,7 @@ impl Inner {
                 devices.remove(&key);
             }
             Err(error) => {
-                tracing::warn!(%key, %error, "writing firmware status failed; will retry");
+                crate::warn_throttled!(crate::LOG_INTERVAL, %key, %error, "writing firmware status failed; will retry");
                 if let Some(tracked) = devices.get_mut(&key) {
                     tracked.dirty = true;
                     tracked.last_write = Some(Instant::now());

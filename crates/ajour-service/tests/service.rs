@@ -365,3 +365,94 @@ async fn two_instances_on_one_postgresql_database_never_leave_a_synced_device_ou
         assert_eq!(report.status.state, FirmwareState::InSync, "{name}: {report:?}");
     }
 }
+
+/// Serves one image for every spec, replaceable while devices update (as `firmware add --force`
+/// or a moved OCI tag would replace it).
+struct ReplaceableImage(std::sync::Mutex<Arc<FirmwareImage>>);
+
+#[async_trait::async_trait]
+impl FirmwareSource for ReplaceableImage {
+    async fn fetch(&self, _: &FirmwareSpec) -> Result<Arc<FirmwareImage>, FetchError> {
+        Ok(self.0.lock().unwrap().clone())
+    }
+}
+
+/// The Write a command is, as `(offset, data)`; panics on anything else.
+fn write_of(reply: &[u8]) -> (u32, Vec<u8>) {
+    match ajour_protocol::decode_command(reply).unwrap() {
+        ajour_protocol::Command::Write { offset, data, .. } => (offset, data.to_vec()),
+        other => panic!("expected a Write, got {other:?}"),
+    }
+}
+
+async fn command(service: &UpdateService, key: &Key, status: &[u8]) -> Vec<u8> {
+    let device = service.device(key, None).await.unwrap();
+    device.handle_status(status).await.unwrap().command
+}
+
+#[tokio::test]
+async fn content_replaced_under_the_same_version_is_never_spliced_into_an_update() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a", "b"]).await;
+    let first = image();
+    let second = Arc::new(FirmwareImage::new(TO, vec![0x5a; SIZE]).unwrap());
+    let source = Arc::new(ReplaceableImage(std::sync::Mutex::new(first.clone())));
+    let long = Duration::from_secs(3600);
+    let service = UpdateService::new(registry.clone(), source.clone(), config(long, long));
+    let key = device("a");
+
+    for block in 0..50 {
+        let (offset, data) = write_of(&command(&service, &key, &status_at(Some(block * MTU))).await);
+        assert_eq!(offset, block * MTU);
+        assert_eq!(data, first.block(offset, MTU));
+    }
+    // Same version, other bytes: the device holds 5,000 bytes of the first image and must not
+    // get the rest of the second. It starts again from 0, with the second.
+    *source.0.lock().unwrap() = second.clone();
+    let (offset, data) = write_of(&command(&service, &key, &status_at(Some(50 * MTU))).await);
+    assert_eq!((offset, data.as_slice()), (0, second.block(0, MTU)));
+    // From then on it resumes the second image, here and on another instance (a restart), which
+    // knows what the device was sent from the registry alone.
+    let (offset, _) = write_of(&command(&service, &key, &status_at(Some(MTU))).await);
+    assert_eq!(offset, MTU);
+    service.settle_status_writes().await;
+    let restarted = UpdateService::new(registry.clone(), source.clone(), config(long, long));
+    let (offset, data) = write_of(&command(&restarted, &key, &status_at(Some(2 * MTU))).await);
+    assert_eq!((offset, data.as_slice()), (2 * MTU, second.block(2 * MTU, MTU)));
+
+    // A device half-way through this version of which no instance recorded what it was sent
+    // (updated by an older server, or its record lost): it starts again rather than risk it.
+    let (offset, _) = write_of(&command(&restarted, &device("b"), &status_at(Some(30 * MTU))).await);
+    assert_eq!(offset, 0);
+}
+
+#[tokio::test]
+async fn a_device_that_never_comes_back_on_the_new_version_is_not_sent_swap_for_ever() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    let long = Duration::from_secs(3600);
+    let source = Arc::new(ReplaceableImage(std::sync::Mutex::new(image())));
+    let service = UpdateService::new(registry.clone(), source.clone(), config(long, long));
+    let key = device("a");
+    // The device holds the whole image (every block was sent by this instance) and asks again
+    // and again: the swap does not take.
+    for block in 0..100 {
+        send(&service, &key, &status_at(Some(block * MTU))).await;
+    }
+    for _ in 0..ajour_service::MAX_SWAPS {
+        assert_eq!(send(&service, &key, &status_at(Some(SIZE as u32))).await, "swap");
+    }
+    assert_eq!(send(&service, &key, &status_at(Some(SIZE as u32))).await, "wait");
+    // Rolled back by its bootloader and starting over: still left alone.
+    assert_eq!(send(&service, &key, &status_at(Some(0))).await, "wait");
+    service.settle_status_writes().await;
+    let report = stored(&registry, &key);
+    assert!(
+        matches!(&report.status.state, FirmwareState::Failed { reason } if reason.contains("Swap")),
+        "{report:?}"
+    );
+
+    // A new image is a new start.
+    *source.0.lock().unwrap() = Arc::new(FirmwareImage::new(TO, vec![1; SIZE]).unwrap());
+    assert_eq!(send(&service, &key, &status_at(Some(0))).await, "write");
+}

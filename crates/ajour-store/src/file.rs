@@ -7,7 +7,7 @@
 //! time; devices asking meanwhile wait for it instead of reading the same bytes again.
 
 use crate::checked::{CheckedCache, Slot};
-use crate::{FetchError, FirmwareImage, FirmwareName, FirmwareSource, FirmwareSpec};
+use crate::{FetchError, FirmwareImage, FirmwareName, FirmwareSource, FirmwareSpec, SameVersion};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -63,6 +63,39 @@ impl FileStore {
             self.dir.join(format!("{name}.json")),
             self.dir.join(format!("{name}.bin")),
         )
+    }
+
+    /// [`Self::add`], unless `name` is published already as `version` with other bytes and
+    /// `same_version` says to refuse: devices identify firmware by version, so a device that runs
+    /// the old bytes would never be updated to the new ones (and devices in the middle of the
+    /// update start again from the beginning).
+    pub fn publish(
+        &self,
+        name: &FirmwareName,
+        version: &str,
+        data: &[u8],
+        same_version: SameVersion,
+    ) -> io::Result<FirmwareMetadata> {
+        let (json_path, _) = self.paths(name);
+        if same_version == SameVersion::Refuse {
+            if let Ok(json) = std::fs::read(&json_path) {
+                if let Ok(published) = serde_json::from_slice::<FirmwareMetadata>(&json) {
+                    let checksum = hex::encode(Sha256::digest(data));
+                    if published.version == version && !published.checksum.eq_ignore_ascii_case(&checksum) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::AlreadyExists,
+                            format!(
+                                "firmware '{name}' version {version} is published with other bytes (sha256 {}); \
+                                 publish these as a new version, or replace it with --force (devices already \
+                                 running {version} keep the old bytes)",
+                                published.checksum
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        self.add(name, version, data)
     }
 
     /// Store `data` as version `version` of `name`, replacing what was there. The image is written
@@ -196,6 +229,34 @@ mod tests {
 
     fn spec(name: &str) -> FirmwareSpec {
         FirmwareSpec::File { name: name.into() }
+    }
+
+    #[test]
+    fn a_version_published_with_other_bytes_is_replaced_only_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path(), Duration::ZERO);
+        let name = FirmwareName::parse("app").unwrap();
+        store
+            .publish(&name, "1.0.0", b"first", SameVersion::Refuse)
+            .unwrap();
+        // The same bytes again, and a new version, are fine.
+        store
+            .publish(&name, "1.0.0", b"first", SameVersion::Refuse)
+            .unwrap();
+        let error = store
+            .publish(&name, "1.0.0", b"other", SameVersion::Refuse)
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AlreadyExists);
+        assert!(error.to_string().contains("--force"), "{error}");
+        let stored = std::fs::read(dir.path().join("app.bin")).unwrap();
+        assert_eq!(stored, b"first", "a refused publish changes nothing");
+        let replaced = store
+            .publish(&name, "1.0.0", b"other", SameVersion::Replace)
+            .unwrap();
+        assert_eq!(replaced.checksum, hex::encode(Sha256::digest(b"other")));
+        store
+            .publish(&name, "1.0.1", b"third", SameVersion::Refuse)
+            .unwrap();
     }
 
     #[tokio::test]

@@ -25,6 +25,15 @@ pub use ajour_engine::{FirmwareImage, InvalidImage};
 use async_trait::async_trait;
 use std::sync::Arc;
 
+/// What publishing firmware does when its version is published already with other bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SameVersion {
+    /// Refuse: the usual answer, since devices identify firmware by its version.
+    Refuse,
+    /// Replace it (`--force`): devices in the middle of the update start again from offset 0.
+    Replace,
+}
+
 /// Why firmware could not be had. Shown to operators in the device's status: say what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FetchError {

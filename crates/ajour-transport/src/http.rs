@@ -10,6 +10,7 @@
 //! | no or malformed `Authorization` | 401 |
 //! | unknown device or wrong password | 403 |
 //! | body larger than a status can be | 413 |
+//! | body not arrived within the server's body timeout | 408 |
 //! | body that is not a status | 400, naming what is wrong |
 //! | registry unreachable while authenticating | 503 |
 
@@ -100,12 +101,16 @@ async fn publish(
         }
         Err(AuthError::Unavailable(reason)) => {
             error_total("registry");
-            tracing::warn!(%reason, "device authentication unavailable");
+            ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "device authentication unavailable");
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
     };
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
+        Err(error) if timed_out(&error) => {
+            error_total("body_timeout");
+            return (StatusCode::REQUEST_TIMEOUT, format!("{error}\n")).into_response();
+        }
         Err(_) => {
             error_total("payload_too_large");
             return (
@@ -135,4 +140,14 @@ async fn publish(
         reply.command,
     )
         .into_response()
+}
+
+/// Whether reading the body failed because it did not arrive in time (the server's body timeout
+/// fails it with `TimedOut`).
+fn timed_out(error: &axum::Error) -> bool {
+    std::iter::successors(Some(error as &(dyn std::error::Error + 'static)), |error| {
+        error.source()
+    })
+    .filter_map(|error| error.downcast_ref::<std::io::Error>())
+    .any(|error| error.kind() == std::io::ErrorKind::TimedOut)
 }

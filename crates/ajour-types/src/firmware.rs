@@ -19,8 +19,18 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq)]
 pub enum FirmwareState {
     InSync,
-    Updating { percent: f64 },
-    Error { reason: String },
+    Updating {
+        percent: f64,
+    },
+    /// The firmware the device should run could not be had (missing, corrupt, not configured).
+    Error {
+        reason: String,
+    },
+    /// The device could not be updated (it never came back on the new version): it is left alone
+    /// until its firmware changes.
+    Failed {
+        reason: String,
+    },
 }
 
 impl fmt::Display for FirmwareState {
@@ -29,6 +39,7 @@ impl fmt::Display for FirmwareState {
             FirmwareState::InSync => f.write_str("in sync"),
             FirmwareState::Updating { percent } => write!(f, "updating {percent:.2}%"),
             FirmwareState::Error { reason } => write!(f, "error: {reason}"),
+            FirmwareState::Failed { reason } => write!(f, "failed: {reason}"),
         }
     }
 }
@@ -38,6 +49,9 @@ impl fmt::Display for FirmwareState {
 pub struct FirmwareStatus {
     pub current: String,
     pub target: String,
+    /// The SHA-256 (hex) of the target image: with the version, the identity of what the device is
+    /// sent. A device may resume an update only of this very image (`targetDigest` in the JSON).
+    pub target_digest: Option<String>,
     pub state: FirmwareState,
 }
 
@@ -50,6 +64,7 @@ impl FirmwareStatus {
         Self {
             current: current.into(),
             target: UNKNOWN_TARGET.into(),
+            target_digest: None,
             state: FirmwareState::Error {
                 reason: reason.into(),
             },
@@ -83,17 +98,26 @@ impl FirmwareStatus {
                 (IN_SYNC, "False", None, None),
                 (UPDATE_PROGRESS, "Unknown", None, Some(format!("{percent:.2}"))),
             ],
-            FirmwareState::Error { reason } => vec![(
-                IN_SYNC,
-                "False",
-                Some(reason.clone()),
-                Some("Error retrieving firmware metadata".into()),
-            )],
+            FirmwareState::Error { reason } => {
+                vec![(IN_SYNC, "False", Some(reason.clone()), Some(ERROR_MESSAGE.into()))]
+            }
+            FirmwareState::Failed { reason } => {
+                vec![(
+                    IN_SYNC,
+                    "False",
+                    Some(reason.clone()),
+                    Some(FAILED_MESSAGE.into()),
+                )]
+            }
         }
     }
 }
 
 const IN_SYNC: &str = "InSync";
+/// The message of an `InSync=False` condition whose reason is a firmware error (the original's).
+const ERROR_MESSAGE: &str = "Error retrieving firmware metadata";
+/// ... and of one whose reason is a failed update.
+const FAILED_MESSAGE: &str = "Update failed";
 const UPDATE_PROGRESS: &str = "UpdateProgress";
 
 /// One condition of a report, as Drogue writes conditions.
@@ -194,7 +218,12 @@ impl FirmwareReport {
                 condition
             })
             .collect();
-        json!({"current": self.status.current, "target": self.status.target, "conditions": conditions})
+        let mut value =
+            json!({"current": self.status.current, "target": self.status.target, "conditions": conditions});
+        if let Some(digest) = &self.status.target_digest {
+            value["targetDigest"] = digest.as_str().into();
+        }
+        value
     }
 
     /// Read `status.firmware` as [`Self::to_json`] writes it.
@@ -234,15 +263,21 @@ impl FirmwareReport {
                     .and_then(|m| m.parse().ok())
                     .ok_or_else(|| StatusFormatError("UpdateProgress without a percentage".into()))?,
             },
-            (Some(sync), None) => FirmwareState::Error {
-                reason: sync.reason.clone().unwrap_or_default(),
-            },
+            (Some(sync), None) => {
+                let reason = sync.reason.clone().unwrap_or_default();
+                if sync.message.as_deref() == Some(FAILED_MESSAGE) {
+                    FirmwareState::Failed { reason }
+                } else {
+                    FirmwareState::Error { reason }
+                }
+            }
             (None, None) => return Err(StatusFormatError("no InSync condition".into())),
         };
         Ok(Self {
             status: FirmwareStatus {
                 current,
                 target,
+                target_digest: value["targetDigest"].as_str().map(str::to_string),
                 state,
             },
             conditions,
@@ -263,6 +298,7 @@ mod tests {
         FirmwareStatus {
             current: "1.0.0".into(),
             target: target.into(),
+            target_digest: None,
             state,
         }
     }
@@ -357,15 +393,18 @@ mod tests {
                 percent: f64::from(p) / 100.0
             }),
             "[ -~]{0,40}".prop_map(|reason| FirmwareState::Error { reason }),
+            "[ -~]{0,40}".prop_map(|reason| FirmwareState::Failed { reason }),
         ]
     }
 
     proptest! {
         #[test]
         fn what_is_written_reads_back_the_same(
-            current in "[ -~]{0,20}", target in "[ -~]{0,20}", state in any_state(), seconds in 0i64..10_000_000,
+            current in "[ -~]{0,20}", target in "[ -~]{0,20}", target_digest in proptest::option::of("[0-9a-f]{64}"),
+            state in any_state(), seconds in 0i64..10_000_000,
         ) {
-            let report = FirmwareReport::observe(None, FirmwareStatus { current, target, state }, at(seconds));
+            let status = FirmwareStatus { current, target, target_digest, state };
+            let report = FirmwareReport::observe(None, status, at(seconds));
             prop_assert_eq!(FirmwareReport::from_json(&report.to_json()).unwrap(), report);
         }
     }

@@ -119,11 +119,14 @@ fn tar_of(files: &[(&str, &[u8])]) -> std::io::Result<Vec<u8>> {
 impl OciStore {
     /// Build and push firmware `data` as version `version` to `image` (relative to the registry
     /// prefix, like a spec's). `progress` is told how many bytes of the firmware layer were sent.
+    /// Unless `same_version` says to replace it, a tag that holds this version with other bytes
+    /// is refused (see [`crate::FileStore::publish`]).
     pub async fn push(
         &self,
         image: &str,
         version: &str,
         data: &[u8],
+        same_version: crate::SameVersion,
         progress: Progress,
     ) -> Result<PushedImage, OciError> {
         let reference = ImageRef::parse(&self.config().registry_prefix, image)?;
@@ -145,6 +148,21 @@ impl OciStore {
             )));
         }
         let built = build_image(version, data).map_err(invalid)?;
+        if same_version == crate::SameVersion::Refuse {
+            // What the tag holds now, as a device would be served it; nothing (or no firmware) is
+            // fine to push over.
+            if let Ok(published) = self.inspect(image).await {
+                if published.image.version() == version
+                    && published.image.checksum_hex() != built.metadata.checksum
+                {
+                    return Err(invalid(format!(
+                        "it holds version {version} with other bytes (sha256 {}); push these as a new \
+                         version, or replace it with --force (devices already running {version} keep the old bytes)",
+                        published.image.checksum_hex()
+                    )));
+                }
+            }
+        }
         self.client().authenticate_push(&reference).await?;
         self.client()
             .push_blob(&reference, built.layer.clone(), &built.layer_digest, progress)
