@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Installs and starts what the test suite needs on a fresh Debian machine. Idempotent: packages
-# already installed and services already running are left alone. Each test still starts its own
-# instances (on free ports, in temp dirs); this only makes the programs available.
+# already installed, a cluster that exists and a server already running are left alone; it says
+# only what it does. Each test still starts its own instances (on free ports, in temp dirs, a
+# database of its own); this makes the programs available and the PostgreSQL server reachable as
+# the tests expect it: postgres://postgres@127.0.0.1:5432/postgres, without a password.
+#
+# With AJOUR_TEST_POSTGRES_URL set, the tests use that server instead: it is only checked.
 set -euo pipefail
 
-# Debian packages the tests run as real peers.
-packages=(postgresql-client mosquitto mosquitto-clients docker-registry skopeo)
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+
+# Debian packages the tests run as real peers: the PostgreSQL server (and its client), the MQTT
+# broker, the OCI registry and the OCI client that checks what Ajour pushed.
+packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -14,14 +22,42 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    "${sudo[@]}" apt-get update -qq
+    # debconf says it delays configuration without apt-utils: not worth saying.
+    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        2> >(grep -v "^debconf: " >&2)
 fi
 
-# PostgreSQL: tests create (and drop) a database of their own on the local server.
-if ! pg_isready -q -h 127.0.0.1 -p 5432; then
-    echo "setup: starting PostgreSQL"
-    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
-    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+if [ -n "${AJOUR_TEST_POSTGRES_URL:-}" ]; then
+    psql -q -w "$AJOUR_TEST_POSTGRES_URL" -c 'select 1' >/dev/null ||
+        { echo "setup: PostgreSQL at AJOUR_TEST_POSTGRES_URL is not reachable" >&2; exit 1; }
+    exit 0
 fi
-pg_isready -h 127.0.0.1 -p 5432
+
+# The local server: a cluster on port 5432 (the package makes one, unless configured not to),
+# started, and trusting the postgres user over TCP from this machine.
+ready() { pg_isready -q -h 127.0.0.1 -p 5432; }
+version=$(ls /usr/lib/postgresql | sort -V | tail -1)
+cluster=$(pg_lsclusters --no-header | awk '$3 == 5432 { print $1 " " $2; exit }')
+if [ -z "$cluster" ]; then
+    echo "setup: creating PostgreSQL cluster $version/main on port 5432"
+    "${sudo[@]}" pg_createcluster --port 5432 "$version" main -- \
+        --auth-local=trust --auth-host=trust >/dev/null
+    cluster="$version main"
+fi
+read -r cluster_version cluster_name <<<"$cluster"
+if ! ready; then
+    echo "setup: starting PostgreSQL $cluster_version/$cluster_name"
+    "${sudo[@]}" pg_ctlcluster --skip-systemctl-redirect "$cluster_version" "$cluster_name" start
+    for _ in $(seq 1 30); do ready && break; sleep 1; done
+    ready || { echo "setup: PostgreSQL did not start; see /var/log/postgresql/" >&2; exit 1; }
+fi
+if ! psql -q -w -h 127.0.0.1 -U postgres -d postgres -c 'select 1' >/dev/null 2>&1; then
+    echo "setup: trusting user postgres over TCP from 127.0.0.1 ($cluster_version/$cluster_name)"
+    hba="/etc/postgresql/$cluster_version/$cluster_name/pg_hba.conf"
+    # First matching line wins: put it first.
+    "${sudo[@]}" sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    "${sudo[@]}" pg_ctlcluster --skip-systemctl-redirect "$cluster_version" "$cluster_name" reload
+fi
+psql -q -w -h 127.0.0.1 -U postgres -d postgres -c 'select 1' >/dev/null ||
+    { echo "setup: PostgreSQL is not reachable at postgres://postgres@127.0.0.1:5432/postgres" >&2; exit 1; }

@@ -34,7 +34,7 @@ impl FirmwareSource for GatedFirmware {
 
 #[tokio::test]
 async fn a_slow_device_holds_up_no_other_and_each_device_is_answered_in_order() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start().expect("starting Mosquitto");
     let app = AppName::parse("app").unwrap();
     let device = |name: &str| Key::Device(app.clone(), ajour_registry::DeviceName::parse(name).unwrap());
     let registry = Arc::new(MemoryRegistry::default());

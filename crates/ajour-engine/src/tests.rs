@@ -192,85 +192,9 @@ fn verified_refuses_wrong_size_and_checksum() {
     assert_eq!(FirmwareImage::new("", vec![1]), Err(InvalidImage::EmptyVersion));
 }
 
-/// A device as `embedded-update` behaves: it trusts each Write, appends the block, reports the
-/// new offset; on Swap it "reboots" into the new version and reports again.
-fn run_device(
-    img: &FirmwareImage,
-    mtus: &[Option<u32>],
-    config: &EngineConfig,
-    cid: Option<u32>,
-) -> (Vec<u8>, [u8; 32]) {
-    let mut written: Vec<u8> = Vec::new();
-    let mut update: Option<UpdateStatus> = None;
-    let mut version = b"0.0.1".to_vec();
-    let mut swap_checksum = None;
-    let max_steps = img.size() as usize + 10;
-    for step in 0..max_steps {
-        let status = Status {
-            version: version.clone(),
-            mtu: mtus[step % mtus.len()],
-            correlation_id: cid,
-            update: update.clone(),
-        };
-        let decision = decide(&status, Target::Ready(img), config);
-        assert_eq!(decision.command.correlation_id(), cid);
-        match decision.command {
-            Command::Write {
-                version: v,
-                offset,
-                data,
-                ..
-            } => {
-                assert!(!data.is_empty(), "a Write always makes progress");
-                let limit = config.block_size(status.mtu);
-                assert!(data.len() as u32 <= limit);
-                if offset == 0 {
-                    written.clear();
-                }
-                assert_eq!(
-                    offset as usize,
-                    written.len(),
-                    "Write at the offset the device holds"
-                );
-                written.extend_from_slice(data);
-                update = Some(UpdateStatus {
-                    version: v.to_vec(),
-                    offset: written.len() as u32,
-                });
-            }
-            Command::Swap {
-                version: v, checksum, ..
-            } => {
-                swap_checksum = Some(<[u8; 32]>::try_from(checksum).unwrap());
-                version = v.to_vec();
-                update = None;
-            }
-            Command::Sync { version: v, .. } => {
-                assert_eq!(v, img.version().as_bytes());
-                return (written, swap_checksum.expect("Sync only after Swap"));
-            }
-            Command::Wait { .. } => panic!("a ready image never makes the device wait"),
-        }
-    }
-    panic!("device did not finish within {max_steps} steps");
-}
-
+// A simulated device following these decisions to the end of an update, from any starting point,
+// is tested in ajour-sim (`tests/against_engine.rs`).
 proptest! {
-    #[test]
-    fn device_following_commands_ends_with_exactly_the_image(
-        data in proptest::collection::vec(any::<u8>(), 1..5000),
-        mtus in proptest::collection::vec(proptest::option::of(0u32..3000), 1..8),
-        max_mtu in 1u32..2048,
-        cid in proptest::option::of(any::<u32>()),
-    ) {
-        let img = FirmwareImage::new("9.9.9", data.clone()).unwrap();
-        let config = EngineConfig { max_mtu, ..Default::default() };
-        let (written, checksum) = run_device(&img, &mtus, &config, cid);
-        prop_assert_eq!(&written, &data);
-        let expected: [u8; 32] = Sha256::digest(&written).into();
-        prop_assert_eq!(checksum, expected);
-    }
-
     #[test]
     fn any_status_gets_a_sane_command(
         version in proptest::collection::vec(any::<u8>(), 0..12),

@@ -10,6 +10,9 @@
 //! `AJOUR_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, the server
 //! every development and CI machine runs), dropped when the test ends. Tests that need PostgreSQL
 //! fail, loudly, when it is not reachable: a silently skipped backend is an untested backend.
+//!
+//! Waiting: [`eventually`] polls a condition until a deadline. Tests wait for what they need to
+//! have happened, never for a fixed time.
 
 pub mod oci_registry;
 
@@ -17,11 +20,27 @@ pub use oci_registry::{OciLayout, OciRegistry};
 
 pub mod memory;
 pub mod mosquitto;
+pub mod process;
 
 pub use memory::MemoryRegistry;
 pub use mosquitto::Mosquitto;
+pub use process::ServerProcess;
 
 use sqlx::Connection;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+/// Where a test's SQL registry lives. Tests of anything that stores applications and devices run
+/// on both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, a file in a temp dir.
+    Sqlite,
+    /// A [`TestDatabase`] on the local PostgreSQL server.
+    Postgres,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
 
 const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
@@ -51,8 +70,35 @@ impl TestDatabase {
         Self { admin_url, name, url }
     }
 
+    /// A database of the test's own on `backend`: one on PostgreSQL, none for SQLite (whose file
+    /// lives in the test's own temp dir).
+    pub async fn of(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(Self::create().await),
+        }
+    }
+
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Make the database unreachable, as one whose server went away: connections open to it are
+    /// closed and new ones refused (`ALLOW_CONNECTIONS false` holds for superusers too). It is
+    /// still dropped when the test ends.
+    pub async fn refuse_connections(&self) {
+        let mut admin = sqlx::PgConnection::connect(&self.admin_url)
+            .await
+            .expect("connect to PostgreSQL as admin");
+        let name = &self.name;
+        sqlx::raw_sql(&format!(
+            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE datname = '{name}' AND pid <> pg_backend_pid();"
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("refuse connections to the test database");
     }
 }
 
@@ -75,5 +121,28 @@ impl Drop for TestDatabase {
             })
         })
         .join();
+    }
+}
+
+/// Deterministic test firmware: `len` bytes that differ with `seed`.
+pub fn firmware_bytes(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Poll `check` every 20 ms until it holds; panic, saying `what` was awaited, after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -448,13 +448,9 @@ fn v2_status(addr: SocketAddr) -> Option<String> {
     Some(String::from_utf8_lossy(&head[9..12]).into_owned())
 }
 
-/// Poll `condition` every 20 ms until it holds; panic after 20 s.
+/// [`crate::eventually`] for a condition that needs no awaiting, within 20 s.
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::eventually(Duration::from_secs(20), what, || std::future::ready(condition())).await
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -582,6 +578,16 @@ impl Default for OciLayout {
 /// `skopeo inspect` of `docker://{image}` over plain HTTP: `--raw` gives the manifest, without it
 /// skopeo's summary (with the config's labels).
 pub fn skopeo_inspect(image: &str, raw: bool, credentials: Option<(&str, &str)>) -> serde_json::Value {
+    serde_json::from_slice(&skopeo_inspect_bytes(image, raw, credentials)).expect("skopeo prints JSON")
+}
+
+/// The manifest of `docker://{image}` exactly as the registry serves it: the bytes its digest is
+/// the SHA-256 of.
+pub fn skopeo_raw_manifest(image: &str, credentials: Option<(&str, &str)>) -> Vec<u8> {
+    skopeo_inspect_bytes(image, true, credentials)
+}
+
+fn skopeo_inspect_bytes(image: &str, raw: bool, credentials: Option<(&str, &str)>) -> Vec<u8> {
     let mut command = Command::new("skopeo");
     command.args(["inspect", "--tls-verify=false"]);
     if raw {
@@ -599,5 +605,5 @@ pub fn skopeo_inspect(image: &str, raw: bool, credentials: Option<(&str, &str)>)
         "skopeo inspect failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout).expect("skopeo prints JSON")
+    output.stdout
 }

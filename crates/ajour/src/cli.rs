@@ -2,9 +2,10 @@
 //! `simulate`.
 
 use crate::client::ApiClient;
+use crate::config;
 use crate::server::{self, ServerConfig};
 use crate::simulate::{self, SimulateArgs};
-use ajour_store::{FileStore, FirmwareName};
+use ajour_store::{FileStore, FirmwareName, SameVersion};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
@@ -38,63 +39,130 @@ pub enum Command {
     /// Play one device, or a fleet, updating over the HTTP endpoint (or, with --via-mqtt, behind
     /// Drogue's MQTT integration).
     Simulate(SimulateArgs),
-    /// Measure the server under load (see docs/benchmarks.md).
-    Bench(crate::bench::BenchArgs),
 }
 
+// The flags of `ajour serve`: the one definition of each setting (name, meaning, type, checks,
+// default). The config file and the environment are layered under them by `config::resolve`.
 #[derive(Debug, Args)]
+#[command(
+    next_help_heading = "Server",
+    mut_args(crate::config::without_env),
+    after_long_help = crate::config::layers_help()
+)]
 pub struct ServeArgs {
-    /// Where the database (by default), firmware files and API token live.
-    #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
+    /// The settings given explicitly. First: the fields after it take their values out of the
+    /// matches it reads.
+    #[command(flatten)]
+    pub given: crate::config::Given,
+    /// A TOML file of settings, its keys the long flag names (`listen = "0.0.0.0:8080"`); the
+    /// environment and flags override it.
+    #[arg(long = "config", value_name = "FILE", help_heading = None::<&str>)]
+    pub config_file: Option<PathBuf>,
+    /// Print the configuration in force as TOML (secrets left out) and exit.
+    #[arg(long, help_heading = None::<&str>)]
+    pub print_config: bool,
+    /// Where the SQLite database (`ajour.db`, by default), firmware files (`firmware/`) and API
+    /// token (`api-token`) live.
+    #[arg(long, value_name = "DIR", default_value = server::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
-    /// Address to listen on; port 0 picks a free port (the bound address is printed).
-    #[arg(long, env = "AJOUR_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address to listen on; port 0 picks a free port. The bound address is printed (`Ajour
+    /// listening on http://...`).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// Registry database: `postgres://...` or `sqlite://...` (default: SQLite in the data directory).
-    #[arg(long, env = "AJOUR_DATABASE_URL")]
+    /// Registry database, `postgres://user[:pass]@host[:port]/db` or `sqlite://path?mode=rwc`
+    /// (default: SQLite in the data directory); migrations run on start.
+    #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
-    /// API token (default: the one saved in the data directory, or a new one, printed once).
-    #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true)]
+    /// The bearer token the REST API requires (default: the one saved in the data directory, or a
+    /// new one, saved there and printed once).
+    #[arg(long, value_name = "TOKEN")]
     pub api_token: Option<String>,
     /// Block size for devices that state no mtu (or 0).
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().service.engine.default_mtu,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub default_mtu: u32,
     /// Largest block sent, whatever a device asks for.
-    #[arg(long, default_value_t = 64 * 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().service.engine.max_mtu,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub max_mtu: u32,
-    /// Seconds a device waits when its firmware is not available.
-    #[arg(long, default_value_t = 30)]
+    /// Seconds a device waits when its firmware cannot be had.
+    #[arg(long, value_name = "S", default_value_t = ServerConfig::default().service.engine.wait_poll)]
     pub wait_poll: u32,
-    /// Seconds a device without firmware set waits before asking again.
-    #[arg(long, default_value_t = 300)]
+    /// Seconds a device with no firmware set waits before asking again.
+    #[arg(long, value_name = "S", default_value_t = ServerConfig::default().service.unmanaged_poll)]
     pub unmanaged_poll: u32,
-    /// Seconds a device in sync waits before reporting again (default: the device decides).
-    #[arg(long)]
+    /// Seconds a device in sync waits before reporting again, sent with `Sync` (default: the
+    /// device decides).
+    #[arg(long, value_name = "S")]
     pub sync_poll: Option<u32>,
-    /// Milliseconds a device's spec is reused before it is read from the registry again.
-    #[arg(long, default_value_t = 5000)]
+    /// Milliseconds a device's and application's spec are reused before they are read from the
+    /// registry again; writes through this server's API apply at once.
+    #[arg(long, value_name = "MS",
+          default_value_t = config::millis(ServerConfig::default().service.spec_cache_ttl))]
     pub spec_cache_ms: u64,
     /// Update progress is written to the registry at most this often per device (milliseconds).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, value_name = "MS",
+          default_value_t = config::millis(ServerConfig::default().service.progress_interval))]
     pub progress_interval_ms: u64,
-    /// ... and only when it advanced by this many percentage points (or the device went quiet).
-    #[arg(long, default_value_t = 20.0)]
+    /// ... and only when it advanced by this many percentage points (or the device went quiet for
+    /// the interval, at least 5 s).
+    #[arg(long, value_name = "P", default_value_t = ServerConfig::default().service.progress_step)]
     pub progress_step: f64,
     /// Milliseconds between checks of firmware files for replacement.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_name = "MS",
+          default_value_t = config::millis(ServerConfig::default().firmware_recheck))]
     pub firmware_recheck_ms: u64,
-    /// bcrypt cost for device passwords given in plain text.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=31))]
+    /// bcrypt cost (4–31) for device passwords given in plain text.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().password_cost,
+          value_parser = clap::value_parser!(u32).range(4..=31))]
     pub password_cost: u32,
+    /// Milliseconds a request head may take to arrive whole, counted from the connection's accept
+    /// or, on a kept-alive connection, from the head's first byte; then the connection is closed.
+    #[arg(long, value_name = "MS", help_heading = "Connections",
+          default_value_t = config::millis(ServerConfig::default().connections.header_timeout),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_ms: u64,
+    /// Milliseconds a request body may take to arrive whole after its head; then the device
+    /// endpoint answers 408 and the connection is closed.
+    #[arg(long, value_name = "MS", help_heading = "Connections",
+          default_value_t = config::millis(ServerConfig::default().connections.body_timeout),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub body_timeout_ms: u64,
+    /// Milliseconds a kept-alive connection may wait for its next request with nothing sent
+    /// either way; then it is closed.
+    #[arg(long, value_name = "MS", help_heading = "Connections",
+          default_value_t = config::millis(ServerConfig::default().connections.idle_timeout),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; one past it is answered 503 with `Retry-After` and closed.
+    /// Lowered at start to fit the open-file limit (its soft value raised to the hard one first),
+    /// less 64 files kept for the rest; the cap in force is logged.
+    #[arg(long, value_name = "N", help_heading = "Connections",
+          default_value_t = ServerConfig::default().connections.max_connections,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Connections the kernel queues until the server accepts them (the kernel caps it at
+    /// `net.core.somaxconn`).
+    #[arg(long, value_name = "N", help_heading = "Connections",
+          default_value_t = ServerConfig::default().connections.listen_backlog,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub listen_backlog: u32,
+    /// On SIGTERM or SIGINT, milliseconds open connections get to finish their requests (no new
+    /// ones are accepted); then those left are closed and pending statuses are written.
+    #[arg(long, value_name = "MS", help_heading = "Connections",
+          default_value_t = config::millis(ServerConfig::default().connections.shutdown_timeout))]
+    pub shutdown_timeout_ms: u64,
     /// Drogue mode: Drogue's registry and MQTT integration (see docs/drogue.md).
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Drogue mode")]
     pub drogue: Box<crate::drogue_cli::DrogueArgs>,
-    /// The OCI registry firmware source.
-    #[command(flatten)]
+    /// The OCI registry firmware source (see docs/oci.md).
+    #[command(flatten, next_help_heading = "OCI registry")]
     pub oci: crate::oci_cli::OciServeArgs,
 }
 
 impl ServeArgs {
+    /// The server's configuration from these settings, less Drogue mode and the rules between
+    /// settings: [`ServeArgs::server_config`] is the whole of it.
     pub fn config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(&self.data_dir);
         config.database_url = self.database_url.clone();
@@ -109,8 +177,25 @@ impl ServeArgs {
         config.service.progress_step = self.progress_step;
         config.firmware_recheck = Duration::from_millis(self.firmware_recheck_ms);
         config.password_cost = self.password_cost;
+        config.connections = server::ConnectionLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+            listen_backlog: self.listen_backlog,
+            shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
+        };
         config.oci = self.oci.config();
         config
+    }
+
+    /// The server's configuration from these settings, Drogue mode included; refused when
+    /// settings contradict each other.
+    pub fn server_config(&self) -> anyhow::Result<ServerConfig> {
+        self.oci.connection.check()?;
+        let mut config = self.config();
+        config.drogue = self.drogue.config()?;
+        Ok(config)
     }
 }
 
@@ -280,6 +365,10 @@ pub enum FirmwareCommand {
         file: PathBuf,
         #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
         data_dir: PathBuf,
+        /// Replace the version even when it is stored with other bytes (devices in the middle of
+        /// the update start again; devices already running it keep the old bytes).
+        #[arg(long)]
+        force: bool,
     },
     /// Build an OCI image of a firmware file and push it to a registry (see docs/oci.md).
     Push(crate::oci_cli::PushArgs),
@@ -298,12 +387,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             file,
             data_dir,
+            force,
         }) => {
             let name = FirmwareName::parse(&name)?;
             anyhow::ensure!(!version.trim().is_empty(), "--version must not be empty");
             let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let store = FileStore::new(server::firmware_dir(&data_dir), Duration::ZERO);
-            let metadata = store.add(&name, &version, &data)?;
+            let same_version = if force { SameVersion::Replace } else { SameVersion::Refuse };
+            let metadata = store.publish(&name, &version, &data, same_version)?;
             crate::say!(
                 "firmware '{name}' version {} ({} bytes, sha256 {}) stored in {}",
                 metadata.version,
@@ -316,16 +407,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Firmware(FirmwareCommand::Push(args)) => crate::oci_cli::push(args).await,
         Command::Firmware(FirmwareCommand::Inspect(args)) => crate::oci_cli::inspect(args).await,
         Command::Simulate(args) => simulate::run(args).await,
-        Command::Bench(args) => crate::bench::run(args).await,
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let mut config = args.config();
-    config.drogue = args.drogue.config()?;
+    let args = config::resolve(&args, &config::process_environment())?;
+    let config = args.server_config()?;
+    if args.print_config {
+        crate::say!("{}", config::to_toml(&args).trim_end());
+        return Ok(());
+    }
+    // Caught from before the server listens: a stop asked for at any time is a clean one.
+    let termination = server::termination_signal().context("installing signal handlers")?;
+    // Connections are capped by the open-file limit (`server::start`): take what the system allows.
+    #[cfg(unix)]
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-file limit: {error}");
+    }
+    let listener = server::bind(&args.listen, config.connections.listen_backlog).await?;
     let running = server::start(listener, config.clone()).await?;
     if running.token_generated {
         crate::say!(
@@ -345,12 +444,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     let shutdown = running.shutdown_handle();
+    let drain = config.connections.shutdown_timeout;
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+        let signal = termination.await;
+        tracing::info!(
+            "{signal}: shutting down (no new connections, up to {drain:?} for open ones, then pending statuses are written)"
+        );
         let _ = shutdown.send(true);
     });
-    running.wait().await
+    running.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
 }
 
 fn print_json(value: &Value) {
@@ -454,7 +558,7 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
             if let Some(f) = firmware.to_spec() {
                 spec["firmware"] = f;
             }
-            let progress = crate::simulate::progress_bar(names.len() as u64, "creating devices");
+            let progress = ajour_sim::progress_bar(names.len() as u64, "creating devices");
             for device in &names {
                 client
                     .create(

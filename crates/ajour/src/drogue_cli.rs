@@ -44,85 +44,65 @@ pub enum ContentMode {
     Binary,
 }
 
+// The `ajour serve` flags of Drogue mode; their environment variables and config file keys follow
+// from their names (see `crate::config`).
 #[derive(Debug, Clone, Args)]
 pub struct DrogueArgs {
-    /// Drogue mode: URL of Drogue's MQTT integration, `mqtts://HOST[:PORT]` (or `mqtt://`).
-    #[arg(
-        long = "drogue-mqtt-url",
-        env = "AJOUR_DROGUE_MQTT_URL",
-        value_name = "URL",
-        requires = "drogue_registry_url"
-    )]
+    /// Drogue mode: URL of Drogue's MQTT integration, `mqtts://HOST[:PORT]` (TLS, default port
+    /// 8883) or `mqtt://HOST[:PORT]` (plain, 1883); `ssl://`, `tls://`, `tcp://` are accepted too.
+    /// Goes with --drogue-registry-url.
+    #[arg(long = "drogue-mqtt-url", value_name = "URL")]
     pub drogue_mqtt_url: Option<String>,
-    /// Base URL of Drogue's API, where the device registry is (`/api/registry/v1alpha1`).
-    #[arg(
-        long = "drogue-registry-url",
-        env = "AJOUR_DROGUE_REGISTRY_URL",
-        value_name = "URL",
-        requires = "drogue_mqtt_url"
-    )]
+    /// Base URL of Drogue's API, where the device registry is; `/api/registry/v1alpha1` is
+    /// appended unless the URL already ends with it. Goes with --drogue-mqtt-url.
+    #[arg(long = "drogue-registry-url", value_name = "URL")]
     pub drogue_registry_url: Option<String>,
-    /// Drogue user name (MQTT user; Basic auth to the registry). Without, the token is sent as Bearer.
-    #[arg(long = "drogue-user", env = "AJOUR_DROGUE_USER")]
+    /// Drogue user: MQTT user name, and Basic `user:token` to the registry. Without it the token
+    /// is sent to the registry as `Bearer` and the MQTT connection has no credentials (MQTT has no
+    /// password without a user name).
+    #[arg(long = "drogue-user", value_name = "USER")]
     pub drogue_user: Option<String>,
-    /// Drogue access token (`drg_...`): MQTT password and registry credential.
-    #[arg(long = "drogue-token", env = "AJOUR_DROGUE_TOKEN", hide_env_values = true)]
+    /// Drogue access token (`drg_...`): MQTT password and registry credential (never printed).
+    #[arg(long = "drogue-token", value_name = "TOKEN")]
     pub drogue_token: Option<String>,
-    /// Serve this application (repeat, or comma-separate); default: all the registry lists.
-    #[arg(
-        long = "application",
-        env = "AJOUR_DROGUE_APPLICATIONS",
-        value_delimiter = ',',
-        value_name = "APP"
-    )]
+    /// Serve this application; repeat, or comma-separate, for more. Without any: every application
+    /// the registry lists, listed again periodically.
+    #[arg(long = "application", value_delimiter = ',', value_name = "APP")]
     pub applications: Vec<String>,
-    /// Never serve this application (repeat, or comma-separate).
-    #[arg(
-        long = "exclude-application",
-        env = "AJOUR_DROGUE_EXCLUDE_APPLICATIONS",
-        value_delimiter = ',',
-        value_name = "APP"
-    )]
+    /// Never serve this application (repeat, or comma-separate), whether listed with
+    /// --application or found in the registry.
+    #[arg(long = "exclude-application", value_delimiter = ',', value_name = "APP")]
     pub exclude_applications: Vec<String>,
-    /// Shared-subscription group (`$share/GROUP/app/...`): instances in one group share the events.
-    #[arg(long = "drogue-group", env = "AJOUR_DROGUE_GROUP", value_name = "GROUP")]
+    /// Shared-subscription group: subscribe `$share/GROUP/app/{app}`, so that instances in one
+    /// group share the events (no `/`, `+`, `#`).
+    #[arg(long = "drogue-group", value_name = "GROUP")]
     pub drogue_group: Option<String>,
-    /// PEM file of CA certificates trusted for the MQTT integration and the registry.
-    #[arg(long = "drogue-ca-file", env = "AJOUR_DROGUE_CA_FILE", value_name = "FILE")]
+    /// PEM file of CA certificates trusted (beside the system's) for the MQTT integration and the
+    /// registry.
+    #[arg(long = "drogue-ca-file", value_name = "FILE")]
     pub drogue_ca_file: Option<PathBuf>,
     /// Accept any TLS certificate from Drogue (test installations only).
-    #[arg(long = "drogue-insecure-tls", env = "AJOUR_DROGUE_INSECURE_TLS")]
+    #[arg(long = "drogue-insecure-tls")]
     pub drogue_insecure_tls: bool,
-    /// MQTT protocol version: 5 or 3.1.1.
-    #[arg(
-        long = "drogue-mqtt-version",
-        env = "AJOUR_DROGUE_MQTT_VERSION",
-        value_enum,
-        default_value_t
-    )]
+    /// MQTT protocol version: `5` or `3.1.1`.
+    #[arg(long = "drogue-mqtt-version", value_name = "V", value_enum, default_value_t)]
     pub drogue_mqtt_version: MqttVersionArg,
-    /// Content mode asked of Drogue on MQTT 5.
-    #[arg(
-        long = "drogue-content-mode",
-        env = "AJOUR_DROGUE_CONTENT_MODE",
-        value_enum,
-        default_value_t
-    )]
+    /// Content mode asked of Drogue on MQTT 5: `binary` (subscription user property
+    /// `content-mode: binary`) or `structured`. Both are decoded whatever is asked; MQTT 3.1.1 is
+    /// always structured.
+    #[arg(long = "drogue-content-mode", value_name = "M", value_enum, default_value_t)]
     pub drogue_content_mode: ContentMode,
-    /// Seconds between listings of the applications (when not given with --application).
-    #[arg(long = "drogue-refresh-secs", env = "AJOUR_DROGUE_REFRESH_SECS", default_value_t = 60,
+    /// Seconds between listings of the applications when none is given with --application; a
+    /// failed listing is retried after `min(S, 5)` s.
+    #[arg(long = "drogue-refresh-secs", value_name = "S", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub drogue_refresh_secs: u64,
     /// Devices served at the same time (statuses of one device are always handled in order).
-    #[arg(long = "drogue-workers", env = "AJOUR_DROGUE_WORKERS", default_value_t = 16,
+    #[arg(long = "drogue-workers", value_name = "N", default_value_t = 16,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub drogue_workers: u16,
-    /// Prefix of the MQTT client id; a random suffix makes it unique per instance.
-    #[arg(
-        long = "drogue-client-id-prefix",
-        env = "AJOUR_DROGUE_CLIENT_ID_PREFIX",
-        default_value = "ajour"
-    )]
+    /// Prefix of the MQTT client id, which is `P-{random}`: unique per instance and per start.
+    #[arg(long = "drogue-client-id-prefix", value_name = "P", default_value = "ajour")]
     pub drogue_client_id_prefix: String,
 }
 
@@ -130,6 +110,10 @@ impl DrogueArgs {
     /// The Drogue configuration, or `None` when Drogue mode is not asked for.
     pub fn config(&self) -> anyhow::Result<Option<DrogueConfig>> {
         let (Some(mqtt_url), Some(registry_url)) = (&self.drogue_mqtt_url, &self.drogue_registry_url) else {
+            anyhow::ensure!(
+                self.drogue_mqtt_url.is_none() && self.drogue_registry_url.is_none(),
+                "Drogue mode needs both --drogue-mqtt-url and --drogue-registry-url"
+            );
             anyhow::ensure!(
                 self.applications.is_empty() && self.drogue_group.is_none(),
                 "--application and --drogue-group need Drogue mode (--drogue-mqtt-url and --drogue-registry-url)"

@@ -1,6 +1,7 @@
 //! The OCI registry on the command line: the `ajour serve` flags that configure the OCI firmware
 //! source, and `ajour firmware push` / `ajour firmware inspect`.
 
+use crate::config::millis;
 use ajour_store::{OciAuth, OciConfig, OciStore};
 use anyhow::Context;
 use clap::Args;
@@ -9,11 +10,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How to reach the registry: shared by `serve`, `firmware push` and `firmware inspect`.
+/// How to reach the registry: shared by `serve`, `firmware push` and `firmware inspect`. (`serve`
+/// reads the environment itself, as a layer of its configuration: see `crate::config`.)
 #[derive(Debug, Clone, Args, Default)]
 pub struct OciConnectionArgs {
-    /// Registry prefix that image names in specs are relative to, e.g. `registry.example.com/fw/`
-    /// (an empty string: specs give full references). `serve` reads firmware from OCI images only
+    /// Registry prefix that image names in specs are relative to, e.g. `registry.example.com/fw/`:
+    /// `my-fw:1.0.1` then means `registry.example.com/fw/my-fw:1.0.1`. An empty string makes specs
+    /// give full references (`host[:port]/path:tag`). `serve` reads firmware from OCI images only
     /// when this is set.
     #[arg(
         id = "oci_registry",
@@ -22,8 +25,7 @@ pub struct OciConnectionArgs {
         value_name = "PREFIX"
     )]
     pub registry: Option<String>,
-    /// User name for the registry (HTTP Basic, or exchanged for a token when the registry uses
-    /// the distribution token flow).
+    /// User name for the registry (default: anonymous).
     #[arg(
         id = "oci_user",
         long = "oci-user",
@@ -31,23 +33,23 @@ pub struct OciConnectionArgs {
         value_name = "USER"
     )]
     pub user: Option<String>,
-    /// Password or access token going with --oci-user.
+    /// Password or access token going with --oci-user. Sent as HTTP Basic when the registry asks
+    /// for Basic, or exchanged for a bearer token when it answers with a `Bearer realm=...`
+    /// challenge (the distribution token flow, as Docker Hub, Harbor, GitLab, Quay use).
     #[arg(
         id = "oci_password",
         long = "oci-password",
         env = "AJOUR_OCI_PASSWORD",
         hide_env_values = true,
-        requires = "oci_user",
         value_name = "PASSWORD"
     )]
     pub password: Option<String>,
-    /// A bearer token sent as is (instead of --oci-user).
+    /// A bearer token obtained elsewhere, sent as is (instead of --oci-user).
     #[arg(
         id = "oci_token",
         long = "oci-token",
         env = "AJOUR_OCI_TOKEN",
         hide_env_values = true,
-        conflicts_with = "oci_user",
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
@@ -59,10 +61,10 @@ pub struct OciConnectionArgs {
         value_name = "PEM"
     )]
     pub ca_file: Option<PathBuf>,
-    /// Talk plain HTTP to the registry (credentials and firmware travel in clear).
+    /// Talk plain HTTP to the registry (explicit opt-in: credentials and firmware travel in clear).
     #[arg(id = "oci_plain_http", long = "oci-plain-http", env = "AJOUR_OCI_PLAIN_HTTP")]
     pub plain_http: bool,
-    /// Accept any TLS certificate from the registry (labs and tests only).
+    /// Accept any TLS certificate from the registry (explicit opt-in, for labs and tests).
     #[arg(
         id = "oci_insecure_tls",
         long = "oci-insecure-tls",
@@ -72,6 +74,20 @@ pub struct OciConnectionArgs {
 }
 
 impl OciConnectionArgs {
+    /// The credentials go together: a password with a user; a token instead of both. (Checked
+    /// here rather than by clap, so that `serve` can take them from different layers.)
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.password.is_none() || self.user.is_some(),
+            "--oci-password needs --oci-user"
+        );
+        anyhow::ensure!(
+            self.token.is_none() || self.user.is_none(),
+            "--oci-token and --oci-user exclude each other: the token is sent instead of user and password"
+        );
+        Ok(())
+    }
+
     fn config(&self, registry: &str) -> OciConfig {
         OciConfig {
             registry_prefix: registry.to_string(),
@@ -96,25 +112,29 @@ impl OciConnectionArgs {
 pub struct OciServeArgs {
     #[command(flatten)]
     pub connection: OciConnectionArgs,
-    /// Under imagePullPolicy `Always`, milliseconds a resolved tag is trusted before the registry
+    /// Under `imagePullPolicy: Always`, milliseconds a resolved tag is trusted before the registry
     /// is asked again.
-    #[arg(id = "oci_recheck_ms", long = "oci-recheck-ms", default_value_t = 60_000)]
+    #[arg(id = "oci_recheck_ms", long = "oci-recheck-ms", value_name = "MS",
+          default_value_t = millis(OciConfig::default().always_recheck))]
     pub recheck_ms: u64,
-    /// Milliseconds a registry failure is remembered before trying again.
-    #[arg(
-        id = "oci_error_retry_ms",
-        long = "oci-error-retry-ms",
-        default_value_t = 10_000
-    )]
+    /// Milliseconds a failure (registry down, image missing, bad image) is remembered before
+    /// trying again.
+    #[arg(id = "oci_error_retry_ms", long = "oci-error-retry-ms", value_name = "MS",
+          default_value_t = millis(OciConfig::default().error_retry))]
     pub error_retry_ms: u64,
-    /// Largest firmware accepted from the registry, in bytes.
-    #[arg(id = "oci_max_firmware_bytes", long = "oci-max-firmware-bytes", default_value_t = 64 << 20)]
+    /// Largest firmware accepted from the registry, in bytes; larger images are refused before
+    /// they are downloaded.
+    #[arg(id = "oci_max_firmware_bytes", long = "oci-max-firmware-bytes", value_name = "N",
+          default_value_t = OciConfig::default().max_firmware_size)]
     pub max_firmware_bytes: u64,
     /// Byte budget of the cache of registry blobs.
-    #[arg(id = "oci_cache_bytes", long = "oci-cache-bytes", default_value_t = 256 << 20)]
+    #[arg(id = "oci_cache_bytes", long = "oci-cache-bytes", value_name = "N",
+          default_value_t = OciConfig::default().cache_max_bytes)]
     pub cache_bytes: u64,
-    /// Milliseconds to wait for the registry to connect or send data.
-    #[arg(id = "oci_timeout_ms", long = "oci-timeout-ms", default_value_t = 30_000)]
+    /// Milliseconds to wait for the registry to connect or send data; a whole request gets four
+    /// times this.
+    #[arg(id = "oci_timeout_ms", long = "oci-timeout-ms", value_name = "MS",
+          default_value_t = millis(OciConfig::default().request_timeout))]
     pub timeout_ms: u64,
 }
 
@@ -143,6 +163,10 @@ pub struct PushArgs {
     /// The firmware's version, as devices report it.
     #[arg(long)]
     pub version: String,
+    /// Replace the version even when the tag holds it with other bytes (devices in the middle of
+    /// the update start again; devices already running it keep the old bytes).
+    #[arg(long)]
+    pub force: bool,
     #[command(flatten)]
     pub connection: OciConnectionArgs,
 }
@@ -156,6 +180,7 @@ pub struct InspectArgs {
 }
 
 fn store(connection: &OciConnectionArgs) -> anyhow::Result<OciStore> {
+    connection.check()?;
     let registry = connection.registry.as_deref().unwrap_or_default();
     Ok(OciStore::new(connection.config(registry))?)
 }
@@ -176,7 +201,14 @@ pub async fn push(args: PushArgs) -> anyhow::Result<()> {
         let bar = bar.clone();
         Arc::new(move |sent: u64| bar.inc(sent))
     };
-    let pushed = store.push(&args.image, &args.version, &data, progress).await;
+    let same_version = if args.force {
+        ajour_store::SameVersion::Replace
+    } else {
+        ajour_store::SameVersion::Refuse
+    };
+    let pushed = store
+        .push(&args.image, &args.version, &data, same_version, progress)
+        .await;
     bar.finish_and_clear();
     let pushed = pushed?;
     crate::say!(
@@ -214,10 +246,10 @@ mod tests {
     use clap::{CommandFactory, Parser};
     use std::time::Duration;
 
-    fn serve(args: &[&str]) -> Result<Option<ajour_store::OciConfig>, clap::Error> {
+    fn serve(args: &[&str]) -> anyhow::Result<Option<ajour_store::OciConfig>> {
         let cli = Cli::try_parse_from(["ajour", "serve"].iter().chain(args))?;
         match cli.command {
-            Command::Serve(serve) => Ok(serve.config().oci),
+            Command::Serve(serve) => Ok(serve.server_config()?.oci),
             _ => unreachable!("parsed as serve"),
         }
     }

@@ -216,6 +216,7 @@ pub fn is_sha256_digest(digest: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn images_are_placed_under_the_prefix() {
@@ -240,21 +241,68 @@ mod tests {
         assert_eq!(reference.tag(), Some("2"));
     }
 
+    /// A piece of an image name for the property below: its text, and whether the grammar allows it.
+    type Piece = (String, bool);
+
+    fn piece(valid: &'static str, invalid: &'static [&'static str]) -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            4 => valid.prop_map(|text| (text, true)),
+            1 => proptest::sample::select(invalid).prop_map(|text| (text.to_string(), false)),
+        ]
+    }
+
+    /// `component(/component)*[:tag][@digest]`, each part well-formed or hostile.
+    fn image_name() -> impl Strategy<Value = (Vec<Piece>, Option<Piece>, Option<Piece>)> {
+        let component = piece(
+            "[a-z0-9]{1,6}(([._]|__|-{1,3})[a-z0-9]{1,6}){0,2}",
+            &["..", ".", "", "UPPER", "a b", "-a", "a-", "a..b", "a___b", "_a"],
+        );
+        let tag = piece(
+            "[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}",
+            &["", ".x", "-x", "a b", "../x"],
+        );
+        let digest = piece(
+            "sha256:[0-9a-f]{64}",
+            &["sha256:short", "md5:0123", "sha256:", ""],
+        );
+        (
+            proptest::collection::vec(component, 1..4),
+            proptest::option::of(tag),
+            proptest::option::of(digest),
+        )
+    }
+
     proptest::proptest! {
-        /// Any accepted name stays under the prefix and is something the registry client takes.
+        /// A name is accepted exactly when every part of it is well-formed, and then it stays
+        /// under the prefix, keeps its parts, and is something the registry client takes.
         #[test]
-        fn accepted_names_stay_under_the_prefix(image in "[a-zA-Z0-9./_:@-]{1,40}") {
-            if let Ok(parsed) = ImageRef::parse("r.io/fw/", &image) {
-                let full = parsed.to_string();
-                proptest::prop_assert!(full.starts_with("r.io/fw/"), "{}", full);
-                let reference = parsed.to_client_reference();
-                proptest::prop_assert!(reference.is_ok(), "{}", full);
-                let reference = reference.unwrap();
-                // A tag may hold "..", which is harmless; the repository path may not.
-                proptest::prop_assert!(!reference.repository().contains(".."), "{}", full);
-                proptest::prop_assert_eq!(reference.registry(), "r.io");
-                proptest::prop_assert!(reference.repository().starts_with("fw/"), "{}", full);
+        fn a_name_is_accepted_when_well_formed_and_then_stays_under_the_prefix(
+            (components, tag, digest) in image_name()
+        ) {
+            let mut image = components.iter().map(|(text, _)| text.as_str()).collect::<Vec<_>>().join("/");
+            if let Some((tag, _)) = &tag {
+                image = format!("{image}:{tag}");
             }
+            if let Some((digest, _)) = &digest {
+                image = format!("{image}@{digest}");
+            }
+            let well_formed = components.iter().chain(&tag).chain(&digest).all(|(_, ok)| *ok);
+            let parsed = ImageRef::parse("r.io/fw/", &image);
+            proptest::prop_assert_eq!(parsed.is_ok(), well_formed, "{}: {:?}", image, parsed);
+            let Ok(parsed) = parsed else { return Ok(()) };
+            let path = components.iter().map(|(text, _)| text.as_str()).collect::<Vec<_>>().join("/");
+            let reference = parsed.to_client_reference();
+            proptest::prop_assert!(reference.is_ok(), "{}", image);
+            let reference = reference.unwrap();
+            proptest::prop_assert_eq!(reference.registry(), "r.io");
+            proptest::prop_assert_eq!(reference.repository(), format!("fw/{path}"));
+            let expected_tag = match (&tag, &digest) {
+                (Some((tag, _)), _) => Some(tag.as_str()),
+                (None, None) => Some("latest"),
+                (None, Some(_)) => None,
+            };
+            proptest::prop_assert_eq!(parsed.tag(), expected_tag);
+            proptest::prop_assert_eq!(parsed.digest(), digest.as_ref().map(|(d, _)| d.as_str()));
         }
     }
 

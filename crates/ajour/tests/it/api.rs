@@ -147,49 +147,57 @@ async fn registry_api_is_drogue_compatible() {
 #[tokio::test]
 async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
     use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
-    let server = TestServer::start_with(Backend::Sqlite, |c| {
-        c.service.spec_cache_ttl = std::time::Duration::from_secs(3600)
-    })
-    .await;
-    server.add_firmware("a", "1.0.0", &firmware_bytes(100, 1));
-    server.add_firmware("b", "2.0.0", &firmware_bytes(100, 2));
-    server
-        .create_app("app", Some(json!({"file": {"name": "a"}})))
+    for backend in BACKENDS {
+        // Cached specs would otherwise be reused for an hour: only the API's invalidation can
+        // make the change reach the device.
+        let server = TestServer::start_with(backend, |c| {
+            c.service.spec_cache_ttl = std::time::Duration::from_secs(3600)
+        })
         .await;
-    server.create_device("app", "d", "pw", None).await;
-    let status = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
-    let (_, _, body) = server.post_dfu("d@app", "pw", status.clone()).await;
-    assert!(matches!(decode_command(&body).unwrap(), Command::Sync { .. }));
+        server.add_firmware("a", "1.0.0", &firmware_bytes(100, 1));
+        server.add_firmware("b", "2.0.0", &firmware_bytes(100, 2));
+        server
+            .create_app("app", Some(json!({"file": {"name": "a"}})))
+            .await;
+        server.create_device("app", "d", "pw", None).await;
+        let status = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
+        let (_, _, body) = server.post_dfu("d@app", "pw", status.clone()).await;
+        assert!(matches!(decode_command(&body).unwrap(), Command::Sync { .. }));
 
-    let (_, mut app) = server.api_send(Method::GET, "apps/app", None).await;
-    app["spec"]["firmware"] = json!({"file": {"name": "b"}});
-    let (code, _) = server.api_send(Method::PUT, "apps/app", Some(app)).await;
-    assert_eq!(code, StatusCode::NO_CONTENT);
-    let (_, _, body) = server.post_dfu("d@app", "pw", status).await;
-    assert!(matches!(
-        decode_command(&body).unwrap(),
-        Command::Write {
-            version: b"2.0.0",
-            offset: 0,
-            ..
-        }
-    ));
+        let (_, mut app) = server.api_send(Method::GET, "apps/app", None).await;
+        app["spec"]["firmware"] = json!({"file": {"name": "b"}});
+        let (code, _) = server.api_send(Method::PUT, "apps/app", Some(app)).await;
+        assert_eq!(code, StatusCode::NO_CONTENT);
+        let (_, _, body) = server.post_dfu("d@app", "pw", status).await;
+        assert!(
+            matches!(
+                decode_command(&body).unwrap(),
+                Command::Write {
+                    version: b"2.0.0",
+                    offset: 0,
+                    ..
+                }
+            ),
+            "{backend:?}"
+        );
 
-    // Changing the password through the API voids the remembered credential. The status write
-    // for the Write above runs beside the request: let it finish, or the PUT below may carry a
-    // resourceVersion it has already replaced (409).
-    server.service().settle_status_writes().await;
-    let mut device = server.device("app", "d").await;
-    device["spec"]["authentication"] = json!({"credentials": [{"pass": "new"}]});
-    let (code, _) = server
-        .api_send(Method::PUT, "apps/app/devices/d", Some(device))
-        .await;
-    assert_eq!(code, StatusCode::NO_CONTENT);
-    let first = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
-    assert_eq!(
-        server.post_dfu("d@app", "pw", first.clone()).await.0,
-        StatusCode::FORBIDDEN
-    );
-    assert_eq!(server.post_dfu("d@app", "new", first).await.0, StatusCode::OK);
-    server.stop().await;
+        // Changing the password through the API voids the remembered credential. The status
+        // write for the Write above runs beside the request: let it finish, or the PUT below may
+        // carry a resourceVersion it has already replaced (409).
+        server.service().settle_status_writes().await;
+        let mut device = server.device("app", "d").await;
+        device["spec"]["authentication"] = json!({"credentials": [{"pass": "new"}]});
+        let (code, _) = server
+            .api_send(Method::PUT, "apps/app/devices/d", Some(device))
+            .await;
+        assert_eq!(code, StatusCode::NO_CONTENT);
+        let first = encode_status(&Status::first(b"1.0.0".to_vec(), None, None), Encoding::Packed);
+        assert_eq!(
+            server.post_dfu("d@app", "pw", first.clone()).await.0,
+            StatusCode::FORBIDDEN,
+            "{backend:?}"
+        );
+        assert_eq!(server.post_dfu("d@app", "new", first).await.0, StatusCode::OK);
+        server.stop().await;
+    }
 }

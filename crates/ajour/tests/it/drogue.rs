@@ -7,12 +7,12 @@ use crate::support::*;
 use ajour::server::{self, RunningServer};
 use ajour_client::mqtt::{connect, Incoming, MqttClient, MqttConfig, MqttVersion};
 use ajour_drogue::event::structured_event;
-use ajour_drogue::{DrogueRegistry, IntegrationStats, RegistryConfig};
+use ajour_drogue::IntegrationStats;
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
-use ajour_registry::{
-    AppName, DeviceName, Key, ListParams, Metadata, Registry, RegistryError, Resource, Scope,
-};
+use ajour_registry::{AppName, DeviceName, Key, Resource};
+use ajour_sim::StatusEncoding;
 use ajour_testkit::Mosquitto;
+use ajour_types::{FirmwareState, FirmwareStatus};
 use clap::Parser;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -30,22 +30,6 @@ fn vectors() -> Vec<Value> {
         .iter()
         .map(|e| e["event"].clone())
         .collect()
-}
-
-/// Poll `check` until it holds, or fail after `timeout` saying `what`.
-async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// An Ajour instance in Drogue mode, configured through the command line as an operator would.
@@ -95,8 +79,7 @@ impl Instance {
         let ajour::cli::Command::Serve(args) = cli.command else {
             unreachable!()
         };
-        let mut config = args.config();
-        config.drogue = args.drogue.config().unwrap();
+        let config = args.server_config().unwrap();
         assert!(config.drogue.is_some(), "Drogue mode");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = server::start(listener, config).await.unwrap();
@@ -275,8 +258,10 @@ fn assert_write(bytes: &[u8], offset: u32, image: &[u8], block: usize) {
     }
 }
 
-async fn registry_with_app(app: &str, devices: &[&str]) -> TestServer {
-    let registry = TestServer::start(Backend::Sqlite).await;
+/// Ajour's own server as Drogue's registry, on `backend`, with application `app` (firmware file
+/// `fw`) and `devices` (password `pw`).
+async fn registry_with_app(backend: Backend, app: &str, devices: &[&str]) -> TestServer {
+    let registry = TestServer::start(backend).await;
     registry
         .create_app(app, Some(json!({"file": {"name": "fw"}})))
         .await;
@@ -286,12 +271,23 @@ async fn registry_with_app(app: &str, devices: &[&str]) -> TestServer {
     registry
 }
 
+/// [`registry_with_app`] with devices `sim-0 .. sim-(devices-1)`.
+async fn registry_with_fleet(backend: Backend, app: &str, devices: u32) -> TestServer {
+    let names: Vec<String> = (0..devices).map(|i| format!("sim-{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    registry_with_app(backend, app, &names).await
+}
+
 #[tokio::test]
 async fn events_in_every_form_are_answered_and_bad_ones_skipped() {
     let image = firmware_bytes(3000, 9);
-    for version in [MqttVersion::V3, MqttVersion::V5] {
-        let broker = Mosquitto::start();
-        let registry = registry_with_app("my-app", &["dev-1", "dev-2", "lora-1"]).await;
+    // Both MQTT versions, and both backends behind the registry: one run each.
+    for (version, backend) in [
+        (MqttVersion::V3, Backend::Sqlite),
+        (MqttVersion::V5, Backend::Postgres),
+    ] {
+        let broker = Mosquitto::start().expect("starting Mosquitto");
+        let registry = registry_with_app(backend, "my-app", &["dev-1", "dev-2", "lora-1"]).await;
         let (version_flag, mode) = match version {
             MqttVersion::V3 => ("3.1.1", "structured"),
             MqttVersion::V5 => ("5", "binary"),
@@ -420,21 +416,24 @@ async fn events_in_every_form_are_answered_and_bad_ones_skipped() {
         let (bytes, others) = peer.command_on("command/my-app/dev-1/dfu").await;
         assert_write(&bytes, 512, &image, 512);
         assert!(others.is_empty(), "no answer to bad events: {others:?}");
+        // Each event is classified as it arrives, in order: the bad ones before the good one
+        // just answered, and none of them made a job.
         assert_eq!(
             instance.stats.malformed() - malformed_before,
             bad_count,
             "every bad event counted"
         );
-        assert!(peer.next_command(Duration::from_millis(200)).await.is_none());
 
         // The progress reached Drogue's registry (status.firmware written back).
         eventually(
             Duration::from_secs(20),
-            "status.firmware in the registry",
+            "status.firmware of lora-1 in the registry",
             || async {
-                let device = registry.device("my-app", "lora-1").await;
-                device["status"]["firmware"]["target"] == "0.2.0"
-                    && device["status"]["firmware"]["current"] == "0.1.0"
+                matches!(
+                    registry.firmware("my-app", "lora-1").await,
+                    Some(FirmwareStatus { current, target, state: FirmwareState::Updating { .. }, .. })
+                        if current == "0.1.0" && target == "0.2.0"
+                )
             },
         )
         .await;
@@ -444,376 +443,202 @@ async fn events_in_every_form_are_answered_and_bad_ones_skipped() {
 }
 
 #[tokio::test]
-async fn the_registry_client_speaks_drogues_api_and_redoes_writes_on_conflict() {
-    let server = TestServer::start(Backend::Sqlite).await;
-    let mut config = RegistryConfig::new(&server.url);
-    config.token = Some(server.token.clone());
-    let registry = Arc::new(DrogueRegistry::new(&config).unwrap());
-    // Basic user:token works as well as Bearer.
-    config.user = Some("someone".into());
-    let basic = DrogueRegistry::new(&config).unwrap();
-
-    let app = AppName::parse("reg-app").unwrap();
-    let app_key = Key::App(app.clone());
-    let resource = |name: &str, application: Option<&str>, spec: Value| Resource {
-        metadata: Metadata {
-            name: name.into(),
-            application: application.map(str::to_string),
-            ..Default::default()
-        },
-        spec: spec.as_object().cloned().unwrap_or_default(),
-        status: Default::default(),
-    };
-    let created = registry
-        .create(
-            &app_key,
-            resource("reg-app", None, json!({"firmware": {"file": {"name": "fw"}}})),
-        )
-        .await
-        .unwrap();
-    assert!(!created.metadata.resource_version.is_empty());
-    assert!(matches!(
-        registry
-            .create(&app_key, resource("reg-app", None, json!({})))
-            .await,
-        Err(RegistryError::AlreadyExists(_))
-    ));
-    let device_key = Key::Device(app.clone(), DeviceName::parse("contested").unwrap());
-    registry
-        .create(
-            &device_key,
-            resource(
-                "contested",
-                Some("reg-app"),
-                json!({"authentication": {"credentials": [{"pass": "pw"}]}, "keep": {"me": true}}),
-            ),
-        )
-        .await
-        .unwrap();
-    let listed = basic.list(&Scope::Apps, &ListParams::default()).await.unwrap();
-    assert_eq!(listed.len(), 1);
-    assert_eq!(
-        basic
-            .list(&Scope::Devices(app.clone()), &ListParams::default())
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
-    assert!(registry
-        .get(&Key::Device(app.clone(), DeviceName::parse("nobody").unwrap()))
-        .await
-        .unwrap()
-        .is_none());
-
-    // Optimistic locking: a stale resourceVersion is a Conflict.
-    let mut stale = registry.get(&device_key).await.unwrap().unwrap();
-    let mut fresh = stale.clone();
-    fresh.metadata.labels.insert("a".into(), "1".into());
-    registry.update(&device_key, fresh).await.unwrap();
-    stale.metadata.labels.insert("b".into(), "2".into());
-    assert!(matches!(
-        registry.update(&device_key, stale).await,
-        Err(RegistryError::Conflict)
-    ));
-
-    // Concurrent writers: status sections through the client (GET + PUT, redone on 409), and
-    // label changes by another client of the same API. Nothing any of them wrote may be lost.
-    let mut writers = tokio::task::JoinSet::new();
-    for writer in 0..8 {
-        let (registry, key) = (registry.clone(), device_key.clone());
-        writers.spawn(async move {
-            for round in 0..5 {
-                registry
-                    .set_status_section(&key, &format!("s{writer}"), json!({"round": round}))
-                    .await
-                    .unwrap();
-            }
-        });
-    }
-    for writer in 0..2 {
-        let (registry, key) = (registry.clone(), device_key.clone());
-        writers.spawn(async move {
-            for round in 0..5 {
-                loop {
-                    let mut current = registry.get(&key).await.unwrap().unwrap();
-                    current
-                        .metadata
-                        .labels
-                        .insert(format!("writer-{writer}"), round.to_string());
-                    match registry.update(&key, current).await {
-                        Ok(_) => break,
-                        Err(RegistryError::Conflict) => continue,
-                        Err(other) => panic!("{other}"),
-                    }
-                }
-            }
-        });
-    }
-    while let Some(done) = writers.join_next().await {
-        done.unwrap();
-    }
-    let device = server.device("reg-app", "contested").await;
-    for writer in 0..8 {
-        assert_eq!(device["status"][format!("s{writer}")]["round"], 4, "{device}");
-    }
-    assert_eq!(device["metadata"]["labels"]["writer-0"], "4");
-    assert_eq!(device["metadata"]["labels"]["writer-1"], "4");
-    assert_eq!(device["metadata"]["labels"]["a"], "1");
-    assert_eq!(device["spec"]["keep"]["me"], true, "the spec is left alone");
-    assert!(
-        registry.conflicts_retried() > 0,
-        "concurrent writers must have met 409s"
-    );
-
-    // Errors map back to the registry's kinds.
-    registry.delete(&device_key).await.unwrap();
-    assert!(matches!(
-        registry
-            .set_status_section(&device_key, "firmware", json!({}))
-            .await,
-        Err(RegistryError::NotFound(_))
-    ));
-    assert!(matches!(
-        registry.delete(&device_key).await,
-        Err(RegistryError::NotFound(_))
-    ));
-    let mut wrong = RegistryConfig::new(&server.url);
-    wrong.token = Some("wrong".into());
-    assert!(matches!(
-        DrogueRegistry::new(&wrong).unwrap().get(&app_key).await,
-        Err(RegistryError::Remote(_))
-    ));
-    let unreachable = DrogueRegistry::new(&RegistryConfig::new("http://127.0.0.1:1")).unwrap();
-    assert!(matches!(
-        unreachable.get(&app_key).await,
-        Err(RegistryError::Remote(_))
-    ));
-    server.stop().await;
-}
-
-#[tokio::test]
 async fn applications_are_found_refreshed_and_excluded() {
-    let broker = Mosquitto::start();
-    let registry = registry_with_app("one", &["d"]).await;
-    let instance = Instance::start(
-        &registry,
-        &[
-            "--drogue-mqtt-url",
-            &broker.url(),
-            "--exclude-application",
-            "hidden",
-            "--drogue-refresh-secs",
-            "1",
-        ],
-    )
-    .await;
-    instance.subscribed(1).await;
-    let mut peer = Peer::connect(&broker, MqttVersion::V5).await;
-    let first = Status::first("0.1.0", None, None);
-    peer.publish_json("app/one", &status_event("one", "d", &first))
+    for backend in BACKENDS {
+        let broker = Mosquitto::start().expect("starting Mosquitto");
+        let registry = registry_with_app(backend, "one", &["d"]).await;
+        let instance = Instance::start(
+            &registry,
+            &[
+                "--drogue-mqtt-url",
+                &broker.url(),
+                "--exclude-application",
+                "hidden",
+                "--drogue-refresh-secs",
+                "1",
+            ],
+        )
         .await;
-    peer.command_on("command/one/d/dfu").await;
-
-    // Created while running: served after the next listing, without a restart. Until then
-    // events for it go unanswered, so the status is sent again until it is answered, as a
-    // device would.
-    for app in ["two", "hidden"] {
-        registry
-            .create_app(app, Some(json!({"file": {"name": "fw"}})))
+        instance.subscribed(1).await;
+        let mut peer = Peer::connect(&broker, MqttVersion::V5).await;
+        let first = Status::first("0.1.0", None, None);
+        peer.publish_json("app/one", &status_event("one", "d", &first))
             .await;
-        registry.create_device(app, "d", "pw", None).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+        peer.command_on("command/one/d/dfu").await;
+
+        // Created while running: served after the next listing, without a restart. Until then
+        // events for it go unanswered, so the status is sent again until it is answered, as a
+        // device would.
+        for app in ["two", "hidden"] {
+            registry
+                .create_app(app, Some(json!({"file": {"name": "fw"}})))
+                .await;
+            registry.create_device(app, "d", "pw", None).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            peer.publish_json("app/hidden", &status_event("hidden", "d", &first))
+                .await;
+            peer.publish_json("app/two", &status_event("two", "d", &first))
+                .await;
+            if let Some((topic, _)) = peer.next_command(Duration::from_millis(300)).await {
+                assert_eq!(
+                    topic, "command/two/d/dfu",
+                    "the excluded application is never served"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "application 'two' never served");
+        }
+        // Once more, so anything for the excluded application would have come by now.
         peer.publish_json("app/hidden", &status_event("hidden", "d", &first))
             .await;
         peer.publish_json("app/two", &status_event("two", "d", &first))
             .await;
-        if let Some((topic, _)) = peer.next_command(Duration::from_millis(300)).await {
+        let (_, others) = peer.command_on("command/two/d/dfu").await;
+        assert!(
+            others.iter().all(|t| t == "command/two/d/dfu"),
+            "the excluded application is never served: {others:?}"
+        );
+        while let Some((topic, _)) = peer.next_command(Duration::from_millis(300)).await {
             assert_eq!(
                 topic, "command/two/d/dfu",
                 "the excluded application is never served"
             );
-            break;
         }
-        assert!(Instant::now() < deadline, "application 'two' never served");
+        let mut instance = instance;
+        instance.stop().await;
+        registry.stop().await;
     }
-    // Once more, so anything for the excluded application would have come by now.
-    peer.publish_json("app/hidden", &status_event("hidden", "d", &first))
-        .await;
-    peer.publish_json("app/two", &status_event("two", "d", &first))
-        .await;
-    let (_, others) = peer.command_on("command/two/d/dfu").await;
-    assert!(
-        others.iter().all(|t| t == "command/two/d/dfu"),
-        "the excluded application is never served: {others:?}"
-    );
-    while let Some((topic, _)) = peer.next_command(Duration::from_millis(300)).await {
-        assert_eq!(
-            topic, "command/two/d/dfu",
-            "the excluded application is never served"
-        );
-    }
-    let mut instance = instance;
-    instance.stop().await;
-    registry.stop().await;
 }
 
 #[tokio::test]
 async fn a_broker_restart_is_survived_by_reconnecting_and_subscribing_again() {
-    let mut broker = Mosquitto::start();
-    let port = broker.port();
-    let registry = registry_with_app("my-app", &["dev-1"]).await;
-    let mut instance = Instance::start(
-        &registry,
-        &["--drogue-mqtt-url", &broker.url(), "--application", "my-app"],
-    )
-    .await;
-    instance.subscribed(1).await;
-    let mut peer = Peer::connect(&broker, MqttVersion::V3).await;
-    let event = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
-    peer.publish_json("app/my-app", &event).await;
-    peer.command_on("command/my-app/dev-1/dfu").await;
-
-    broker.stop();
-    let broker = Mosquitto::start_on(port);
-    let stats = instance.stats.clone();
-    eventually(
-        Duration::from_secs(30),
-        "reconnection and a new subscription",
-        || {
-            let stats = stats.clone();
-            async move { stats.connections() >= 2 && stats.subscriptions() >= 2 }
-        },
-    )
-    .await;
-    peer.wait_subscribed(2).await;
-    peer.publish_json("app/my-app", &event).await;
-    peer.command_on("command/my-app/dev-1/dfu").await;
-    instance.stop().await;
-    drop(broker);
-    registry.stop().await;
-}
-
-/// Ajour's own server as Drogue's registry, with application `app` (firmware file `fw`) and
-/// devices `sim-0 .. sim-(devices-1)`.
-async fn registry_with_fleet(app: &str, devices: u32) -> TestServer {
-    let registry = TestServer::start(Backend::Sqlite).await;
-    registry
-        .create_app(app, Some(json!({"file": {"name": "fw"}})))
+    for backend in BACKENDS {
+        let mut broker = Mosquitto::start().expect("starting Mosquitto");
+        let port = broker.port();
+        let registry = registry_with_app(backend, "my-app", &["dev-1"]).await;
+        let mut instance = Instance::start(
+            &registry,
+            &["--drogue-mqtt-url", &broker.url(), "--application", "my-app"],
+        )
         .await;
-    for i in 0..devices {
-        registry.create_device(app, &format!("sim-{i}"), "pw", None).await;
+        instance.subscribed(1).await;
+        let mut peer = Peer::connect(&broker, MqttVersion::V3).await;
+        let event = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
+        peer.publish_json("app/my-app", &event).await;
+        peer.command_on("command/my-app/dev-1/dfu").await;
+
+        broker.stop();
+        let broker = Mosquitto::start_on(port).expect("restarting Mosquitto on its port");
+        let stats = instance.stats.clone();
+        eventually(
+            Duration::from_secs(30),
+            "reconnection and a new subscription",
+            || {
+                let stats = stats.clone();
+                async move { stats.connections() >= 2 && stats.subscriptions() >= 2 }
+            },
+        )
+        .await;
+        peer.wait_subscribed(2).await;
+        peer.publish_json("app/my-app", &event).await;
+        peer.command_on("command/my-app/dev-1/dfu").await;
+        instance.stop().await;
+        drop(broker);
+        registry.stop().await;
     }
-    registry
 }
 
 #[tokio::test]
 async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway() {
     const DEVICES: u32 = 16;
     let image = firmware_bytes(12_000, 11);
-    let broker = Mosquitto::start();
-    let registry = registry_with_fleet("fleet", DEVICES).await;
-    let firmware = [("fw", "2.0.0", image.clone())];
-    let common = [
-        "--drogue-mqtt-url",
-        &broker.url(),
-        "--application",
-        "fleet",
-        "--drogue-group",
-        "ajour",
-    ];
-    let mut first = Instance::start_with_firmware(
-        &registry,
-        &[&common[..], &["--drogue-mqtt-version", "5"]].concat(),
-        &firmware,
-    )
-    .await;
-    let mut second = Instance::start_with_firmware(
-        &registry,
-        // This one authenticates as a user: Basic user:token to the registry, and the user
-        // name and token on MQTT.
-        &[
-            &common[..],
-            &[
-                "--drogue-mqtt-version",
-                "3.1.1",
-                "--drogue-user",
-                "ajour-operator",
-            ],
-        ]
-        .concat(),
-        &firmware,
-    )
-    .await;
-    first.subscribed(1).await;
-    second.subscribed(1).await;
-
-    let args = ajour::simulate::SimulateArgs {
-        url: String::new(),
-        app: "fleet".into(),
-        device: "sim".into(),
-        password: String::new(),
-        version: "1.0.0".into(),
-        count: Some(DEVICES),
-        mtu: Some(128),
-        encoding: ajour::simulate::StatusEncoding::Named,
-        concurrency: DEVICES as usize,
-        max_wait: 1,
-        timeout: 120,
-        mqtt: ajour::simulate_mqtt::MqttSimArgs {
-            via_mqtt: Some(broker.url()),
-            command_timeout: 1.0,
-            ..Default::default()
-        },
-    };
-    let fleet = tokio::spawn(ajour::simulate::run(args));
-
-    // Halfway (by commands sent), one instance stops: what it held is lost, and the devices
-    // whose statuses it took send them again after the timeout, to the other.
-    let blocks = image.len().div_ceil(128) as u64;
-    let total = u64::from(DEVICES) * (blocks + 2);
-    let (a, b) = (first.stats.clone(), second.stats.clone());
-    eventually(Duration::from_secs(60), "half of the commands", || {
-        let (a, b) = (a.clone(), b.clone());
-        async move { a.commands() + b.commands() >= total / 2 }
-    })
-    .await;
-    first.stop().await;
-    let first_commands = first.stats.commands();
-    assert!(
-        first_commands + second.stats.commands() < total,
-        "the instance stopped before the fleet was done"
-    );
-
-    fleet
-        .await
-        .unwrap()
-        .expect("every device updated, checksums verified");
-    assert!(first_commands > 0, "the first instance served its share");
-    assert!(
-        second.stats.commands() > total / 4,
-        "the second instance served the rest"
-    );
-    for i in 0..DEVICES {
-        let name = format!("sim-{i}");
-        eventually(
-            Duration::from_secs(20),
-            &format!("{name} in sync in the registry"),
-            || {
-                let (registry, name) = (&registry, name.clone());
-                async move {
-                    let device = registry.device("fleet", &name).await;
-                    device["status"]["firmware"]["current"] == "2.0.0"
-                        && conditions(&device) == [("InSync".to_string(), "True".to_string())]
-                }
-            },
+    for backend in BACKENDS {
+        let broker = Mosquitto::start().expect("starting Mosquitto");
+        let registry = registry_with_fleet(backend, "fleet", DEVICES).await;
+        let firmware = [("fw", "2.0.0", image.clone())];
+        let common = [
+            "--drogue-mqtt-url",
+            &broker.url(),
+            "--application",
+            "fleet",
+            "--drogue-group",
+            "ajour",
+        ];
+        let mut first = Instance::start_with_firmware(
+            &registry,
+            &[&common[..], &["--drogue-mqtt-version", "5"]].concat(),
+            &firmware,
         )
         .await;
+        let mut second = Instance::start_with_firmware(
+            &registry,
+            // This one authenticates as a user: Basic user:token to the registry, and the user
+            // name and token on MQTT.
+            &[
+                &common[..],
+                &[
+                    "--drogue-mqtt-version",
+                    "3.1.1",
+                    "--drogue-user",
+                    "ajour-operator",
+                ],
+            ]
+            .concat(),
+            &firmware,
+        )
+        .await;
+        first.subscribed(1).await;
+        second.subscribed(1).await;
+
+        let mut simulation = fleet(
+            "fleet",
+            DEVICES,
+            via_drogue(&broker.url(), Duration::from_secs(1)),
+        );
+        simulation.mtu = Some(128);
+        simulation.device.encoding = StatusEncoding::Named;
+        let fleet = tokio::spawn(async move { simulate(&simulation).await });
+
+        // Halfway (by commands sent), one instance stops: what it held is lost, and the devices
+        // whose statuses it took send them again after the timeout, to the other.
+        let blocks = image.len().div_ceil(128) as u64;
+        let total = u64::from(DEVICES) * (blocks + 2);
+        let (a, b) = (first.stats.clone(), second.stats.clone());
+        eventually(Duration::from_secs(60), "half of the commands", || {
+            let (a, b) = (a.clone(), b.clone());
+            async move { a.commands() + b.commands() >= total / 2 }
+        })
+        .await;
+        first.stop().await;
+        let first_commands = first.stats.commands();
+        assert!(
+            first_commands + second.stats.commands() < total,
+            "the instance stopped before the fleet was done"
+        );
+
+        assert_all_updated(&fleet.await.unwrap(), "2.0.0", image.len());
+        assert!(first_commands > 0, "the first instance served its share");
+        assert!(
+            second.stats.commands() > total / 4,
+            "the second instance served the rest"
+        );
+        for i in 0..DEVICES {
+            let name = format!("sim-{i}");
+            eventually(
+                Duration::from_secs(20),
+                &format!("{name} in sync in the registry"),
+                || {
+                    let (registry, name) = (&registry, name.clone());
+                    async move { in_sync(&registry.firmware("fleet", &name).await, "2.0.0") }
+                },
+            )
+            .await;
+        }
+        second.stop().await;
+        registry.stop().await;
     }
-    second.stop().await;
-    registry.stop().await;
 }
 
 impl Instance {
@@ -834,188 +659,234 @@ async fn with_two_live_instances_every_device_is_left_shown_in_sync() {
     // their latest, coalesced; a late write of one must not undo the other's "in sync".
     const DEVICES: u32 = 12;
     let image = firmware_bytes(4000, 12);
-    let broker = Mosquitto::start();
-    let registry = registry_with_fleet("pair", DEVICES).await;
-    let firmware = [("fw", "3.0.0", image)];
-    let flags = [
-        "--drogue-mqtt-url",
-        &broker.url(),
-        "--application",
-        "pair",
-        "--drogue-group",
-        "pair-group",
-    ];
-    let mut first = Instance::start_with_firmware(&registry, &flags, &firmware).await;
-    let mut second = Instance::start_with_firmware(&registry, &flags, &firmware).await;
-    first.subscribed(1).await;
-    second.subscribed(1).await;
-    let args = ajour::simulate::SimulateArgs {
-        url: String::new(),
-        app: "pair".into(),
-        device: "sim".into(),
-        password: String::new(),
-        version: "1.0.0".into(),
-        count: Some(DEVICES),
-        mtu: Some(200),
-        encoding: ajour::simulate::StatusEncoding::Packed,
-        concurrency: DEVICES as usize,
-        max_wait: 1,
-        timeout: 120,
-        mqtt: ajour::simulate_mqtt::MqttSimArgs {
-            via_mqtt: Some(broker.url()),
-            command_timeout: 2.0,
-            ..Default::default()
-        },
-    };
-    ajour::simulate::run(args).await.unwrap();
-    assert!(first.stats.commands() > 0 && second.stats.commands() > 0);
-    // Until neither instance has anything left to write, and then: in sync, every one.
-    eventually(Duration::from_secs(30), "all status writes done", || {
-        let (first, second) = (&first, &second);
-        async move {
-            (0..DEVICES).all(|i| {
-                let name = format!("sim-{i}");
-                !first.has_pending("pair", &name) && !second.has_pending("pair", &name)
-            })
+    for backend in BACKENDS {
+        let broker = Mosquitto::start().expect("starting Mosquitto");
+        let registry = registry_with_fleet(backend, "pair", DEVICES).await;
+        let firmware = [("fw", "3.0.0", image.clone())];
+        let flags = [
+            "--drogue-mqtt-url",
+            &broker.url(),
+            "--application",
+            "pair",
+            "--drogue-group",
+            "pair-group",
+        ];
+        let mut first = Instance::start_with_firmware(&registry, &flags, &firmware).await;
+        let mut second = Instance::start_with_firmware(&registry, &flags, &firmware).await;
+        first.subscribed(1).await;
+        second.subscribed(1).await;
+        let mut simulation = fleet("pair", DEVICES, via_drogue(&broker.url(), Duration::from_secs(2)));
+        simulation.mtu = Some(200);
+        assert_all_updated(&simulate(&simulation).await, "3.0.0", image.len());
+        assert!(first.stats.commands() > 0 && second.stats.commands() > 0);
+        // Until neither instance has anything left to write, and then: in sync, every one.
+        eventually(Duration::from_secs(30), "all status writes done", || {
+            let (first, second) = (&first, &second);
+            async move {
+                (0..DEVICES).all(|i| {
+                    let name = format!("sim-{i}");
+                    !first.has_pending("pair", &name) && !second.has_pending("pair", &name)
+                })
+            }
+        })
+        .await;
+        // Nothing is pending, so no write starts from now on; those already running are waited for.
+        for instance in [&first, &second] {
+            instance
+                .running
+                .as_ref()
+                .unwrap()
+                .service
+                .settle_status_writes()
+                .await;
         }
-    })
-    .await;
-    // Nothing is pending, so no write starts from now on; those already running are waited for.
-    for instance in [&first, &second] {
-        instance
-            .running
-            .as_ref()
-            .unwrap()
-            .service
-            .settle_status_writes()
-            .await;
+        // Coalesced: nowhere near one registry write per block, even with two writers per device.
+        let writes = first.running.as_ref().unwrap().service.status_writes()
+            + second.running.as_ref().unwrap().service.status_writes();
+        let blocks = u64::from(DEVICES) * 4000u64.div_ceil(200);
+        assert!(writes * 2 < blocks, "{writes} status writes for {blocks} blocks");
+        for i in 0..DEVICES {
+            let shown = registry.firmware("pair", &format!("sim-{i}")).await;
+            assert!(in_sync(&shown, "3.0.0"), "{backend:?} sim-{i}: {shown:?}");
+        }
+        first.stop().await;
+        second.stop().await;
+        registry.stop().await;
     }
-    // Coalesced: nowhere near one registry write per block, even with two writers per device.
-    let writes = first.running.as_ref().unwrap().service.status_writes()
-        + second.running.as_ref().unwrap().service.status_writes();
-    let blocks = u64::from(DEVICES) * 4000u64.div_ceil(200);
-    assert!(writes * 2 < blocks, "{writes} status writes for {blocks} blocks");
-    for i in 0..DEVICES {
-        let device = registry.device("pair", &format!("sim-{i}")).await;
-        assert_eq!(device["status"]["firmware"]["current"], "3.0.0", "{device}");
-        assert_eq!(
-            conditions(&device),
-            [("InSync".to_string(), "True".to_string())],
-            "sim-{i}: {device}"
-        );
-    }
-    first.stop().await;
-    second.stop().await;
-    registry.stop().await;
 }
 
 #[tokio::test]
 async fn tls_to_the_integration_takes_a_ca_file_or_the_insecure_switch_and_nothing_less() {
-    let broker = Mosquitto::start_tls();
-    assert!(broker.url().starts_with("mqtts://"));
-    let ca_file = broker.ca_file().to_str().unwrap().to_string();
-    let registry = registry_with_app("my-app", &["dev-1"]).await;
-    let base = ["--drogue-mqtt-url", &broker.url(), "--application", "my-app"];
-    // Not trusting the broker's CA: never connects.
-    let mut untrusting = Instance::start(&registry, &base).await;
-    let mut with_ca =
-        Instance::start(&registry, &[&base[..], &["--drogue-ca-file", &ca_file]].concat()).await;
-    let mut insecure = Instance::start(&registry, &[&base[..], &["--drogue-insecure-tls"]].concat()).await;
-    with_ca.subscribed(1).await;
-    insecure.subscribed(1).await;
+    for backend in BACKENDS {
+        let broker = Mosquitto::start_tls().expect("starting Mosquitto with TLS");
+        let ca_file = broker.ca_file().to_str().unwrap().to_string();
+        let registry = registry_with_app(backend, "my-app", &["dev-1"]).await;
+        let base = ["--drogue-mqtt-url", &broker.url(), "--application", "my-app"];
+        // Not trusting the broker's CA: never connects.
+        let mut untrusting = Instance::start(&registry, &base).await;
+        let mut with_ca =
+            Instance::start(&registry, &[&base[..], &["--drogue-ca-file", &ca_file]].concat()).await;
+        let mut insecure =
+            Instance::start(&registry, &[&base[..], &["--drogue-insecure-tls"]].concat()).await;
+        with_ca.subscribed(1).await;
+        insecure.subscribed(1).await;
 
-    let tls = ajour_drogue::TlsOptions {
-        ca_file: Some(broker.ca_file()),
-        insecure: false,
-    };
-    let mut peer = Peer::connect_with(&broker, MqttVersion::V5, tls).await;
-    // Both connected instances answer (each has its own subscription, no group).
-    peer.publish_json(
-        "app/my-app",
-        &status_event("my-app", "dev-1", &Status::first("0.1.0", None, None)),
-    )
-    .await;
-    peer.command_on("command/my-app/dev-1/dfu").await;
-    peer.command_on("command/my-app/dev-1/dfu").await;
-    assert_eq!(
-        untrusting.stats.connections(),
-        0,
-        "a broker whose certificate is not trusted is never talked to"
-    );
-    // A CA file that holds no certificate is a configuration error, reported at start.
-    let empty = tempfile::NamedTempFile::new().unwrap();
-    let cli = ajour::cli::Cli::try_parse_from([
-        "ajour",
-        "serve",
-        "--drogue-mqtt-url",
-        &broker.url(),
-        "--drogue-registry-url",
-        &registry.url,
-        "--drogue-ca-file",
-        empty.path().to_str().unwrap(),
-    ])
-    .unwrap();
-    let ajour::cli::Command::Serve(args) = cli.command else {
-        unreachable!()
-    };
-    let mut config = args.config();
-    config.drogue = args.drogue.config().unwrap();
-    config.data_dir = tempfile::tempdir().unwrap().keep();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = server::start(listener, config).await.err().expect("refused");
-    assert!(format!("{error:#}").contains("no PEM certificate"), "{error:#}");
+        let tls = ajour_drogue::TlsOptions {
+            ca_file: Some(broker.ca_file()),
+            insecure: false,
+        };
+        let mut peer = Peer::connect_with(&broker, MqttVersion::V5, tls).await;
+        // Both connected instances answer (each has its own subscription, no group).
+        peer.publish_json(
+            "app/my-app",
+            &status_event("my-app", "dev-1", &Status::first("0.1.0", None, None)),
+        )
+        .await;
+        peer.command_on("command/my-app/dev-1/dfu").await;
+        peer.command_on("command/my-app/dev-1/dfu").await;
+        assert_eq!(
+            untrusting.stats.connections(),
+            0,
+            "a broker whose certificate is not trusted is never talked to"
+        );
+        // A CA file that holds no certificate is a configuration error, reported at start.
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let cli = ajour::cli::Cli::try_parse_from([
+            "ajour",
+            "serve",
+            "--drogue-mqtt-url",
+            &broker.url(),
+            "--drogue-registry-url",
+            &registry.url,
+            "--drogue-ca-file",
+            empty.path().to_str().unwrap(),
+        ])
+        .unwrap();
+        let ajour::cli::Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        let mut config = args.server_config().unwrap();
+        config.data_dir = tempfile::tempdir().unwrap().keep();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let error = server::start(listener, config).await.err().expect("refused");
+        assert!(format!("{error:#}").contains("no PEM certificate"), "{error:#}");
 
-    untrusting.stop().await;
-    with_ca.stop().await;
-    insecure.stop().await;
-    registry.stop().await;
+        untrusting.stop().await;
+        with_ca.stop().await;
+        insecure.stop().await;
+        registry.stop().await;
+    }
 }
 
 #[tokio::test]
-async fn a_registry_outage_makes_devices_wait_and_shows_in_logs_and_metrics() {
-    let broker = Mosquitto::start();
-    let registry = registry_with_app("my-app", &["dev-1"]).await;
-    let mut instance = Instance::start(
-        &registry,
-        &["--drogue-mqtt-url", &broker.url(), "--application", "my-app"],
-    )
-    .await;
-    instance.subscribed(1).await;
-    let mut peer = Peer::connect(&broker, MqttVersion::V3).await;
-    let event = status_event("my-app", "dev-1", &Status::first("0.1.0", None, None));
-    peer.publish_json("app/my-app", &event).await;
-    let (bytes, _) = peer.command_on("command/my-app/dev-1/dfu").await;
-    assert!(matches!(decode_command(&bytes).unwrap(), Command::Write { .. }));
-
-    // The registry goes away: once the cached spec is stale, the device is told to wait (the
-    // instance's --wait-poll), and asks again later.
-    registry.stop().await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        peer.publish_json("app/my-app", &event).await;
-        let (bytes, _) = peer.command_on("command/my-app/dev-1/dfu").await;
-        match decode_command(&bytes).unwrap() {
-            Command::Wait { poll, .. } => {
-                assert_eq!(poll, Some(1));
-                break;
+async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_finish_once_it_is_back() {
+    const DEVICES: u32 = 4;
+    // 128 blocks a device: none is near done when the registry goes away.
+    let image = firmware_bytes(16 * 1024, 13);
+    for backend in BACKENDS {
+        let broker = Mosquitto::start().expect("starting Mosquitto");
+        let mut registry = registry_with_fleet(backend, "fleet", DEVICES).await;
+        // Ajour in Drogue mode as the binary: its log and its metrics are its own. (Its own
+        // database is not used: the registry is Drogue's.)
+        let instance = ServeProcess::start(
+            Backend::Sqlite,
+            &[
+                "--drogue-registry-url",
+                &registry.url,
+                "--drogue-token",
+                &registry.token,
+                "--drogue-mqtt-url",
+                &broker.url(),
+                "--application",
+                "fleet",
+                "--spec-cache-ms",
+                "50",
+                "--wait-poll",
+                "1",
+                "--progress-interval-ms",
+                "500",
+            ],
+            &[],
+        )
+        .await;
+        instance.add_firmware("fw", "2.0.0", &image);
+        let mut simulation = fleet(
+            "fleet",
+            DEVICES,
+            via_drogue(&broker.url(), Duration::from_secs(1)),
+        );
+        simulation.mtu = Some(128);
+        let fleet = tokio::spawn(async move { simulate(&simulation).await });
+        // Commands of `kind` this instance sent so far.
+        let sent = |kind: &'static str| {
+            let instance = &instance;
+            async move {
+                let metrics = instance.metrics().await;
+                metrics.value("ajour_commands_sent_total", &[("kind", kind)])
             }
-            Command::Write { .. } => assert!(Instant::now() < deadline, "never told to wait"),
-            other => panic!("{other:?}"),
+        };
+        eventually(Duration::from_secs(30), "the fleet under way", || async {
+            sent("write").await >= f64::from(DEVICES * 3)
+        })
+        .await;
+
+        registry.shut_down().await;
+        // Once their specs are stale, the devices are told to wait, and the log says why (once in
+        // a while: the warning is rate-limited).
+        eventually(Duration::from_secs(30), "the devices told to wait", || async {
+            sent("wait").await >= f64::from(DEVICES)
+        })
+        .await;
+        assert!(
+            instance
+                .log()
+                .lines()
+                .any(|l| l.contains("registry unavailable; device told to wait")),
+            "{backend:?}:\n{}",
+            instance.log()
+        );
+        assert!(
+            !fleet.is_finished(),
+            "{backend:?}: a device finished without the registry"
+        );
+        let stalled = sent("write").await;
+
+        registry.start_again().await;
+        assert_all_updated(&fleet.await.unwrap(), "2.0.0", image.len());
+        assert!(
+            sent("write").await > stalled,
+            "{backend:?}: the fleet went on once the registry was back"
+        );
+        for i in 0..DEVICES {
+            let name = format!("sim-{i}");
+            eventually(
+                Duration::from_secs(20),
+                &format!("{name} in sync in the registry"),
+                || async { in_sync(&registry.firmware("fleet", &name).await, "2.0.0") },
+            )
+            .await;
         }
+        // This instance's counts: registry reads failed; every status that came in as a Drogue
+        // event was answered with a command published.
+        let metrics = instance.metrics().await;
+        let count = |name, labels: &[(&str, &str)]| metrics.value(name, labels);
+        assert!(
+            count(
+                "ajour_registry_calls_total",
+                &[("op", "get"), ("outcome", "error")]
+            ) >= f64::from(DEVICES),
+            "{backend:?}:\n{metrics}"
+        );
+        let statuses = count("ajour_statuses_received_total", &[]);
+        assert_eq!(
+            (
+                count("ajour_drogue_events_total", &[("result", "dfu")]),
+                count("ajour_drogue_commands_total", &[("result", "published")]),
+            ),
+            (statuses, statuses),
+            "{backend:?}:\n{metrics}"
+        );
+        drop(instance);
+        registry.stop().await;
     }
-    let addr = instance.running.as_ref().unwrap().addr;
-    let metrics = reqwest::get(format!("http://{addr}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    for line in [
-        r#"ajour_registry_calls_total{op="get",outcome="error"}"#,
-        r#"ajour_drogue_events_total{result="dfu"}"#,
-        r#"ajour_drogue_commands_total{result="published"}"#,
-    ] {
-        assert!(metrics.contains(line), "{line} in {metrics}");
-    }
-    instance.stop().await;
 }

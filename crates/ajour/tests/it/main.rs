@@ -1,11 +1,13 @@
-//! End-to-end tests of `ajour serve`: a real server on a free port, a real database (SQLite in a
-//! temp dir, and a PostgreSQL database of the test's own), real HTTP.
+//! End to end: `ajour serve` in this process on a free port (`TestServer`) or as the binary
+//! (`ServeProcess`), its registry on SQLite and on PostgreSQL (a database of the test's own),
+//! real HTTP, real peers (Mosquitto, docker-registry), devices played by the one simulator.
+//! What is tested here needs the whole server or the binary; the crates test themselves.
 
 mod support;
 
 mod api;
+mod auth;
 mod bad_input;
-mod bench;
 mod binary;
 mod devices;
 mod drogue;

@@ -1,65 +1,35 @@
-//! Start a real server for a test, and speak to it.
+//! Start a real server for a test, in this process ([`TestServer`]) or as the `ajour` binary
+//! ([`ServeProcess`]), and speak to it ([`Connection`]).
 
 use ajour::server::{self, RunningServer, ServerConfig};
+use ajour_sim::{
+    run_device, DeviceOptions, Ended, HttpLink, Outcome, SimulatedDevice, Simulation, StatusEncoding,
+    Transport,
+};
 use ajour_store::{FileStore, FirmwareName};
-use ajour_testkit::TestDatabase;
+use ajour_testkit::{ServerProcess, TestDatabase};
+pub use ajour_testkit::{eventually, firmware_bytes, Backend, BACKENDS};
+use ajour_types::{FirmwareReport, FirmwareState, FirmwareStatus};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
+/// The `ajour` binary of this build.
+pub const AJOUR: &str = env!("CARGO_BIN_EXE_ajour");
 
-pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
-
-pub struct TestServer {
-    pub running: Option<RunningServer>,
+/// How a test speaks to a server, wherever it runs: its URL, API token, and an HTTP client.
+pub struct Connection {
     pub url: String,
     pub token: String,
-    pub data_dir: tempfile::TempDir,
     pub http: reqwest::Client,
-    _database: Option<TestDatabase>,
 }
 
-impl TestServer {
-    pub async fn start(backend: Backend) -> Self {
-        Self::start_with(backend, |_| {}).await
-    }
-
-    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
-        let database = match backend {
-            Backend::Sqlite => None,
-            Backend::Postgres => Some(TestDatabase::create().await),
-        };
-        let mut config = ServerConfig::new(data_dir.path());
-        config.database_url = database.as_ref().map(|db| db.url().to_string());
-        config.password_cost = 4;
-        config.firmware_recheck = Duration::ZERO;
-        config.service.engine.wait_poll = 7;
-        config.service.unmanaged_poll = 600;
-        adjust(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = server::start(listener, config).await.unwrap();
-        let url = format!("http://{}", running.addr);
-        let token = running.token.clone();
-        Self {
-            running: Some(running),
-            url,
-            token,
-            data_dir,
-            http: reqwest::Client::new(),
-            _database: database,
-        }
-    }
-
-    pub fn service(&self) -> &ajour_service::UpdateService {
-        &self.running.as_ref().unwrap().service
-    }
-
+impl Connection {
     pub fn api(&self, path: &str) -> String {
         format!("{}/api/registry/v1alpha1/{path}", self.url)
     }
@@ -108,22 +78,22 @@ impl TestServer {
         body
     }
 
-    /// The server's Prometheus metrics, as text.
-    pub async fn metrics(&self) -> String {
-        let response = self
-            .http
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap();
-        response.text().await.unwrap()
+    /// The device's `status.firmware` as the API shows it; `None` when it has none.
+    pub async fn firmware(&self, app: &str, name: &str) -> Option<FirmwareStatus> {
+        let device = self.device(app, name).await;
+        let section = device["status"].get("firmware")?;
+        let report =
+            FirmwareReport::from_json(section).unwrap_or_else(|e| panic!("{app}/{name}: {e}: {device}"));
+        Some(report.status)
     }
 
-    /// Store firmware in the server's file store, as `ajour firmware add` does.
-    pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
-        FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
-            .add(&FirmwareName::parse(name).unwrap(), version, data)
-            .unwrap();
+    /// `GET {url}/{path}` (outside the API: `healthz`, `readyz`, `metrics`).
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}/{path}", self.url))
+            .send()
+            .await
+            .unwrap()
     }
 
     /// POST a raw body to the device endpoint.
@@ -145,32 +115,335 @@ impl TestServer {
         let headers = response.headers().clone();
         (status, headers, response.bytes().await.unwrap().to_vec())
     }
+}
 
-    pub async fn stop(mut self) {
+/// Whether `shown` (a device's `status.firmware`) says it runs `version`, the one it should.
+pub fn in_sync(shown: &Option<FirmwareStatus>, version: &str) -> bool {
+    matches!(shown, Some(s) if s.current == version && s.target == version && s.state == FirmwareState::InSync)
+}
+
+/// A server started in this process on a free port, its registry on `backend`.
+pub struct TestServer {
+    connection: Connection,
+    running: Option<RunningServer>,
+    pub data_dir: tempfile::TempDir,
+    addr: SocketAddr,
+    config: ServerConfig,
+    database: Option<TestDatabase>,
+}
+
+impl Deref for TestServer {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl TestServer {
+    pub async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        // SQLite where `ajour serve` puts it by default: in the data directory.
+        let database = TestDatabase::of(backend).await;
+        let mut config = ServerConfig::new(data_dir.path());
+        config.database_url = database.as_ref().map(|db| db.url().to_string());
+        config.password_cost = 4;
+        config.firmware_recheck = Duration::ZERO;
+        config.service.engine.wait_poll = 7;
+        config.service.unmanaged_poll = 600;
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = server::start(listener, config.clone()).await.unwrap();
+        let addr = running.addr;
+        let connection = Connection {
+            url: format!("http://{addr}"),
+            token: running.token.clone(),
+            http: reqwest::Client::new(),
+        };
+        Self {
+            connection,
+            running: Some(running),
+            data_dir,
+            addr,
+            config,
+            database,
+        }
+    }
+
+    pub fn service(&self) -> &ajour_service::UpdateService {
+        &self.running.as_ref().expect("the server runs").service
+    }
+
+    /// The PostgreSQL database behind the server (on [`Backend::Postgres`]).
+    pub fn database(&self) -> Option<&TestDatabase> {
+        self.database.as_ref()
+    }
+
+    /// Store firmware in the server's file store, as `ajour firmware add` does.
+    pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
+        FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
+            .add(&FirmwareName::parse(name).unwrap(), version, data)
+            .unwrap();
+    }
+
+    /// Shut the server down as an operator would (pending status is written); its data and
+    /// address are kept for [`Self::start_again`]. Meanwhile nothing answers at its address.
+    pub async fn shut_down(&mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await.unwrap();
         }
     }
+
+    /// Start the server again, on the same address and data, after [`Self::shut_down`].
+    pub async fn start_again(&mut self) {
+        assert!(self.running.is_none(), "shut it down first");
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.running = Some(server::start(listener, self.config.clone()).await.unwrap());
+    }
+
+    pub async fn stop(mut self) {
+        self.shut_down().await;
+    }
 }
 
-/// Deterministic test firmware.
-pub fn firmware_bytes(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+/// `ajour serve` as a child process on a free port, its registry on `backend`, killed when
+/// dropped. Its `/metrics` and its log are its own: the metrics recorder is per process, and tests
+/// in this process run many servers at once.
+pub struct ServeProcess {
+    connection: Connection,
+    process: ServerProcess,
+    /// What it printed before it listened.
+    pub printed: Vec<String>,
+    /// Holds its data directory (`data/`) and the files tests give it.
+    dir: tempfile::TempDir,
+    _database: Option<TestDatabase>,
 }
 
-/// `status.firmware` conditions of a device, as `(type, status)`.
-pub fn conditions(device: &Value) -> Vec<(String, String)> {
-    device["status"]["firmware"]["conditions"]
-        .as_array()
+impl Deref for ServeProcess {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl ServeProcess {
+    /// `ajour serve --listen 127.0.0.1:0 --password-cost 4 ARGS`, with its own data directory, the
+    /// token it generates, and `envs`.
+    pub async fn start(backend: Backend, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let database = TestDatabase::of(backend).await;
+        let mut command = Command::new(AJOUR);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--password-cost", "4"])
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(args)
+            .envs(envs.iter().copied());
+        if let Some(database) = &database {
+            command.args(["--database-url", database.url()]);
+        }
+        let process = ServerProcess::start(command).await;
+        let printed = process
+            .stdout()
+            .lines()
+            .take_while(|line| !line.starts_with("Ajour listening on "))
+            .map(str::to_string)
+            .collect();
+        let token = std::fs::read_to_string(server::token_path(&data_dir))
+            .expect("the API token in the data directory")
+            .trim()
+            .to_string();
+        Self {
+            connection: Connection {
+                url: process.url(),
+                token,
+                http: reqwest::Client::new(),
+            },
+            process,
+            printed,
+            dir,
+            _database: database,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.process.log()
+    }
+
+    /// Its Prometheus metrics now.
+    pub async fn metrics(&self) -> Metrics {
+        let response = self.get("metrics").await;
+        assert_eq!(response.status(), StatusCode::OK);
+        Metrics(response.text().await.unwrap())
+    }
+
+    /// Store firmware in the server's firmware directory with `ajour firmware add`.
+    pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
+        let file = self.dir.path().join(format!("{name}-{version}.bin"));
+        std::fs::write(&file, data).unwrap();
+        let file = file.to_str().unwrap();
+        succeeded(self.cli(&["firmware", "add", name, "--version", version, "--file", file]));
+    }
+
+    /// Run the `ajour` CLI against this server (its URL, and its token from its data directory).
+    pub fn cli(&self, args: &[&str]) -> Output {
+        cli_with(&self.data_dir(), &self.url, args)
+    }
+}
+
+
+/// Run the `ajour` CLI with `AJOUR_DATA_DIR` (where it reads the API token) and `AJOUR_URL`.
+pub fn cli_with(data_dir: &Path, url: &str, args: &[&str]) -> Output {
+    Command::new(AJOUR)
+        .args(args)
+        .env("AJOUR_DATA_DIR", data_dir)
+        .env("AJOUR_URL", url)
+        .env_remove("AJOUR_API_TOKEN")
+        .output()
+        .unwrap()
+}
+
+/// The stdout of a CLI run that must succeed.
+pub fn succeeded(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The stderr of a CLI run that must fail.
+pub fn failed(output: Output) -> String {
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "expected a failure; stdout: {}\nstderr: {stderr}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    stderr
+}
+
+/// One server's metrics, in Prometheus' text format.
+pub struct Metrics(String);
+
+impl Metrics {
+    /// The value of series `name` with exactly `labels`, in any order; 0 when it has no sample
+    /// (a counter not yet incremented).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        wanted.sort();
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(series, _)| {
+                let (series_name, series_labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (*series, ""),
+                };
+                let mut have: Vec<&str> = series_labels.split(',').filter(|l| !l.is_empty()).collect();
+                have.sort();
+                series_name == name && have == wanted
+            })
+            .map(|(_, value)| value.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl std::fmt::Display for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A fleet for the one simulator (`ajour_sim`): devices `sim-0 .. sim-(devices-1)` of `app`,
+/// password `pw`, running 1.0.0, sending packed statuses over `transport`; a Wait is honoured for
+/// at most a second, and a device not in sync after two minutes fails.
+pub fn fleet(app: &str, devices: u32, transport: Transport) -> Simulation {
+    Simulation {
+        app: app.into(),
+        devices: (0..devices).map(|i| format!("sim-{i}")).collect(),
+        password: "pw".into(),
+        version: "1.0.0".into(),
+        mtu: None,
+        transport,
+        concurrency: devices as usize,
+        device: DeviceOptions::new(
+            StatusEncoding::Packed,
+            Duration::from_secs(1),
+            Duration::from_secs(120),
+        ),
+    }
+}
+
+/// Devices behind Drogue's MQTT integration at `broker_url`, sending a status again when no
+/// command answered it within `command_timeout`.
+pub fn via_drogue(broker_url: &str, command_timeout: Duration) -> Transport {
+    Transport::DrogueMqtt {
+        broker: ajour_client::mqtt::MqttConfig::new(broker_url, "ajour-test-fleet"),
+        command_timeout,
+    }
+}
+
+/// Run `simulation`; how each device ended, by name. A device that failed fails the test.
+pub async fn simulate(simulation: &Simulation) -> BTreeMap<String, Outcome> {
+    ajour_sim::simulate(simulation)
+        .await
+        .expect("the simulation set up")
         .into_iter()
-        .flatten()
-        .map(|c| {
-            (
-                c["type"].as_str().unwrap().to_string(),
-                c["status"].as_str().unwrap().to_string(),
-            )
+        .map(|(name, outcome)| {
+            let outcome = outcome.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            (name, outcome)
         })
         .collect()
+}
+
+/// Every device of `outcomes` updated from 1.0.0 to `version`, `size` bytes, checksum verified.
+pub fn assert_all_updated(outcomes: &BTreeMap<String, Outcome>, version: &str, size: usize) {
+    for (name, outcome) in outcomes {
+        assert_eq!(
+            outcome,
+            &Outcome::Updated {
+                from: "1.0.0".into(),
+                to: version.into(),
+                bytes: size
+            },
+            "{name}"
+        );
+    }
+}
+
+/// Device `name` of `app` (password `pw`) running `version`, asking for `mtu`-byte blocks,
+/// updated over HTTP by the one simulator until it is in sync (waits honoured for a second, at
+/// most a minute in all): how it ended, and the device as it is then (its version, and the bytes
+/// it last received).
+pub async fn update_over_http(
+    server: &Connection,
+    app: &str,
+    name: &str,
+    version: &str,
+    mtu: Option<u32>,
+) -> (Outcome, SimulatedDevice) {
+    let mut device = SimulatedDevice::new(version, mtu);
+    let mut link = HttpLink::new(server.http.clone(), &server.url, app, name, "pw");
+    let options = DeviceOptions::new(
+        StatusEncoding::Packed,
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
+    match run_device(&mut device, &mut link, &options, &mut ()).await {
+        Ok(Ended::Done(outcome)) => (outcome, device),
+        other => panic!("{name}@{app}: {other:?}"),
+    }
 }

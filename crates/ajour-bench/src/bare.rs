@@ -23,7 +23,7 @@ pub struct BareServerArgs {
 pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
     let image = Arc::new(FirmwareImage::new(
         args.version,
-        super::bench_image(args.image_size),
+        crate::fleet::bench_image(args.image_size),
     )?);
     let config = Arc::new(EngineConfig::default());
     let app = axum::Router::new().route(
@@ -43,7 +43,7 @@ pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
         }),
     );
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
-    crate::say!("bare endpoint listening on http://{}", listener.local_addr()?);
+    println!("bare endpoint listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
     Ok(())
 }

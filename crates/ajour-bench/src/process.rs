@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context};
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -15,16 +16,16 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Start this binary with `args`; it must print a line `... listening on http://ADDR`.
-    pub fn start(args: &[&str]) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe().context("finding the ajour binary")?;
-        let mut child = Command::new(exe)
+    /// Start `binary` with `args`; it must print a line `... listening on http://ADDR` (or the
+    /// broker URL, for the bare MQTT server).
+    pub fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = Command::new(binary)
             .args(args)
             .env("AJOUR_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting the server under test")?;
+            .with_context(|| format!("starting the server under test, {}", binary.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
         let (sender, receiver) = std::sync::mpsc::channel();
         // Read the address from a thread of its own, so a server that never prints it times out.

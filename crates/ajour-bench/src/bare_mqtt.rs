@@ -1,5 +1,5 @@
 //! The bare MQTT server: the least a server behind Drogue's MQTT integration must do per block,
-//! as the baseline of `ajour bench mqtt`. It subscribes to `app/{app}` at QoS 1, parses each event
+//! as the baseline of `ajour-bench mqtt`. It subscribes to `app/{app}` at QoS 1, parses each event
 //! exactly as the real integration does (the same [`ajour_drogue::event`] functions), decides on
 //! an image held in memory and publishes the command on `command/{app}/{device}/dfu` at QoS 1.
 //! No registry, no authentication, no status tracking.
@@ -31,7 +31,7 @@ pub struct BareMqttServerArgs {
 const QUEUE: usize = 64 * 1024;
 
 pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
-    let image = FirmwareImage::new(args.version, super::bench_image(args.image_size))?;
+    let image = FirmwareImage::new(args.version, crate::fleet::bench_image(args.image_size))?;
     let config = EngineConfig::default();
     let (client, mut connection) = connect(&MqttConfig::new(&args.broker, "ajour-bare"), QUEUE)?;
     let filter = format!("app/{}", args.app);
@@ -69,7 +69,7 @@ pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
                 }
                 if !subscribed {
                     subscribed = true;
-                    crate::say!("bare MQTT server listening on {}", args.broker);
+                    println!("bare MQTT server listening on {}", args.broker);
                 }
             }
             Ok(Incoming::Message(message)) => match parse(&message) {

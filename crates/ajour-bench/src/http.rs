@@ -1,0 +1,104 @@
+//! `ajour-bench http`: N devices updating concurrently over the HTTP endpoint.
+
+use crate::fleet::{
+    data_dir_with_firmware, drive, provision, serve_flags, FleetArgs, Load, APP, PASSWORD, TO,
+};
+use crate::process::ServerProcess;
+use crate::report::{print_table, status_writes, LoadReport};
+use ajour_sim::HttpLink;
+use clap::Args;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Args)]
+pub struct HttpBenchArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Stop each device after this many blocks (0: the whole update, through Swap and Sync).
+    /// With a large image this holds the fleet in the middle of its update, to measure memory.
+    #[arg(long, default_value_t = 0)]
+    pub blocks: u32,
+    /// Most requests in flight at once (one connection each).
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// Registry database for `ajour serve` (default: SQLite in a temp dir).
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
+    // Each in-flight request holds a socket in both processes.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let mut reports = Vec::new();
+    if !args.fleet.no_ajour {
+        reports.push(run_ajour(&args).await?);
+    }
+    if !args.fleet.no_bare {
+        reports.push(run_bare(&args).await?);
+    }
+    print_reports(&args, &reports);
+    Ok(())
+}
+
+async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+    let ajour = args.fleet.ajour_binary()?;
+    let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
+    let mut serve_args = serve_flags(&data_dir);
+    serve_args.extend(["--max-mtu", "65536"]);
+    if let Some(url) = &args.database_url {
+        serve_args.extend(["--database-url", url]);
+    }
+    serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
+    let server = ServerProcess::start(&ajour, &serve_args)?;
+    provision(&server.url, args.fleet.devices, true).await?;
+    let mut report = drive_http(&server, args, "ajour").await?;
+    report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
+    Ok(report)
+}
+
+async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+    let size = args.fleet.image_size.to_string();
+    let server = ServerProcess::start(
+        &FleetArgs::bench_binary()?,
+        &["bare-server", "--image-size", &size, "--version", TO],
+    )?;
+    drive_http(&server, args, "bare").await
+}
+
+/// Every device on its own [`HttpLink`], at most `--connections` requests in flight.
+async fn drive_http(
+    server: &ServerProcess,
+    args: &HttpBenchArgs,
+    target: &'static str,
+) -> anyhow::Result<LoadReport> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.connections)
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let load = Load {
+        target,
+        blocks: args.blocks,
+        in_flight: Some(args.connections),
+        broker_pid: None,
+    };
+    drive(server, &args.fleet, &load, |name| {
+        HttpLink::new(http.clone(), &server.url, APP, name, PASSWORD)
+    })
+    .await
+}
+
+fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
+    let title = format!(
+        "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections",
+        args.fleet.devices,
+        args.fleet.image_size,
+        args.fleet.mtu,
+        if args.blocks == 0 {
+            "whole update".to_string()
+        } else {
+            format!("{} blocks each", args.blocks)
+        },
+        args.connections
+    );
+    print_table(&title, reports);
+}
