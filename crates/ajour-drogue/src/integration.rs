@@ -17,7 +17,7 @@ use ajour_client::mqtt::{
     connect, disconnect, run_session, Message, MqttClient, MqttConfig, MqttConnection, SessionHandler,
     SessionOptions,
 };
-use ajour_registry::{AppName, ListParams, Registry, Scope};
+use ajour_registry::{AppName, Key, ListParams, Registry, Scope};
 use ajour_service::UpdateService;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
@@ -64,6 +64,9 @@ pub struct IntegrationConfig {
 }
 
 impl IntegrationConfig {
+    /// Devices served at the same time, unless configured otherwise.
+    pub const DEFAULT_WORKERS: u16 = 16;
+
     pub fn new(mqtt: MqttConfig, applications: Applications) -> Self {
         Self {
             mqtt,
@@ -71,7 +74,7 @@ impl IntegrationConfig {
             exclude: BTreeSet::new(),
             shared_group: None,
             binary_content_mode: false,
-            workers: 16,
+            workers: Self::DEFAULT_WORKERS.into(),
             queue: 64,
         }
     }
@@ -345,7 +348,7 @@ impl SessionHandler for Session<'_> {
         let Some(request) = classify(&message, self.stats) else {
             return ControlFlow::Continue(());
         };
-        let shard = shard_of(&request, self.shards.len());
+        let shard = worker_of(&request.key, self.shards.len());
         if self.shards[shard].send(Job { request }).is_err() {
             tracing::error!("a worker of the Drogue integration has stopped");
             return ControlFlow::Break(());
@@ -410,10 +413,13 @@ fn topic_application(topic: &str) -> Option<&str> {
         .filter(|app| !app.is_empty() && !app.contains('/'))
 }
 
-fn shard_of(request: &DfuRequest, shards: usize) -> usize {
+/// Which of `workers` workers handles the statuses of device `key`. One worker per device keeps
+/// a device's statuses in order; a device whose firmware is slow to come holds up only the
+/// devices that share its worker.
+pub fn worker_of(key: &Key, workers: usize) -> usize {
     let mut hasher = DefaultHasher::new();
-    request.key.hash(&mut hasher);
-    (hasher.finish() % shards as u64) as usize
+    key.hash(&mut hasher);
+    (hasher.finish() % workers as u64) as usize
 }
 
 async fn worker(

@@ -23,7 +23,7 @@ mod registry;
 pub use ajour_client::mqtt::{MqttConfig, MqttVersion};
 pub use ajour_client::{RegistryClientConfig as RegistryConfig, TlsOptions};
 pub use error::DrogueError;
-pub use integration::{Applications, Integration, IntegrationConfig, IntegrationStats};
+pub use integration::{worker_of, Applications, Integration, IntegrationConfig, IntegrationStats};
 pub use registry::DrogueRegistry;
 
 /// Everything Drogue mode needs: where the registry and the integration are.

@@ -553,3 +553,35 @@ async fn an_always_re_check_never_makes_a_caller_wait_even_on_a_registry_that_ha
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_tag_holding_the_version_with_other_bytes_is_replaced_only_with_force() {
+    let registry = OciRegistry::start().await;
+    let store = store(&registry);
+    let push_as = |data: &'static [u8], same_version| {
+        let store = &store;
+        async move {
+            store
+                .push("app:stable", "1.0.0", data, same_version, Arc::new(|_| {}))
+                .await
+        }
+    };
+    let first = push_as(b"first image", SameVersion::Refuse).await.unwrap();
+    // The same bytes again are fine (and give the same image).
+    assert_eq!(
+        push_as(b"first image", SameVersion::Refuse).await.unwrap().manifest_digest,
+        first.manifest_digest
+    );
+    let refused = push_as(b"other bytes", SameVersion::Refuse).await.unwrap_err();
+    assert!(
+        matches!(&refused, OciError::Invalid { reason, .. } if reason.contains("--force")),
+        "{refused}"
+    );
+    let served = store.inspect("app:stable").await.unwrap();
+    assert_eq!(served.manifest_digest, first.manifest_digest, "a refused push changes nothing");
+
+    let replaced = push_as(b"other bytes", SameVersion::Replace).await.unwrap();
+    assert_ne!(replaced.manifest_digest, first.manifest_digest);
+    let served = store.inspect("app:stable").await.unwrap();
+    assert_eq!(served.image.data().as_ref(), b"other bytes");
+}

@@ -214,7 +214,7 @@ pub struct Connection {
     #[arg(long, env = "AJOUR_API_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Data directory to read the API token from when none is given.
-    #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data", global = true)]
+    #[arg(long, env = "AJOUR_DATA_DIR", default_value = server::DEFAULT_DATA_DIR, global = true)]
     pub data_dir: PathBuf,
 }
 
@@ -363,7 +363,7 @@ pub enum FirmwareCommand {
         version: String,
         #[arg(long)]
         file: PathBuf,
-        #[arg(long, env = "AJOUR_DATA_DIR", default_value = "ajour-data")]
+        #[arg(long, env = "AJOUR_DATA_DIR", default_value = server::DEFAULT_DATA_DIR)]
         data_dir: PathBuf,
         /// Replace the version even when it is stored with other bytes (devices in the middle of
         /// the update start again; devices already running it keep the old bytes).

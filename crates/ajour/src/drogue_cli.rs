@@ -98,7 +98,7 @@ pub struct DrogueArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub drogue_refresh_secs: u64,
     /// Devices served at the same time (statuses of one device are always handled in order).
-    #[arg(long = "drogue-workers", value_name = "N", default_value_t = 16,
+    #[arg(long = "drogue-workers", value_name = "N", default_value_t = ajour_drogue::IntegrationConfig::DEFAULT_WORKERS,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub drogue_workers: u16,
     /// Prefix of the MQTT client id, which is `P-{random}`: unique per instance and per start.
