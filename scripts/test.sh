@@ -14,7 +14,7 @@ for crate in ajour-types ajour-transport ajour-drogue ajour-service ajour-client
         exit 1
     fi
 done
-for dependency in hdrhistogram rlimit ajour-bench; do
+for dependency in hdrhistogram ajour-bench ajour-testkit; do
     if cargo tree --locked -p ajour -e normal --prefix none | grep -q "^$dependency "; then
         echo "error: the ajour binary depends on $dependency (it belongs to ajour-bench)" >&2
         exit 1
