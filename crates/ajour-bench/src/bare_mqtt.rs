@@ -5,7 +5,7 @@
 //! No registry, no authentication, no status tracking.
 
 use ajour_client::mqtt::{connect, Incoming, Message, MqttConfig};
-use ajour_drogue::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest};
+use ajour_drogue::event::{dfu_request_in, DfuRequest};
 use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
 use ajour_protocol::encode_command;
 use anyhow::{bail, Context};
@@ -88,20 +88,14 @@ pub async fn serve(args: BareMqttServerArgs) -> anyhow::Result<()> {
     }
 }
 
-/// The DFU request in a message, as the integration's `classify` finds it.
+/// The DFU request in a message, as the integration finds it.
 fn parse(message: &Message) -> Option<DfuRequest> {
-    let topic_app = message.topic.strip_prefix("app/");
-    if is_binary_mode(&message.user_properties) {
-        let event = parse_binary(
-            &message.payload,
-            message.content_type.as_deref(),
-            &message.user_properties,
-        );
-        dfu_request(&event, topic_app).ok().flatten()
-    } else {
-        parse_structured(&message.payload)
-            .and_then(|event| dfu_request(&event, topic_app))
-            .ok()
-            .flatten()
-    }
+    dfu_request_in(
+        &message.topic,
+        &message.payload,
+        message.content_type.as_deref(),
+        &message.user_properties,
+    )
+    .ok()
+    .flatten()
 }

@@ -440,6 +440,91 @@ pub async fn disconnect(client: &MqttClient, connection: &mut MqttConnection) {
     .await;
 }
 
+/// A connection that stays subscribed to some filters and hands every message to a channel: the
+/// other side of a broker for tests and tools (the cloud publishing events and reading commands).
+/// It reconnects and subscribes again when the broker restarts; it stops when dropped.
+pub struct Inbox {
+    pub client: MqttClient,
+    pub messages: tokio::sync::mpsc::UnboundedReceiver<Message>,
+    subscriptions: tokio::sync::watch::Receiver<u64>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Inbox {
+    /// Connect to the broker of `config` and subscribe to `filters` (at once, and again on every
+    /// reconnection).
+    pub fn connect(config: &MqttConfig, filters: Vec<String>) -> Result<Self, SetupError> {
+        let (client, mut connection) = connect(config, 1024)?;
+        let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let (subscriptions_tx, subscriptions) = tokio::sync::watch::channel(0u64);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        struct Deliver {
+            filters: Vec<String>,
+            messages: tokio::sync::mpsc::UnboundedSender<Message>,
+            subscriptions: tokio::sync::watch::Sender<u64>,
+        }
+        impl SessionHandler for Deliver {
+            fn connected(&mut self) -> Vec<String> {
+                self.filters.clone()
+            }
+            fn subscribed(&mut self, granted: bool) {
+                if granted {
+                    self.subscriptions.send_modify(|n| *n += 1);
+                }
+            }
+            fn message(&mut self, message: Message) -> ControlFlow<()> {
+                // Nobody reading any more: the inbox was dropped.
+                match self.messages.send(message) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            }
+            fn connection_lost(&mut self, _: &str) -> ControlFlow<()> {
+                ControlFlow::Continue(())
+            }
+        }
+        let mut deliver = Deliver {
+            filters,
+            messages: messages_tx,
+            subscriptions: subscriptions_tx,
+        };
+        let task_client = client.clone();
+        let options = SessionOptions {
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(500),
+            ..SessionOptions::default()
+        };
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            run_session(&task_client, &mut connection, &options, &mut deliver, stop).await;
+            disconnect(&task_client, &mut connection).await;
+        });
+        Ok(Self {
+            client,
+            messages,
+            subscriptions,
+            stop,
+        })
+    }
+
+    /// Wait until the broker has granted `n` subscriptions in all (one per filter per
+    /// connection); false after `timeout`.
+    pub async fn subscribed(&mut self, n: u64, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, self.subscriptions.wait_for(|granted| *granted >= n)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

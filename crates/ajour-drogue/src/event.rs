@@ -233,10 +233,37 @@ pub fn dfu_request(event: &Event, topic_app: Option<&str>) -> Result<Option<DfuR
     }))
 }
 
+/// The DFU request in a message of Drogue's integration, whichever content mode it came in: binary
+/// (MQTT 5 user property `content-mode: binary`) or structured. An event that names no
+/// application is taken to be for the application of its topic ([`topic_application`]). What the
+/// integration and every tool reading Drogue's stream use, so they cannot drift apart.
+pub fn dfu_request_in(
+    topic: &str,
+    payload: &[u8],
+    content_type: Option<&str>,
+    user_properties: &[(String, String)],
+) -> Result<Option<DfuRequest>, EventError> {
+    let topic_app = topic_application(topic);
+    if is_binary_mode(user_properties) {
+        dfu_request(&parse_binary(payload, content_type, user_properties), topic_app)
+    } else {
+        parse_structured(payload).and_then(|event| dfu_request(&event, topic_app))
+    }
+}
+
+/// The application a topic is for: `app/{app}` (or Drogue's aliases `a/`, `application/`).
+pub fn topic_application(topic: &str) -> Option<&str> {
+    ["app/", "a/", "application/"]
+        .iter()
+        .find_map(|prefix| topic.strip_prefix(prefix))
+        .filter(|app| !app.is_empty() && !app.contains('/'))
+}
+
 /// The status bytes of a `dfu` event.
 fn status_bytes(data: &Data) -> Result<Vec<u8>, EventError> {
     match data {
         Data::None => Err(EventError::NoData),
+        Data::Binary(bytes) if bytes.is_empty() => Err(EventError::NoData),
         Data::Binary(bytes) => Ok(bytes.clone()),
         // A CBOR status is never valid UTF-8 (its first byte is a map header), so text data can
         // only carry one base64-encoded, as some gateways send it.
@@ -353,6 +380,16 @@ mod tests {
     fn request_of(event: &Value) -> Result<Option<DfuRequest>, EventError> {
         let parsed = parse_structured(event.to_string().as_bytes())?;
         dfu_request(&parsed, Some("my-app"))
+    }
+
+    #[test]
+    fn topics_name_applications() {
+        assert_eq!(topic_application("app/my-app"), Some("my-app"));
+        assert_eq!(topic_application("a/x"), Some("x"));
+        assert_eq!(topic_application("application/y"), Some("y"));
+        assert_eq!(topic_application("app/"), None);
+        assert_eq!(topic_application("app/a/b"), None);
+        assert_eq!(topic_application("command/a/b/dfu"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! exponential backoff, and every (re)connection subscribes again (the session is clean); a
 //! registry error reaches the device as a Wait (the update service's policy).
 
-use crate::event::{dfu_request, is_binary_mode, parse_binary, parse_structured, DfuRequest, EventError};
+use crate::event::{dfu_request_in, DfuRequest};
 use crate::DrogueError;
 use ajour_client::mqtt::{
     connect, disconnect, run_session, Message, MqttClient, MqttConfig, MqttConnection, SessionHandler,
@@ -372,19 +372,12 @@ async fn subscribe(client: &MqttClient, config: &IntegrationConfig, app: &AppNam
 
 /// The DFU request in a message, if any; logs and counts what is skipped.
 fn classify(message: &Message, stats: &IntegrationStats) -> Option<DfuRequest> {
-    let topic_app = topic_application(&message.topic);
-    let result: Result<Option<DfuRequest>, EventError> = if is_binary_mode(&message.user_properties) {
-        dfu_request(
-            &parse_binary(
-                &message.payload,
-                message.content_type.as_deref(),
-                &message.user_properties,
-            ),
-            topic_app,
-        )
-    } else {
-        parse_structured(&message.payload).and_then(|event| dfu_request(&event, topic_app))
-    };
+    let result = dfu_request_in(
+        &message.topic,
+        &message.payload,
+        message.content_type.as_deref(),
+        &message.user_properties,
+    );
     match result {
         Ok(Some(request)) => {
             bump(&stats.statuses);
@@ -403,14 +396,6 @@ fn classify(message: &Message, stats: &IntegrationStats) -> Option<DfuRequest> {
             None
         }
     }
-}
-
-/// The application a topic is for: `app/{app}` (or Drogue's aliases `a/`, `application/`).
-fn topic_application(topic: &str) -> Option<&str> {
-    ["app/", "a/", "application/"]
-        .iter()
-        .find_map(|prefix| topic.strip_prefix(prefix))
-        .filter(|app| !app.is_empty() && !app.contains('/'))
 }
 
 /// Which of `workers` workers handles the statuses of device `key`. One worker per device keeps
@@ -513,16 +498,6 @@ async fn refresh_applications(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topics_name_applications() {
-        assert_eq!(topic_application("app/my-app"), Some("my-app"));
-        assert_eq!(topic_application("a/x"), Some("x"));
-        assert_eq!(topic_application("application/y"), Some("y"));
-        assert_eq!(topic_application("app/"), None);
-        assert_eq!(topic_application("app/a/b"), None);
-        assert_eq!(topic_application("command/a/b/dfu"), None);
-    }
 
     #[test]
     fn filters_use_the_shared_group() {

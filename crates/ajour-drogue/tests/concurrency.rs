@@ -3,7 +3,7 @@
 //! serve holds up only the devices that share its worker, and one device's statuses are answered
 //! in order.
 
-use ajour_client::mqtt::{connect, Incoming, MqttConfig, MqttVersion};
+use ajour_client::mqtt::{Inbox, MqttConfig, MqttVersion};
 use ajour_drogue::event::structured_event;
 use ajour_drogue::{worker_of, Applications, Integration, IntegrationConfig};
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 /// Serves one image; fetches of firmware `slow` wait for a permit.
 struct GatedFirmware {
@@ -67,32 +67,12 @@ async fn a_slow_device_holds_up_only_the_devices_on_its_worker_and_each_is_answe
     // The cloud side.
     let mut peer_config = MqttConfig::new(broker.url(), "peer");
     peer_config.version = MqttVersion::V3;
-    let (peer, mut connection) = connect(&peer_config, 1024).unwrap();
-    let (tx, mut commands) = mpsc::unbounded_channel();
-    let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
-    let subscriber = peer.clone();
-    let pump = tokio::spawn(async move {
-        loop {
-            match connection.poll().await {
-                Ok(Incoming::Connected) => {
-                    let subscriber = subscriber.clone();
-                    tokio::spawn(async move { subscriber.subscribe("command/#", false).await });
-                }
-                Ok(Incoming::Subscribed { .. }) => {
-                    let _ = subscribed_tx.send(true);
-                }
-                Ok(Incoming::Message(message)) => {
-                    let _ = tx.send((message.topic, message.payload.to_vec()));
-                }
-                Ok(Incoming::Other) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(20), subscribed.wait_for(|s| *s))
-        .await
-        .unwrap()
-        .unwrap();
+    let mut inbox = Inbox::connect(&peer_config, vec!["command/#".into()]).unwrap();
+    assert!(
+        inbox.subscribed(1, Duration::from_secs(20)).await,
+        "the peer's subscription"
+    );
+    let peer = inbox.client.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while stats.subscriptions() < 1 {
         assert!(
@@ -132,18 +112,22 @@ async fn a_slow_device_holds_up_only_the_devices_on_its_worker_and_each_is_answe
     // While the slow device's firmware is held up, every device on another worker is served; only
     // those that share the slow device's worker wait with it (its statuses must stay in order).
     let slow_worker = worker_of(&device("slow"), WORKERS);
-    let (held_up, free): (Vec<&String>, Vec<&String>) =
-        fast.iter().partition(|name| worker_of(&device(name), WORKERS) == slow_worker);
+    let (held_up, free): (Vec<&String>, Vec<&String>) = fast
+        .iter()
+        .partition(|name| worker_of(&device(name), WORKERS) == slow_worker);
     assert!(!free.is_empty(), "the test needs devices on other workers");
     let mut answered = std::collections::BTreeSet::new();
     while answered.len() < free.len() {
-        let (topic, _) = next(&mut commands).await;
+        let (topic, _) = next(&mut inbox).await;
         let name = topic
             .strip_prefix("command/app/")
             .and_then(|t| t.strip_suffix("/dfu"))
             .unwrap()
             .to_string();
-        assert!(free.contains(&&name), "{name} answered while the slow device was held up");
+        assert!(
+            free.contains(&&name),
+            "{name} answered while the slow device was held up"
+        );
         answered.insert(name);
     }
     assert_eq!(stats.statuses(), 3 + fast.len() as u64, "every status decoded");
@@ -154,7 +138,7 @@ async fn a_slow_device_holds_up_only_the_devices_on_its_worker_and_each_is_answe
     let mut slow_offsets = Vec::new();
     let mut fast_seen = free.len();
     while slow_offsets.len() < 3 || fast_seen < free.len() + held_up.len() {
-        let (topic, bytes) = next(&mut commands).await;
+        let (topic, bytes) = next(&mut inbox).await;
         match decode_command(&bytes).unwrap() {
             Command::Write { offset, data, .. } => {
                 assert_eq!(data, &image[offset as usize..offset as usize + 100]);
@@ -169,15 +153,15 @@ async fn a_slow_device_holds_up_only_the_devices_on_its_worker_and_each_is_answe
     }
     assert_eq!(slow_offsets, [0, 100, 200]);
     integration.stop().await;
-    pump.abort();
 }
 
 /// Workers of the integration under test.
 const WORKERS: usize = 16;
 
-async fn next(commands: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>) -> (String, Vec<u8>) {
-    tokio::time::timeout(Duration::from_secs(20), commands.recv())
+async fn next(inbox: &mut Inbox) -> (String, Vec<u8>) {
+    let message = tokio::time::timeout(Duration::from_secs(20), inbox.messages.recv())
         .await
         .expect("a command in time")
-        .unwrap()
+        .unwrap();
+    (message.topic, message.payload.to_vec())
 }

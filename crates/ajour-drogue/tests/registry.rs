@@ -171,10 +171,19 @@ async fn the_registry_client_speaks_drogues_api_and_redoes_writes_on_conflict() 
             let (registry, key) = (registry.clone(), device_key.clone());
             writers.spawn(async move {
                 for round in 0..5 {
-                    registry
-                        .set_status_section(&key, &format!("s{writer}"), json!({"round": round}))
-                        .await
-                        .unwrap();
+                    // The client redoes a write on 409 a bounded number of times; past that it
+                    // says Conflict and the status writer tries again later, as here.
+                    loop {
+                        let section = format!("s{writer}");
+                        match registry
+                            .set_status_section(&key, &section, json!({"round": round}))
+                            .await
+                        {
+                            Ok(()) => break,
+                            Err(RegistryError::Conflict) => continue,
+                            Err(other) => panic!("{other}"),
+                        }
+                    }
                 }
             });
         }

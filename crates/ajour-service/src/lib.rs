@@ -234,7 +234,9 @@ impl UpdateService {
             );
             return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
         }
-        let status = self.status_resuming_only_the_same_image(key, status, &image).await;
+        let status = self
+            .status_resuming_only_the_same_image(key, status, &image)
+            .await;
         let decision = decide(&status, Target::Ready(&image), &self.config.engine);
         let state = match decision.outcome {
             Outcome::InSync => FirmwareState::InSync,

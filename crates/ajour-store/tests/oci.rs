@@ -569,7 +569,10 @@ async fn a_tag_holding_the_version_with_other_bytes_is_replaced_only_with_force(
     let first = push_as(b"first image", SameVersion::Refuse).await.unwrap();
     // The same bytes again are fine (and give the same image).
     assert_eq!(
-        push_as(b"first image", SameVersion::Refuse).await.unwrap().manifest_digest,
+        push_as(b"first image", SameVersion::Refuse)
+            .await
+            .unwrap()
+            .manifest_digest,
         first.manifest_digest
     );
     let refused = push_as(b"other bytes", SameVersion::Refuse).await.unwrap_err();
@@ -578,7 +581,10 @@ async fn a_tag_holding_the_version_with_other_bytes_is_replaced_only_with_force(
         "{refused}"
     );
     let served = store.inspect("app:stable").await.unwrap();
-    assert_eq!(served.manifest_digest, first.manifest_digest, "a refused push changes nothing");
+    assert_eq!(
+        served.manifest_digest, first.manifest_digest,
+        "a refused push changes nothing"
+    );
 
     let replaced = push_as(b"other bytes", SameVersion::Replace).await.unwrap();
     assert_ne!(replaced.manifest_digest, first.manifest_digest);

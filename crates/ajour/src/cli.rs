@@ -393,7 +393,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(!version.trim().is_empty(), "--version must not be empty");
             let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let store = FileStore::new(server::firmware_dir(&data_dir), Duration::ZERO);
-            let same_version = if force { SameVersion::Replace } else { SameVersion::Refuse };
+            let same_version = if force {
+                SameVersion::Replace
+            } else {
+                SameVersion::Refuse
+            };
             let metadata = store.publish(&name, &version, &data, same_version)?;
             crate::say!(
                 "firmware '{name}' version {} ({} bytes, sha256 {}) stored in {}",

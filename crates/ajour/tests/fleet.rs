@@ -18,7 +18,15 @@ const IMAGE: usize = 128 * 1024;
 async fn serve(data_dir: &std::path::Path, listen: &str) -> ServerProcess {
     let mut command = Command::new(AJOUR);
     command
-        .args(["serve", "--listen", listen, "--api-token", TOKEN, "--password-cost", "4"])
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--api-token",
+            TOKEN,
+            "--password-cost",
+            "4",
+        ])
         .args(["--progress-interval-ms", "0"])
         .arg("--data-dir")
         .arg(data_dir)
@@ -29,7 +37,11 @@ async fn serve(data_dir: &std::path::Path, listen: &str) -> ServerProcess {
 /// Run the `ajour` CLI; `url`: a management command against that server.
 fn ajour(args: &[&str], url: Option<&str>, data_dir: &std::path::Path) -> std::process::Output {
     let mut command = Command::new(AJOUR);
-    command.args(args).arg("--data-dir").arg(data_dir).env("AJOUR_LOG", "warn");
+    command
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("AJOUR_LOG", "warn");
     if let Some(url) = url {
         command.args(["--url", url, "--token", TOKEN]);
     }
@@ -65,7 +77,12 @@ async fn furthest_progress(url: &str) -> f64 {
 
 /// The value of an unlabelled counter in a Prometheus text page (0 when absent).
 async fn counter(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or(0.0)
@@ -87,21 +104,61 @@ impl Fleet {
         let server = serve(data.path(), "127.0.0.1:0").await;
         let url = server.url();
         let fw = firmware.to_str().unwrap();
-        ajour(&["firmware", "add", "fw", "--version", "2.0.0", "--file", fw], None, data.path());
-        ajour(&["app", "create", "fleet", "--firmware-file", "fw"], Some(&url), data.path());
+        ajour(
+            &["firmware", "add", "fw", "--version", "2.0.0", "--file", fw],
+            None,
+            data.path(),
+        );
+        ajour(
+            &["app", "create", "fleet", "--firmware-file", "fw"],
+            Some(&url),
+            data.path(),
+        );
         let count = DEVICES.to_string();
-        let create = ["device", "create", "fleet", "dev", "--password", "pw", "--count", &count];
+        let create = [
+            "device",
+            "create",
+            "fleet",
+            "dev",
+            "--password",
+            "pw",
+            "--count",
+            &count,
+        ];
         ajour(&create, Some(&url), data.path());
         let simulate = Command::new(AJOUR)
-            .args(["simulate", "--url", &url, "--app", "fleet", "--device", "dev", "--password", "pw"])
-            .args(["--version", "1.0.0", "--count", &count, "--concurrency", &count, "--mtu", "256"])
+            .args([
+                "simulate",
+                "--url",
+                &url,
+                "--app",
+                "fleet",
+                "--device",
+                "dev",
+                "--password",
+                "pw",
+            ])
+            .args([
+                "--version",
+                "1.0.0",
+                "--count",
+                &count,
+                "--concurrency",
+                &count,
+                "--mtu",
+                "256",
+            ])
             .args(["--timeout", "120"])
             .env("AJOUR_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Self { data, server, simulate }
+        Self {
+            data,
+            server,
+            simulate,
+        }
     }
 
     /// Wait until some device is a fifth of the way and none past half of it, so what the test
@@ -110,11 +167,20 @@ impl Fleet {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut progress = 0.0;
         while progress < 20.0 {
-            assert!(Instant::now() < deadline, "the fleet did not get going ({progress}%)");
-            assert!(self.simulate.try_wait().unwrap().is_none(), "the fleet finished too soon");
+            assert!(
+                Instant::now() < deadline,
+                "the fleet did not get going ({progress}%)"
+            );
+            assert!(
+                self.simulate.try_wait().unwrap().is_none(),
+                "the fleet finished too soon"
+            );
             progress = furthest_progress(&self.server.url()).await;
         }
-        assert!(progress < 50.0, "the fleet went too fast for the test: {progress}%");
+        assert!(
+            progress < 50.0,
+            "the fleet went too fast for the test: {progress}%"
+        );
     }
 
     /// Wait for `ajour simulate` and check that every device was updated, checksum verified.
@@ -130,7 +196,9 @@ impl Fleet {
             String::from_utf8_lossy(&finished.stderr)
         );
         assert!(
-            stdout.contains(&format!("{DEVICES} device(s): {DEVICES} updated, 0 already in sync, 0 failed")),
+            stdout.contains(&format!(
+                "{DEVICES} device(s): {DEVICES} updated, 0 already in sync, 0 failed"
+            )),
             "{stdout}"
         );
         (self.data, self.server)
@@ -163,12 +231,28 @@ async fn firmware_replaced_under_the_same_version_mid_update_is_never_spliced() 
     let other = image(7);
     let replacement = fleet.data.path().join("other.bin");
     std::fs::write(&replacement, &other).unwrap();
-    let add = ["firmware", "add", "fw", "--version", "2.0.0", "--file", replacement.to_str().unwrap()];
+    let add = [
+        "firmware",
+        "add",
+        "fw",
+        "--version",
+        "2.0.0",
+        "--file",
+        replacement.to_str().unwrap(),
+    ];
 
     // Refused unless forced: devices name firmware by version.
-    let refused = Command::new(AJOUR).args(add).arg("--data-dir").arg(fleet.data.path()).output().unwrap();
+    let refused = Command::new(AJOUR)
+        .args(add)
+        .arg("--data-dir")
+        .arg(fleet.data.path())
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--force"),
+        "{refused:?}"
+    );
 
     ajour(&[&add[..], &["--force"]].concat(), None, fleet.data.path());
     let (_data, server) = fleet.all_updated().await;
@@ -176,7 +260,10 @@ async fn firmware_replaced_under_the_same_version_mid_update_is_never_spliced() 
     assert!(counter(&server.url(), "ajour_update_restarts_total").await >= 1.0);
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&other));
     let devices: Value = reqwest::Client::new()
-        .get(format!("{}/api/registry/v1alpha1/apps/fleet/devices", server.url()))
+        .get(format!(
+            "{}/api/registry/v1alpha1/apps/fleet/devices",
+            server.url()
+        ))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -188,7 +275,15 @@ async fn firmware_replaced_under_the_same_version_mid_update_is_never_spliced() 
     assert_eq!(devices.len(), DEVICES as usize);
     for device in devices {
         let report = ajour_types::FirmwareReport::from_json(&device["status"]["firmware"]).unwrap();
-        assert_eq!(report.status.state, ajour_types::FirmwareState::InSync, "{device}");
-        assert_eq!(report.status.target_digest.as_deref(), Some(digest.as_str()), "{device}");
+        assert_eq!(
+            report.status.state,
+            ajour_types::FirmwareState::InSync,
+            "{device}"
+        );
+        assert_eq!(
+            report.status.target_digest.as_deref(),
+            Some(digest.as_str()),
+            "{device}"
+        );
     }
 }

@@ -559,7 +559,14 @@ impl Serve {
             None => Command::new(AJOUR),
         };
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--password-cost", "4", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--password-cost",
+                "4",
+                "--data-dir",
+            ])
             .arg(data_dir(data.path()))
             .args(args)
             .env("AJOUR_LOG", "info");

@@ -5,7 +5,7 @@
 
 use crate::support::*;
 use ajour::server::{self, RunningServer};
-use ajour_client::mqtt::{connect, Incoming, MqttClient, MqttConfig, MqttVersion};
+use ajour_client::mqtt::{Inbox, MqttClient, MqttConfig, MqttVersion};
 use ajour_drogue::event::structured_event;
 use ajour_drogue::IntegrationStats;
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
@@ -17,7 +17,6 @@ use clap::Parser;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 const VECTORS: &str = include_str!("../../../ajour-drogue/tests/data/drogue-events.json");
@@ -109,10 +108,8 @@ impl Instance {
 
 /// The cloud side: publishes events, receives commands on `command/#`.
 struct Peer {
+    inbox: Inbox,
     client: MqttClient,
-    commands: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
-    subscribed: watch::Receiver<u64>,
-    stop: watch::Sender<bool>,
 }
 
 impl Peer {
@@ -124,47 +121,21 @@ impl Peer {
         let mut config = MqttConfig::new(broker.url(), "test-peer");
         config.version = version;
         config.tls = tls;
-        let (client, mut connection) = connect(&config, 1024).unwrap();
-        let (tx, commands) = mpsc::unbounded_channel();
-        let (subscribed_tx, subscribed) = watch::channel(0u64);
-        let (stop, mut stopped) = watch::channel(false);
-        let task_client = client.clone();
-        tokio::spawn(async move {
-            loop {
-                let polled = tokio::select! {
-                    _ = stopped.wait_for(|s| *s) => break,
-                    polled = connection.poll() => polled,
-                };
-                match polled {
-                    Ok(Incoming::Connected) => {
-                        let client = task_client.clone();
-                        tokio::spawn(async move { client.subscribe("command/#", false).await });
-                    }
-                    Ok(Incoming::Subscribed { .. }) => subscribed_tx.send_modify(|n| *n += 1),
-                    Ok(Incoming::Message(message)) => {
-                        let _ = tx.send((message.topic, message.payload.to_vec()));
-                    }
-                    Ok(Incoming::Other) => {}
-                    // The broker restarts in one test: back off briefly and reconnect.
-                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                }
-            }
-        });
+        let inbox = Inbox::connect(&config, vec!["command/#".into()]).unwrap();
         let mut peer = Self {
-            client,
-            commands,
-            subscribed,
-            stop,
+            client: inbox.client.clone(),
+            inbox,
         };
         peer.wait_subscribed(1).await;
         peer
     }
 
+    /// Until the broker granted `n` subscriptions to `command/#` in all (one per connection).
     async fn wait_subscribed(&mut self, n: u64) {
-        tokio::time::timeout(Duration::from_secs(20), self.subscribed.wait_for(|s| *s >= n))
-            .await
-            .expect("the peer's subscription to command/#")
-            .unwrap();
+        assert!(
+            self.inbox.subscribed(n, Duration::from_secs(20)).await,
+            "the peer's subscription to command/#"
+        );
     }
 
     async fn publish(&self, topic: &str, payload: Vec<u8>) {
@@ -204,10 +175,10 @@ impl Peer {
 
     /// The next command, or `None` after `timeout`.
     async fn next_command(&mut self, timeout: Duration) -> Option<(String, Vec<u8>)> {
-        tokio::time::timeout(timeout, self.commands.recv())
+        let message = tokio::time::timeout(timeout, self.inbox.messages.recv())
             .await
-            .ok()
-            .flatten()
+            .ok()??;
+        Some((message.topic, message.payload.to_vec()))
     }
 
     /// The next command on `topic`, skipping others (which are returned too, for checks).
@@ -223,12 +194,6 @@ impl Peer {
             }
             others.push(t);
         }
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
     }
 }
 

@@ -7,8 +7,8 @@ use ajour_sim::{
     Transport,
 };
 use ajour_store::{FileStore, FirmwareName};
-use ajour_testkit::{ServerProcess, TestDatabase};
 pub use ajour_testkit::{eventually, firmware_bytes, Backend, BACKENDS};
+use ajour_testkit::{ServerProcess, TestDatabase};
 use ajour_types::{FirmwareReport, FirmwareState, FirmwareStatus};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -299,7 +299,6 @@ impl ServeProcess {
         cli_with(&self.data_dir(), &self.url, args)
     }
 }
-
 
 /// Run the `ajour` CLI with `AJOUR_DATA_DIR` (where it reads the API token) and `AJOUR_URL`.
 pub fn cli_with(data_dir: &Path, url: &str, args: &[&str]) -> Output {
