@@ -5,4 +5,5 @@
 //! are. Every endpoint only translates: authentication and decisions belong to
 //! [`ajour_service::UpdateService`].
 
+pub mod connections;
 pub mod http;
