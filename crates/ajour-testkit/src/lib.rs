@@ -146,3 +146,48 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// One server's metrics, in Prometheus' text format (what its `/metrics` answered).
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The metrics a server at `url` (`http://ADDR`) shows now.
+    pub async fn of(url: &str) -> Self {
+        let response = reqwest::get(format!("{url}/metrics")).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {url}/metrics: {}",
+            response.status()
+        );
+        Self(response.text().await.unwrap())
+    }
+
+    /// The value of series `name` with exactly `labels`, in any order; 0 when it has no sample
+    /// (a counter not yet incremented).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        wanted.sort();
+        self.0
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(series, _)| {
+                let (series_name, series_labels) = match series.split_once('{') {
+                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                    None => (*series, ""),
+                };
+                let mut have: Vec<&str> = series_labels.split(',').filter(|l| !l.is_empty()).collect();
+                have.sort();
+                series_name == name && have == wanted
+            })
+            .map(|(_, value)| value.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+/// The page as it came, for failure messages.
+impl std::fmt::Display for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}

@@ -3,7 +3,7 @@
 //! the way: the server killed (`kill -9`) and started again, the firmware replaced under the same
 //! version. Every device ends with exactly one image, whole.
 
-use ajour_testkit::ServerProcess;
+use ajour_testkit::{Metrics, ServerProcess};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,19 +73,6 @@ async fn furthest_progress(url: &str) -> f64 {
         .filter_map(|d| ajour_types::FirmwareReport::from_json(&d["status"]["firmware"]).ok())
         .filter_map(|report| report.status.percent())
         .fold(0.0, f64::max)
-}
-
-/// The value of an unlabelled counter in a Prometheus text page (0 when absent).
-async fn counter(url: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A server with an application `fleet` of `DEVICES` devices that should run `fw` 2.0.0, made of
@@ -221,7 +208,12 @@ async fn a_fleet_survives_kill_9_and_a_restart_and_every_device_ends_with_the_ri
     let (_data, server) = fleet.all_updated().await;
     // They resumed: the restarted server knew from the registry which image each device was
     // downloading, so none had to start again.
-    assert_eq!(counter(&server.url(), "ajour_update_restarts_total").await, 0.0);
+    assert_eq!(
+        Metrics::of(&server.url())
+            .await
+            .value("ajour_update_restarts_total", &[]),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +249,12 @@ async fn firmware_replaced_under_the_same_version_mid_update_is_never_spliced() 
     ajour(&[&add[..], &["--force"]].concat(), None, fleet.data.path());
     let (_data, server) = fleet.all_updated().await;
     // Every device holds the new image, whole: the ones in the middle started again.
-    assert!(counter(&server.url(), "ajour_update_restarts_total").await >= 1.0);
+    assert!(
+        Metrics::of(&server.url())
+            .await
+            .value("ajour_update_restarts_total", &[])
+            >= 1.0
+    );
     let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&other));
     let devices: Value = reqwest::Client::new()
         .get(format!(

@@ -12,7 +12,7 @@ use ajour_sim::{
     run_device, DeviceOptions, Ended, HttpLink, Observer, Outcome, SimulatedDevice, StatusEncoding, Step,
 };
 use ajour_store::{FileStore, FirmwareName};
-use ajour_testkit::{eventually, firmware_bytes, ServerProcess};
+use ajour_testkit::{eventually, firmware_bytes, Metrics, ServerProcess};
 use ajour_types::FirmwareReport;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -159,17 +159,7 @@ impl Fleet {
 
     /// The value of the server's gauge or counter `name` (no labels) now.
     async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.url))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .filter_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .map(|value| value.parse().unwrap())
-            .next()
-            .unwrap_or(0.0)
+        Metrics::of(&self.url).await.value(name, &[])
     }
 }
 

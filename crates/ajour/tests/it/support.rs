@@ -7,7 +7,7 @@ use ajour_sim::{
     Transport,
 };
 use ajour_store::{FileStore, FirmwareName};
-pub use ajour_testkit::{eventually, firmware_bytes, Backend, BACKENDS};
+pub use ajour_testkit::{eventually, firmware_bytes, Backend, Metrics, BACKENDS};
 use ajour_testkit::{ServerProcess, TestDatabase};
 use ajour_types::{FirmwareReport, FirmwareState, FirmwareStatus};
 use reqwest::StatusCode;
@@ -281,9 +281,7 @@ impl ServeProcess {
 
     /// Its Prometheus metrics now.
     pub async fn metrics(&self) -> Metrics {
-        let response = self.get("metrics").await;
-        assert_eq!(response.status(), StatusCode::OK);
-        Metrics(response.text().await.unwrap())
+        Metrics::of(&self.url).await
     }
 
     /// Store firmware in the server's firmware directory with `ajour firmware add`.
@@ -331,39 +329,6 @@ pub fn failed(output: Output) -> String {
         String::from_utf8_lossy(&output.stdout)
     );
     stderr
-}
-
-/// One server's metrics, in Prometheus' text format.
-pub struct Metrics(String);
-
-impl Metrics {
-    /// The value of series `name` with exactly `labels`, in any order; 0 when it has no sample
-    /// (a counter not yet incremented).
-    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
-        wanted.sort();
-        self.0
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| line.rsplit_once(' '))
-            .find(|(series, _)| {
-                let (series_name, series_labels) = match series.split_once('{') {
-                    Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                    None => (*series, ""),
-                };
-                let mut have: Vec<&str> = series_labels.split(',').filter(|l| !l.is_empty()).collect();
-                have.sort();
-                series_name == name && have == wanted
-            })
-            .map(|(_, value)| value.parse().unwrap())
-            .unwrap_or(0.0)
-    }
-}
-
-impl std::fmt::Display for Metrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// A fleet for the one simulator (`ajour_sim`): devices `sim-0 .. sim-(devices-1)` of `app`,
