@@ -107,6 +107,7 @@ impl UpdateService {
         key: &Key,
         status: &'s Status,
         image: &FirmwareImage,
+        sent_here: Option<bool>,
     ) -> std::borrow::Cow<'s, Status> {
         let resuming = status
             .update
@@ -116,18 +117,20 @@ impl UpdateService {
             return std::borrow::Cow::Borrowed(status);
         }
         let digest = image.checksum_hex();
-        let known = match self.tracker.target_digest(key, image.version()) {
-            Some(known) => Some(known),
-            None => self.stored_target_digest(key, image.version()).await,
+        let was = match sent_here {
+            Some(true) => return std::borrow::Cow::Borrowed(status),
+            Some(false) => "another image, sent by this instance".to_string(),
+            None => match self.stored_target_digest(key, image.version()).await {
+                Some(stored) if stored == digest => return std::borrow::Cow::Borrowed(status),
+                Some(stored) => stored,
+                None => "unknown".to_string(),
+            },
         };
-        if known.as_deref() == Some(digest) {
-            return std::borrow::Cow::Borrowed(status);
-        }
         metrics::counter!("ajour_update_restarts_total").increment(1);
         tracing::warn!(
             %key,
             version = image.version(),
-            was = known.as_deref().unwrap_or("unknown"),
+            was,
             now = digest,
             "the device was downloading other content under this version; starting it again from offset 0"
         );
@@ -216,26 +219,25 @@ impl UpdateService {
         };
         let target = image.version().to_string();
         let digest = image.checksum_hex();
-        let failed = |reason: String| FirmwareStatus {
-            current: current.clone(),
-            target: target.clone(),
-            target_digest: Some(digest.to_string()),
-            state: FirmwareState::Failed { reason },
-        };
+        let sent = self.tracker.sent(key, &target, digest);
         // A device that was sent Swap for this very image again and again without coming back on
         // the new version (the swap fails, or its bootloader rolls back) is left alone: its status
         // says why, and a new image (another digest) starts afresh.
-        if status.version != target.as_bytes() && self.tracker.swaps_sent(key, digest) >= MAX_SWAPS {
-            self.tracker.record(
-                key,
-                failed(format!(
-                    "sent Swap to {target} {MAX_SWAPS} times, the device still runs {current}: not updated again until its firmware changes"
-                )),
+        if status.version != target.as_bytes() && sent.swaps >= MAX_SWAPS {
+            let reason = format!(
+                "sent Swap to {target} {MAX_SWAPS} times, the device still runs {current}: not updated again until its firmware changes"
             );
+            let failed = FirmwareStatus {
+                current,
+                target,
+                target_digest: Some(digest.to_string()),
+                state: FirmwareState::Failed { reason },
+            };
+            self.tracker.record(key, failed);
             return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
         }
         let status = self
-            .status_resuming_only_the_same_image(key, status, &image)
+            .status_resuming_only_the_same_image(key, status, &image, sent.same_image)
             .await;
         let decision = decide(&status, Target::Ready(&image), &self.config.engine);
         let state = match decision.outcome {

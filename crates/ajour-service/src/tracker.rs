@@ -21,6 +21,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
 
+/// What an instance knows of what it sent a device, from [`StatusTracker::sent`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    /// Whether the image it last recorded sending the device toward this version is this very
+    /// one; `None` when it recorded nothing of the kind (another instance may have).
+    pub same_image: Option<bool>,
+    /// Swaps sent for this very image since the device last synced.
+    pub swaps: u32,
+}
+
 /// A device that sent nothing for this long (or the progress interval, if longer) has stopped.
 const QUIET_AFTER: Duration = Duration::from_secs(5);
 
@@ -145,23 +155,24 @@ impl StatusTracker {
         }
     }
 
-    /// The digest of the image this instance last recorded the device being sent toward
-    /// `target`; `None` when it recorded nothing of the kind (another instance may have).
-    pub fn target_digest(&self, key: &Key, target: &str) -> Option<String> {
+    /// What this instance knows of sending the device the image `digest` of version `target`, in
+    /// one look (this is asked for every status).
+    pub fn sent(&self, key: &Key, target: &str, digest: &str) -> Sent {
         let devices = self.inner.devices.lock().unwrap();
-        let latest = devices.get(key)?.latest.as_ref()?;
-        (latest.target == target)
-            .then(|| latest.target_digest.clone())
-            .flatten()
-    }
-
-    /// Swaps sent to the device for the image `digest` since it last synced.
-    pub fn swaps_sent(&self, key: &Key, digest: &str) -> u32 {
-        let devices = self.inner.devices.lock().unwrap();
-        match devices.get(key).and_then(|t| t.swaps.as_ref()) {
+        let Some(tracked) = devices.get(key) else {
+            return Sent::default();
+        };
+        let same_image = tracked
+            .latest
+            .as_ref()
+            .filter(|latest| latest.target == target)
+            .and_then(|latest| latest.target_digest.as_deref())
+            .map(|sent| sent == digest);
+        let swaps = match &tracked.swaps {
             Some((swapped, count)) if swapped == digest => *count,
             _ => 0,
-        }
+        };
+        Sent { same_image, swaps }
     }
 
     /// Note one more Swap sent for the image `digest`.
