@@ -1,7 +1,7 @@
 //! `ajour-bench http`: N devices updating concurrently over the HTTP endpoint.
 
 use crate::fleet::{
-    data_dir_with_firmware, drive, provision, serve_flags, FleetArgs, Load, APP, PASSWORD, TO,
+    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD, TO,
 };
 use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
@@ -23,6 +23,10 @@ pub struct HttpBenchArgs {
     /// Registry database for `ajour serve` (default: SQLite in a temp dir).
     #[arg(long)]
     pub database_url: Option<String>,
+    /// How the devices' password is registered: `plain` as users are told to (the default: what
+    /// a user gets), or `bcrypt4`, pre-hashed at cost 4 (tuned).
+    #[arg(long, value_enum, default_value_t = Credentials::Plain)]
+    pub credentials: Credentials,
 }
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
@@ -50,7 +54,7 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     }
     serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&ajour, &serve_args)?;
-    provision(&server.url, args.fleet.devices, true).await?;
+    provision(&server.url, args.fleet.devices, Some(args.credentials)).await?;
     let mut report = drive_http(&server, args, "ajour").await?;
     report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
     Ok(report)
@@ -89,7 +93,7 @@ async fn drive_http(
 
 fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
     let title = format!(
-        "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections",
+        "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections, credentials {}",
         args.fleet.devices,
         args.fleet.image_size,
         args.fleet.mtu,
@@ -98,7 +102,11 @@ fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
         } else {
             format!("{} blocks each", args.blocks)
         },
-        args.connections
+        args.connections,
+        match args.credentials {
+            Credentials::Plain => "plain (as documented)",
+            Credentials::Bcrypt4 => "pre-hashed, bcrypt cost 4 (tuned)",
+        }
     );
     print_table(&title, reports);
 }
