@@ -142,10 +142,11 @@ pub fn data_dir_with_firmware(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Credentials {
     /// As the README and docs tell users to: `{"pass": "..."}` in plain text through the REST
-    /// API, which the server stores hashed at its default cost. What a user gets.
+    /// API, which the server stores as a keyed verifier. What a user gets.
     Plain,
-    /// Tuned: one password pre-hashed with bcrypt at cost 4, given as `{"pass": {"bcrypt": ...}}`,
-    /// so neither registration nor the first verification pays the default cost.
+    /// Imported from elsewhere: one password pre-hashed with bcrypt at cost 4, given as
+    /// `{"pass": {"bcrypt": ...}}`, verified slowly once per device, then through the verifier
+    /// derived from it.
     Bcrypt4,
 }
 

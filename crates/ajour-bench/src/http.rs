@@ -24,9 +24,13 @@ pub struct HttpBenchArgs {
     #[arg(long)]
     pub database_url: Option<String>,
     /// How the devices' password is registered: `plain` as users are told to (the default: what
-    /// a user gets), or `bcrypt4`, pre-hashed at cost 4 (tuned).
+    /// a user gets), or `bcrypt4`, imported pre-hashed at cost 4 (verified slowly once per device).
     #[arg(long, value_enum, default_value_t = Credentials::Plain)]
     pub credentials: Credentials,
+    /// After the first rollout, restart `ajour serve` (SIGTERM, then start it on the same data)
+    /// and measure the same devices updating again from the start (row `restart`).
+    #[arg(long)]
+    pub restart: bool,
 }
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
@@ -35,7 +39,7 @@ pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut reports = Vec::new();
     if !args.fleet.no_ajour {
-        reports.push(run_ajour(&args).await?);
+        reports.extend(run_ajour(&args).await?);
     }
     if !args.fleet.no_bare {
         reports.push(run_bare(&args).await?);
@@ -44,7 +48,7 @@ pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
+async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<Vec<LoadReport>> {
     let ajour = args.fleet.ajour_binary()?;
     let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
     let mut serve_args = serve_flags(&data_dir);
@@ -55,7 +59,23 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
     serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
     let server = ServerProcess::start(&ajour, &serve_args)?;
     provision(&server.url, args.fleet.devices, Some(args.credentials)).await?;
-    let mut report = drive_http(&server, args, "ajour").await?;
+    let mut reports = vec![drive_ajour(&server, args, "ajour").await?];
+    if args.restart {
+        server.stop()?;
+        let server = ServerProcess::start(&ajour, &serve_args)?;
+        // The same devices start again from the old version: the registry says they run the
+        // new one, so each is a new update, and each device's first contact with this process.
+        reports.push(drive_ajour(&server, args, "restart").await?);
+    }
+    Ok(reports)
+}
+
+async fn drive_ajour(
+    server: &ServerProcess,
+    args: &HttpBenchArgs,
+    target: &'static str,
+) -> anyhow::Result<LoadReport> {
+    let mut report = drive_http(server, args, target).await?;
     report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
     Ok(report)
 }
@@ -93,7 +113,12 @@ async fn drive_http(
 
 fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
     let title = format!(
-        "HTTP endpoint: {} devices, image {} bytes, mtu {}, {}, {} connections, credentials {}",
+        "HTTP endpoint{}: {} devices, image {} bytes, mtu {}, {}, {} connections, credentials {}",
+        if args.restart {
+            " (restart: ajour serve restarted on the same data, the same devices updating again)"
+        } else {
+            ""
+        },
         args.fleet.devices,
         args.fleet.image_size,
         args.fleet.mtu,
@@ -105,7 +130,7 @@ fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
         args.connections,
         match args.credentials {
             Credentials::Plain => "plain (as documented)",
-            Credentials::Bcrypt4 => "pre-hashed, bcrypt cost 4 (tuned)",
+            Credentials::Bcrypt4 => "imported bcrypt hashes, cost 4",
         }
     );
     print_table(&title, reports);

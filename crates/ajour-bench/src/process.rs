@@ -47,6 +47,19 @@ impl ServerProcess {
         Ok(server)
     }
 
+    /// Stop the server as a service manager would (SIGTERM) and wait until it has exited, its
+    /// pending statuses written.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("signalling the server")?;
+        let status = self.child.wait().context("waiting for the server to stop")?;
+        anyhow::ensure!(
+            status.success(),
+            "the server under test exited with {status} on SIGTERM"
+        );
+        Ok(())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

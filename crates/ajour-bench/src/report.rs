@@ -87,7 +87,7 @@ pub async fn status_writes(url: &str) -> anyhow::Result<f64> {
 pub fn print_table(title: &str, reports: &[LoadReport]) {
     println!("{title}");
     println!(
-        "{:<6} {:>11} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>8}",
+        "{:<7} {:>11} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>8}",
         "target",
         "round trips",
         "seconds",
@@ -104,7 +104,7 @@ pub fn print_table(title: &str, reports: &[LoadReport]) {
     let ms = |us: u64| us as f64 / 1000.0;
     for r in reports {
         println!(
-            "{:<6} {:>11} {:>8.2} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>10.2} {:>9.1} {:>8}",
+            "{:<7} {:>11} {:>8.2} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>9.2} {:>9.2} {:>10.2} {:>9.1} {:>8}",
             r.target,
             r.round_trips,
             r.elapsed.as_secs_f64(),
@@ -121,12 +121,15 @@ pub fn print_table(title: &str, reports: &[LoadReport]) {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    if let [ajour, bare] = reports {
-        println!(
-            "ajour/bare: {:.0}% of the round trips per second, p99 {:.2}x (after each device's first round trip)",
-            100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second(),
-            ajour.p99_us as f64 / bare.p99_us.max(1) as f64
-        );
+    if let Some(bare) = reports.iter().find(|r| r.target == "bare") {
+        for ajour in reports.iter().filter(|r| r.target != "bare") {
+            println!(
+                "{}/bare: {:.0}% of the round trips per second, p99 {:.2}x (after each device's first round trip)",
+                ajour.target,
+                100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second(),
+                ajour.p99_us as f64 / bare.p99_us.max(1) as f64
+            );
+        }
     }
     for r in reports {
         if let Some(cpu) = r.broker_cpu_seconds {

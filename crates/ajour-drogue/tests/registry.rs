@@ -34,10 +34,7 @@ impl RegistryApi {
             Some(database) => database.url().to_string(),
             None => SqlRegistry::sqlite_url(sqlite_dir.path()),
         };
-        let options = SqlRegistryOptions {
-            password_cost: 4,
-            ..Default::default()
-        };
+        let options = SqlRegistryOptions::default();
         let stored = Arc::new(SqlRegistry::connect(&url, options).await.unwrap());
         // The API tells the update service of writes; this one serves no devices.
         let service = Arc::new(UpdateService::new(

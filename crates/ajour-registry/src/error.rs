@@ -20,8 +20,6 @@ pub enum RegistryError {
     Migration(Box<dyn std::error::Error + Send + Sync>),
     #[error("stored object is corrupt: {0}")]
     Corrupt(String),
-    #[error("password hashing failed: {0}")]
-    Hashing(String),
     /// A registry reached over the network (Drogue's) failed or could not be reached.
     #[error("remote registry: {0}")]
     Remote(String),

@@ -4,11 +4,12 @@
 //! [`Registry`] is the trait every backend implements; `SqlRegistry` (feature `sql`, so crates
 //! that only use the trait do not build a database driver) is the one here, on SQLite (the
 //! default, a file in the data directory) or PostgreSQL, through the same queries and migrations. The registry keeps Drogue's rules: optimistic locking on `resourceVersion`,
-//! `generation` bumped only when the spec changes, and passwords given in plain text stored hashed.
+//! `generation` bumped only when the spec changes, and passwords given in plain text
+//! never stored (a keyed verifier is: see [`credentials`]).
 //!
 //! It knows nothing of firmware or devices' update state beyond the JSON sections it stores.
 
-mod credentials;
+pub mod credentials;
 mod error;
 mod metered;
 mod model;
@@ -16,7 +17,10 @@ mod selector;
 #[cfg(feature = "sql")]
 mod sql;
 
-pub use credentials::{verify_password, PasswordCheck};
+pub use credentials::{
+    seal_plain_passwords, unique_user_names, CredentialKey, CredentialKeys, DerivedVerifier,
+    DeviceCredentials, FastCheck, KeyError, SlowCheck, VERIFIERS_SECTION,
+};
 pub use error::RegistryError;
 pub use metered::MeteredRegistry;
 pub use model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
@@ -59,6 +63,16 @@ pub trait Registry: Send + Sync + 'static {
         self.merge_status_section(key, section, &|_| Some(value.clone()))
             .await
             .map(|_| ())
+    }
+    /// The device of `app` whose `unique` user credential has the user name `username` (Drogue's
+    /// alias: such a device logs in as `username@app`). Backends without aliases find none.
+    async fn device_by_user(
+        &self,
+        app: &AppName,
+        username: &str,
+    ) -> Result<Option<DeviceName>, RegistryError> {
+        let _ = (app, username);
+        Ok(None)
     }
     /// Whether the registry answers, for readiness checks.
     async fn ping(&self) -> Result<(), RegistryError> {

@@ -1,7 +1,7 @@
 //! Counts calls to any registry backend (`ajour_registry_calls_total{op, outcome}`), so the cost of
 //! the registry per device update can be watched in production, whatever the backend.
 
-use crate::{Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge};
+use crate::{AppName, DeviceName, Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -67,6 +67,16 @@ impl Registry for MeteredRegistry {
     ) -> Result<bool, RegistryError> {
         let result = self.inner.merge_status_section(key, section, merge).await;
         count("set_status", &result);
+        result
+    }
+
+    async fn device_by_user(
+        &self,
+        app: &AppName,
+        username: &str,
+    ) -> Result<Option<DeviceName>, RegistryError> {
+        let result = self.inner.device_by_user(app, username).await;
+        count("get", &result);
         result
     }
 

@@ -1,8 +1,8 @@
 //! The registry in SQL: SQLite or PostgreSQL through `sqlx`'s `Any` driver, so both run the same
 //! queries and the same migrations (`migrations/`). Placeholders are `$n`, which both accept.
 
-use crate::credentials::hash_plain_passwords;
-use crate::model::{Key, ListParams, Metadata, Resource, Scope};
+use crate::credentials::{seal_plain_passwords, unique_user_names, CredentialKeys};
+use crate::model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 use crate::selector::LabelSelector;
 use crate::{Registry, RegistryError, StatusMerge};
 use async_trait::async_trait;
@@ -11,21 +11,23 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// How often a status write is retried when other writers keep changing the object.
 const STATUS_WRITE_ATTEMPTS: usize = 10;
 
 #[derive(Debug, Clone)]
 pub struct SqlRegistryOptions {
-    /// bcrypt cost for passwords given in plain text.
-    pub password_cost: u32,
+    /// The server secret device passwords are sealed with (see [`crate::credentials`]).
+    pub credential_keys: Arc<CredentialKeys>,
     pub max_connections: u32,
 }
 
 impl Default for SqlRegistryOptions {
+    /// This process's random credential key: right for tests, while a server passes the one it keeps.
     fn default() -> Self {
         Self {
-            password_cost: 10,
+            credential_keys: CredentialKeys::for_this_process(),
             max_connections: 8,
         }
     }
@@ -127,6 +129,7 @@ impl SqlRegistry {
              WHERE {key_clause} AND resource_version = $9"
         );
         let (app, name) = key_parts(key);
+        let mut tx = self.pool.begin().await?;
         let result = sqlx::query(&sql)
             .bind(m.generation as i64)
             .bind(m.resource_version.as_str())
@@ -137,23 +140,59 @@ impl SqlRegistry {
             .bind(app)
             .bind(to_text(&resource.status)?)
             .bind(expected)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(result.rows_affected() == 1)
+        if result.rows_affected() != 1 {
+            return Ok(false);
+        }
+        Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
-    async fn hash_passwords(&self, key: &Key, spec: &mut Map<String, Value>) -> Result<(), RegistryError> {
-        if !matches!(key, Key::Device(..)) {
-            return Ok(());
+    /// Seal the plain-text passwords in a device's spec (one keyed hash each: no need to leave
+    /// the async workers).
+    fn seal_passwords(&self, key: &Key, spec: &mut Map<String, Value>) -> Result<(), RegistryError> {
+        match key {
+            Key::Device(app, device) => {
+                seal_plain_passwords(app, device, spec, &self.options.credential_keys)
+            }
+            Key::App(_) => Ok(()),
         }
-        let cost = self.options.password_cost;
-        let mut owned = std::mem::take(spec);
-        // bcrypt is deliberately slow; keep it off the async workers.
-        let hashed =
-            tokio::task::spawn_blocking(move || hash_plain_passwords(&mut owned, cost).map(|_| owned))
-                .await
-                .map_err(|e| RegistryError::Hashing(e.to_string()))??;
-        *spec = hashed;
+    }
+
+    /// Record the `unique` user names of device `key` (replacing its old ones) within `tx`.
+    async fn record_user_names(
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        key: &Key,
+        spec: &Map<String, Value>,
+    ) -> Result<(), RegistryError> {
+        let Key::Device(app, device) = key else {
+            return Ok(());
+        };
+        sqlx::query("DELETE FROM device_users WHERE application = $1 AND device = $2")
+            .bind(app.as_str())
+            .bind(device.as_str())
+            .execute(&mut **tx)
+            .await?;
+        for username in unique_user_names(spec) {
+            let inserted =
+                sqlx::query("INSERT INTO device_users (application, username, device) VALUES ($1, $2, $3)")
+                    .bind(app.as_str())
+                    .bind(username.as_str())
+                    .bind(device.as_str())
+                    .execute(&mut **tx)
+                    .await;
+            match inserted {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                    return Err(RegistryError::AlreadyExists(format!(
+                        "unique user name '{username}' in application '{app}'"
+                    )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(())
     }
 }
@@ -197,7 +236,7 @@ impl Registry for SqlRegistry {
                 return Err(RegistryError::NotFound(format!("application '{app}'")));
             }
         }
-        self.hash_passwords(key, &mut resource.spec).await?;
+        self.seal_passwords(key, &mut resource.spec)?;
         let (app, name) = key_parts(key);
         let m = &mut resource.metadata;
         m.application = app.map(str::to_string);
@@ -226,13 +265,17 @@ impl Registry for SqlRegistry {
         if let Some(app) = app {
             query = query.bind(app);
         }
-        match query.execute(&self.pool).await {
-            Ok(_) => Ok(resource),
+        let mut tx = self.pool.begin().await?;
+        match query.execute(&mut *tx).await {
+            Ok(_) => {}
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                Err(RegistryError::AlreadyExists(key.to_string()))
+                return Err(RegistryError::AlreadyExists(key.to_string()))
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        tx.commit().await?;
+        Ok(resource)
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
@@ -285,7 +328,7 @@ impl Registry for SqlRegistry {
         {
             return Err(RegistryError::Conflict);
         }
-        self.hash_passwords(key, &mut resource.spec).await?;
+        self.seal_passwords(key, &mut resource.spec)?;
         let m = &mut resource.metadata;
         m.uid = current.metadata.uid.clone();
         m.creation_timestamp = current.metadata.creation_timestamp.clone();
@@ -307,6 +350,10 @@ impl Registry for SqlRegistry {
         let deleted = match key {
             Key::App(app) => {
                 let mut tx = self.pool.begin().await?;
+                sqlx::query("DELETE FROM device_users WHERE application = $1")
+                    .bind(app.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("DELETE FROM devices WHERE application = $1")
                     .bind(app.as_str())
                     .execute(&mut *tx)
@@ -319,18 +366,39 @@ impl Registry for SqlRegistry {
                 result.rows_affected()
             }
             Key::Device(app, device) => {
-                sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
+                let mut tx = self.pool.begin().await?;
+                Self::record_user_names(&mut tx, key, &Map::new()).await?;
+                let deleted = sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
                     .bind(app.as_str())
                     .bind(device.as_str())
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?
-                    .rows_affected()
+                    .rows_affected();
+                tx.commit().await?;
+                deleted
             }
         };
         if deleted == 0 {
             return Err(RegistryError::NotFound(key.to_string()));
         }
         Ok(())
+    }
+
+    async fn device_by_user(
+        &self,
+        app: &AppName,
+        username: &str,
+    ) -> Result<Option<DeviceName>, RegistryError> {
+        let row = sqlx::query("SELECT device FROM device_users WHERE application = $1 AND username = $2")
+            .bind(app.as_str())
+            .bind(username)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            let device: String = row.try_get("device")?;
+            Ok(DeviceName::parse(&device)?)
+        })
+        .transpose()
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {

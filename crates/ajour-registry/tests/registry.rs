@@ -13,10 +13,7 @@ struct Backend {
 }
 
 async fn backends() -> Vec<(&'static str, Backend)> {
-    let options = SqlRegistryOptions {
-        password_cost: 4,
-        ..Default::default()
-    };
+    let options = SqlRegistryOptions::default();
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqlRegistry::connect(&SqlRegistry::sqlite_url(dir.path()), options.clone())
         .await
@@ -240,7 +237,7 @@ async fn optimistic_locking_and_generation() {
 }
 
 #[tokio::test]
-async fn passwords_are_stored_hashed() {
+async fn passwords_are_stored_as_keyed_verifiers_only() {
     for (backend, b) in backends().await {
         let r = &b.registry;
         r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
@@ -252,15 +249,114 @@ async fn passwords_are_stored_hashed() {
             .unwrap();
         let stored = r.get(&device_key("app", "d")).await.unwrap().unwrap();
         assert_eq!(stored, device);
+        let text = serde_json::to_string(&stored).unwrap();
+        assert!(!text.contains("hey-rodney"), "{backend}: {text}");
+        assert!(text.contains("\"keyed\""), "{backend}: {text}");
+        let (app, name) = (AppName::parse("app").unwrap(), DeviceName::parse("d").unwrap());
+        let credentials = DeviceCredentials::from_device(&app, &name, &stored.spec, &stored.status);
+        let keys = SqlRegistryOptions::default().credential_keys;
         assert!(
-            !serde_json::to_string(&stored).unwrap().contains("hey-rodney"),
+            matches!(
+                credentials.check_fast(&keys, "d", "hey-rodney"),
+                FastCheck::Valid { .. }
+            ),
             "{backend}"
         );
+        // Another server secret verifies nothing: the database alone is not enough.
+        let other = CredentialKeys::generate();
         assert_eq!(
-            verify_password(&stored.spec, "d", "hey-rodney"),
-            PasswordCheck::Valid
+            credentials.check_fast(&other, "d", "hey-rodney"),
+            FastCheck::Invalid,
+            "{backend}"
         );
-        assert_eq!(verify_password(&stored.spec, "d", "nope"), PasswordCheck::Invalid);
+        // An empty password is refused, and nothing is stored.
+        let empty = r
+            .create(&device_key("app", "e"), resource(json!({"metadata": {"name": "e"}, "spec": {"authentication": {"credentials": [{"pass": ""}]}}})))
+            .await;
+        assert!(
+            matches!(empty, Err(RegistryError::Invalid(_))),
+            "{backend}: {empty:?}"
+        );
+        assert!(
+            r.get(&device_key("app", "e")).await.unwrap().is_none(),
+            "{backend}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unique_user_names_find_their_device_and_are_unique_per_application() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        let app = AppName::parse("app").unwrap();
+        for a in ["app", "other"] {
+            r.create(&app_key(a), resource(json!({"metadata": {"name": a}})))
+                .await
+                .unwrap();
+        }
+        let user = |name: &str, unique: bool| json!({"authentication": {"credentials": [{"user": {"username": name, "password": "pw", "unique": unique}}]}});
+        r.create(
+            &device_key("app", "d1"),
+            resource(json!({"metadata": {"name": "d1"}, "spec": user("alice", true)})),
+        )
+        .await
+        .unwrap();
+        r.create(
+            &device_key("app", "d2"),
+            resource(json!({"metadata": {"name": "d2"}, "spec": user("bob", false)})),
+        )
+        .await
+        .unwrap();
+        let found = r.device_by_user(&app, "alice").await.unwrap();
+        assert_eq!(found.as_ref().map(|d| d.as_str()), Some("d1"), "{backend}");
+        assert_eq!(
+            r.device_by_user(&app, "bob").await.unwrap(),
+            None,
+            "{backend}: not unique"
+        );
+        // Another application may use the name; the same application may not.
+        r.create(
+            &device_key("other", "d1"),
+            resource(json!({"metadata": {"name": "d1"}, "spec": user("alice", true)})),
+        )
+        .await
+        .unwrap();
+        let taken = r
+            .create(
+                &device_key("app", "d3"),
+                resource(json!({"metadata": {"name": "d3"}, "spec": user("alice", true)})),
+            )
+            .await;
+        assert!(
+            matches!(taken, Err(RegistryError::AlreadyExists(_))),
+            "{backend}: {taken:?}"
+        );
+        assert!(
+            r.get(&device_key("app", "d3")).await.unwrap().is_none(),
+            "{backend}: nothing half-stored"
+        );
+        // Renaming the user moves the alias; deleting the device frees it.
+        r.update(
+            &device_key("app", "d1"),
+            resource(json!({"metadata": {"name": "d1"}, "spec": user("carol", true)})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.device_by_user(&app, "alice").await.unwrap(), None, "{backend}");
+        assert!(
+            r.device_by_user(&app, "carol").await.unwrap().is_some(),
+            "{backend}"
+        );
+        r.delete(&device_key("app", "d1")).await.unwrap();
+        assert_eq!(r.device_by_user(&app, "carol").await.unwrap(), None, "{backend}");
+        r.create(
+            &device_key("app", "d3"),
+            resource(json!({"metadata": {"name": "d3"}, "spec": user("alice", true)})),
+        )
+        .await
+        .unwrap();
+        r.delete(&app_key("app")).await.unwrap();
+        assert_eq!(r.device_by_user(&app, "alice").await.unwrap(), None, "{backend}");
     }
 }
 

@@ -1,110 +1,135 @@
-//! Device password checks that cost a slow hash once, not once per block.
+//! Device logins: one keyed hash per status, whatever the fleet's size or the server's restarts.
 //!
-//! After a password verifies against the stored bcrypt hash, the service remembers an HMAC-SHA256
-//! of it under a key that lives only in this process's memory, together with a fingerprint of the
-//! credentials it was checked against. The next request with the same password is recognised by
-//! recomputing the HMAC and comparing in constant time; changing the device's credentials voids
-//! the entry. Neither the password nor anything that could be brute-forced offline is kept.
+//! Stored passwords are keyed verifiers ([`ajour_registry::credentials`]), so checking one is an
+//! HMAC. An imported hash (bcrypt, sha512-crypt) is verified the slow way once, at most one per
+//! core at a time, and a verifier derived from it is stored with the device so that every later
+//! check, on any instance, is fast. Failed logins are answered no sooner than a fixed delay after
+//! the request began, so a wrong password and an unknown device look the same from outside, and
+//! they are counted by [`crate::guard`].
 
 use crate::context::DeviceContext;
-use ajour_registry::{verify_password, Key, PasswordCheck};
-use hmac::{Hmac, Mac};
-use rand::RngCore;
-use sha2::Sha256;
-use std::collections::HashMap;
-use std::sync::RwLock;
-use subtle::ConstantTimeEq;
+use crate::guard::{LockedBy, LoginGuard};
+use crate::{warn_throttled, LOG_INTERVAL};
+use ajour_registry::{CredentialKeys, DerivedVerifier, FastCheck, Key, Registry, VERIFIERS_SECTION};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// Unknown device, or a password that does not match. Deliberately the same answer.
     #[error("authentication failed")]
     Denied,
+    /// Too many failed logins from this address or for this device; try again after this long.
+    #[error("too many failed logins; retry in {} s", retry_after.as_secs())]
+    Throttled { retry_after: Duration },
     #[error("registry unavailable: {0}")]
     Unavailable(String),
 }
 
-struct Verified {
-    tag: [u8; 32],
-    fingerprint: [u8; 32],
-}
-
-pub(crate) struct CredentialCache {
-    key: [u8; 32],
-    verified: RwLock<HashMap<Key, Verified>>,
-    /// One slow hash per core at a time: a thousand devices connecting at once (or a flood of wrong
-    /// passwords) queue here instead of starting a thousand blocking threads.
+pub(crate) struct Authenticator {
+    keys: Arc<CredentialKeys>,
+    pub guard: LoginGuard,
+    pub failure_delay: Duration,
+    /// One slow hash per core at a time: a thousand devices with imported hashes connecting at
+    /// once (or a flood of wrong passwords for them) queue here instead of starting a thousand
+    /// blocking threads.
     verifying: tokio::sync::Semaphore,
+    slow_checks: AtomicU64,
 }
 
-impl CredentialCache {
-    pub fn new() -> Self {
-        let mut key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut key);
+impl Authenticator {
+    pub fn new(keys: Arc<CredentialKeys>, guard: LoginGuard, failure_delay: Duration) -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Self {
-            key,
-            verified: RwLock::default(),
+            keys,
+            guard,
+            failure_delay,
             verifying: tokio::sync::Semaphore::new(cores),
+            slow_checks: AtomicU64::new(0),
         }
     }
 
-    fn tag(&self, key: &Key, username: &str, password: &str) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        // Length-prefixed, so no two (key, username, password) triples feed the same bytes.
-        for part in [key.to_string().as_str(), username, password] {
-            mac.update(&(part.len() as u64).to_le_bytes());
-            mac.update(part.as_bytes());
-        }
-        mac.finalize().into_bytes().into()
+    /// Slow (imported hash) verifications so far.
+    pub fn slow_checks(&self) -> u64 {
+        self.slow_checks.load(Ordering::Relaxed)
     }
 
+    /// Count a refusal by the guard, and say how long to wait in whole seconds (at least 1).
+    pub fn throttled(&self, by: LockedBy, left: Duration) -> AuthError {
+        let by = match by {
+            LockedBy::Address => "address",
+            LockedBy::Device => "device",
+        };
+        metrics::counter!("ajour_auth_throttled_total", "by" => by).increment(1);
+        AuthError::Throttled {
+            retry_after: Duration::from_secs(left.as_secs_f64().ceil().max(1.0) as u64),
+        }
+    }
+
+    /// Check `password`, presented as `login`, for device `key` whose context is `context`.
+    /// `Ok(true)`: a verifier was stored with the device (the cached context is stale).
     pub async fn check(
         &self,
+        registry: &dyn Registry,
         key: &Key,
         context: &DeviceContext,
-        username: &str,
+        login: &str,
         password: &str,
-    ) -> Result<(), AuthError> {
-        let tag = self.tag(key, username, password);
-        if let Some(verified) = self.verified.read().unwrap().get(key) {
-            let same_tag: bool = verified.tag.ct_eq(&tag).into();
-            if same_tag && verified.fingerprint == context.credentials_fingerprint {
-                return Ok(());
+    ) -> Result<bool, AuthError> {
+        let credentials = &context.credentials;
+        let derived = match credentials.check_fast(&self.keys, login, password) {
+            FastCheck::Valid { derive } => derive,
+            FastCheck::Invalid => {
+                if let Some(unknown) = credentials.unknown_keys(&self.keys).next() {
+                    warn_throttled!(LOG_INTERVAL, %key, key_id = unknown, known = ?self.keys.ids().collect::<Vec<_>>(),
+                        "the device's password was sealed with a credential secret this server does not have: restore it (--credential-secret-file)");
+                }
+                return Err(AuthError::Denied);
             }
-        }
-        let spec = context.spec.clone();
-        let (username_owned, password_owned) = (username.to_string(), password.to_string());
-        let _permit = self
-            .verifying
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        // bcrypt takes tens of milliseconds by design; keep it off the async workers.
-        let check =
-            tokio::task::spawn_blocking(move || verify_password(&spec, &username_owned, &password_owned))
+            FastCheck::Slow(checks) => {
+                let _permit = self
+                    .verifying
+                    .acquire()
+                    .await
+                    .map_err(|e| AuthError::Unavailable(e.to_string()))?;
+                self.slow_checks.fetch_add(checks.len() as u64, Ordering::Relaxed);
+                metrics::counter!("ajour_auth_slow_checks_total").increment(checks.len() as u64);
+                let owned = password.to_string();
+                // bcrypt takes tens of milliseconds by design; keep it off the async workers.
+                let verified = tokio::task::spawn_blocking(move || {
+                    checks.into_iter().find(|check| check.verify(&owned))
+                })
                 .await
                 .map_err(|e| AuthError::Unavailable(e.to_string()))?;
-        if check != PasswordCheck::Valid {
-            return Err(AuthError::Denied);
+                let Some(check) = verified else {
+                    return Err(AuthError::Denied);
+                };
+                Some(credentials.derive(&self.keys, &check, login, password))
+            }
+        };
+        match derived {
+            Some(verifier) => Ok(self.store(registry, key, verifier).await),
+            None => Ok(false),
         }
-        self.verified.write().unwrap().insert(
-            key.clone(),
-            Verified {
-                tag,
-                fingerprint: context.credentials_fingerprint,
-            },
-        );
-        Ok(())
     }
 
-    pub fn invalidate(&self, key: &Key) {
-        let mut verified = self.verified.write().unwrap();
-        match key {
-            Key::Device(..) => {
-                verified.remove(key);
+    /// Store `verifier` with the device. A failure costs only speed: the next login verifies
+    /// the slow way (or under the old key) again.
+    async fn store(&self, registry: &dyn Registry, key: &Key, verifier: DerivedVerifier) -> bool {
+        let merge = move |section: Option<&serde_json::Value>| Some(verifier.merged_into(section));
+        match registry
+            .merge_status_section(key, VERIFIERS_SECTION, &merge)
+            .await
+        {
+            Ok(_) => {
+                metrics::counter!("ajour_credentials_derived_total").increment(1);
+                true
             }
-            Key::App(app) => verified.retain(|k, _| k.app() != app),
+            Err(error) => {
+                warn_throttled!(LOG_INTERVAL, %key, %error, "storing a password verifier failed; the next login is checked slowly again");
+                false
+            }
         }
     }
 }

@@ -2,10 +2,8 @@
 //! while: a device sends one status per block, and reading two objects from the database for each
 //! would make the database the bottleneck.
 
-use ajour_registry::{AppName, Key, Registry, RegistryError, Resource};
+use ajour_registry::{AppName, DeviceCredentials, Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSpec;
-use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -16,10 +14,8 @@ pub(crate) struct DeviceContext {
     /// The firmware to run: the device's section over the application's; `None` when neither has
     /// one (the device is not managed); `Err` when the applicable section is malformed.
     pub firmware: Result<Option<FirmwareSpec>, String>,
-    /// The device's spec, for its credentials.
-    pub spec: serde_json::Map<String, Value>,
-    /// SHA-256 of the device's credentials: a credential verified against other ones is void.
-    pub credentials_fingerprint: [u8; 32],
+    /// The device's password credentials and the verifiers derived from them.
+    pub credentials: DeviceCredentials,
 }
 
 pub(crate) struct ContextCache {
@@ -59,7 +55,7 @@ impl ContextCache {
         let Some(application) = self.application(registry, app).await? else {
             return Ok(None);
         };
-        let context = Arc::new(resolve(&device, &application));
+        let context = Arc::new(resolve(key, &device, &application));
         self.entries
             .write()
             .unwrap()
@@ -102,7 +98,7 @@ impl ContextCache {
     }
 }
 
-fn resolve(device: &Resource, application: &Resource) -> DeviceContext {
+fn resolve(key: &Key, device: &Resource, application: &Resource) -> DeviceContext {
     // A device section that fails to parse is an error, not a fall-through to the application's:
     // silently serving the application's firmware to a device meant to differ would be worse.
     let firmware = match (device.spec.get("firmware"), application.spec.get("firmware")) {
@@ -111,16 +107,12 @@ fn resolve(device: &Resource, application: &Resource) -> DeviceContext {
             .map_err(|e| e.to_string()),
         (None, None) => Ok(None),
     };
-    let mut hasher = Sha256::new();
-    for section in ["authentication", "credentials"] {
-        if let Some(value) = device.spec.get(section) {
-            hasher.update(section.as_bytes());
-            hasher.update(value.to_string().as_bytes());
-        }
-    }
+    let credentials = match key {
+        Key::Device(app, name) => DeviceCredentials::from_device(app, name, &device.spec, &device.status),
+        Key::App(_) => DeviceCredentials::default(),
+    };
     DeviceContext {
         firmware,
-        spec: device.spec.clone(),
-        credentials_fingerprint: hasher.finalize().into(),
+        credentials,
     }
 }

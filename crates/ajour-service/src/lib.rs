@@ -8,26 +8,29 @@
 //! next command, and records the device's progress in `status.firmware` without writing to the
 //! database for every block (see [`tracker`]).
 //!
-//! Passwords: the slow hash is verified once, after which the same credential is recognised by a
-//! keyed hash held in memory.
+//! Passwords: a login is one keyed hash against the verifier stored with the device ([`auth`]),
+//! failed logins are delayed and counted ([`guard`]).
 //!
 //! This crate does no network I/O of its own; the registry and firmware source are traits.
 
 mod auth;
 mod context;
+pub mod guard;
 pub mod throttle;
 pub mod tracker;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
+pub use guard::GuardConfig;
 
 use ajour_engine::{decide, wait, EngineConfig, FirmwareImage, Outcome, Target};
 use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
-use ajour_registry::{Key, Registry, RegistryError, Resource};
+use ajour_registry::{CredentialKeys, Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSource;
 use ajour_types::FirmwareReport;
 use context::{ContextCache, DeviceContext};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tracker::StatusTracker;
@@ -45,6 +48,13 @@ pub struct ServiceConfig {
     pub progress_interval: Duration,
     /// ... and only when it advanced by this many percentage points (or the device went quiet).
     pub progress_step: f64,
+    /// The secret device passwords are sealed with; the registry must use the same.
+    pub credential_keys: Arc<CredentialKeys>,
+    /// A failed login is answered no sooner than this after it began: a wrong password and an
+    /// unknown device then take the same time, and guessing is slowed.
+    pub login_failure_delay: Duration,
+    /// Limits on failed logins per address and per device.
+    pub guard: GuardConfig,
 }
 
 impl Default for ServiceConfig {
@@ -55,6 +65,9 @@ impl Default for ServiceConfig {
             spec_cache_ttl: Duration::from_secs(5),
             progress_interval: Duration::from_secs(10),
             progress_step: 20.0,
+            credential_keys: CredentialKeys::for_this_process(),
+            login_failure_delay: Duration::from_millis(250),
+            guard: GuardConfig::default(),
         }
     }
 }
@@ -71,7 +84,7 @@ pub struct UpdateService {
     firmware: Arc<dyn FirmwareSource>,
     config: ServiceConfig,
     contexts: ContextCache,
-    auth: auth::CredentialCache,
+    auth: auth::Authenticator,
     tracker: StatusTracker,
 }
 
@@ -83,7 +96,11 @@ impl UpdateService {
     ) -> Self {
         Self {
             contexts: ContextCache::new(config.spec_cache_ttl),
-            auth: auth::CredentialCache::new(),
+            auth: auth::Authenticator::new(
+                config.credential_keys.clone(),
+                guard::LoginGuard::new(config.guard.clone()),
+                config.login_failure_delay,
+            ),
             tracker: StatusTracker::new(registry.clone(), config.progress_interval, config.progress_step),
             registry,
             firmware,
@@ -150,31 +167,101 @@ impl UpdateService {
 
     /// The device `key`, its context read once for the status at hand. With `credentials` (what
     /// the device presented to a transport), they are checked: an unknown device and a wrong
-    /// password are both [`AuthError::Denied`], a registry that cannot be read is
-    /// [`AuthError::Unavailable`]. Without (Drogue mode: Drogue checked them), an unknown device or
-    /// an unreadable registry is answered with `Wait` by [`Device::handle_status`].
+    /// password are both [`AuthError::Denied`], answered after the same delay; too many failures
+    /// are [`AuthError::Throttled`]; a registry that cannot be read is [`AuthError::Unavailable`].
+    /// A name that is no device may be a `unique` user name, which finds its device. Without
+    /// credentials (Drogue mode: Drogue checked them), an unknown device or an unreadable registry
+    /// is answered with `Wait` by [`Device::handle_status`].
     pub async fn device(
         &self,
         key: &Key,
         credentials: Option<Credentials<'_>>,
     ) -> Result<Device<'_>, AuthError> {
-        let context = self.contexts.get(self.registry.as_ref(), key).await;
-        if let Some(credentials) = credentials {
-            match &context {
-                Ok(Some(context)) => {
-                    self.auth
-                        .check(key, context, credentials.username, credentials.password)
-                        .await?
-                }
-                Ok(None) => return Err(AuthError::Denied),
-                Err(error) => return Err(AuthError::Unavailable(error.to_string())),
-            }
+        let Some(credentials) = credentials else {
+            let context = self.contexts.get(self.registry.as_ref(), key).await;
+            return Ok(Device {
+                service: self,
+                key: key.clone(),
+                context,
+            });
+        };
+        let started = tokio::time::Instant::now();
+        if let Err((by, left)) = self.auth.guard.admit(key, credentials.peer) {
+            return Err(self.auth.throttled(by, left));
         }
-        Ok(Device {
-            service: self,
-            key: key.clone(),
-            context,
-        })
+        match self.login(key, &credentials).await {
+            Ok((key, context)) => {
+                self.auth.guard.succeeded(&key, credentials.peer);
+                Ok(Device {
+                    service: self,
+                    key,
+                    context: Ok(Some(context)),
+                })
+            }
+            Err((AuthError::Denied, device)) => {
+                metrics::counter!("ajour_auth_failures_total").increment(1);
+                self.auth.guard.failed(device.as_ref(), credentials.peer);
+                tokio::time::sleep_until(started + self.auth.failure_delay).await;
+                Err(AuthError::Denied)
+            }
+            Err((error, _)) => Err(error),
+        }
+    }
+
+    /// Find the device `credentials` log in to and check them. A denial says which existing
+    /// device was tried, if any.
+    async fn login(
+        &self,
+        key: &Key,
+        credentials: &Credentials<'_>,
+    ) -> Result<(Key, Arc<DeviceContext>), (AuthError, Option<Key>)> {
+        let unavailable = |error: RegistryError| (AuthError::Unavailable(error.to_string()), None);
+        let registry = self.registry.as_ref();
+        let (key, context) = match self.contexts.get(registry, key).await.map_err(unavailable)? {
+            Some(context) => (key.clone(), context),
+            None => {
+                let Key::Device(app, _) = key else {
+                    return Err((AuthError::Denied, None));
+                };
+                let device = registry
+                    .device_by_user(app, credentials.username)
+                    .await
+                    .map_err(unavailable)?;
+                let Some(device) = device else {
+                    return Err((AuthError::Denied, None));
+                };
+                let key = Key::Device(app.clone(), device);
+                match self.contexts.get(registry, &key).await.map_err(unavailable)? {
+                    Some(context) => (key, context),
+                    None => return Err((AuthError::Denied, None)),
+                }
+            }
+        };
+        match self
+            .auth
+            .check(
+                registry,
+                &key,
+                &context,
+                credentials.username,
+                credentials.password,
+            )
+            .await
+        {
+            Ok(stored) => {
+                if stored {
+                    self.contexts.invalidate(&key);
+                }
+                Ok((key, context))
+            }
+            Err(error) => Err((error, Some(key))),
+        }
+    }
+
+    /// Slow (imported hash) password verifications so far: after the first login of each
+    /// device with an imported hash, none.
+    pub fn slow_password_checks(&self) -> u64 {
+        self.auth.slow_checks()
     }
 
     /// Decide what device `key` gets for `status`. Never fails: whatever goes wrong on the
@@ -271,7 +358,6 @@ impl UpdateService {
     /// Forget what is cached about `key` (an application: all its devices), after a write.
     pub fn invalidate(&self, key: &Key) {
         self.contexts.invalidate(key);
-        self.auth.invalidate(key);
     }
 
     /// The device's latest `status.firmware` when the registry may not have it yet (not written,
@@ -338,6 +424,9 @@ pub struct Credentials<'a> {
     /// Its own name, or the user name of a `user` credential.
     pub username: &'a str,
     pub password: &'a str,
+    /// The address it connected from, when the transport knows it (failed logins are counted
+    /// per address).
+    pub peer: Option<IpAddr>,
 }
 
 /// A device, for one status: its context as read by [`UpdateService::device`].
@@ -348,6 +437,11 @@ pub struct Device<'s> {
 }
 
 impl Device<'_> {
+    /// The device's key: the one asked for, or the device a `unique` user name found.
+    pub fn key(&self) -> &Key {
+        &self.key
+    }
+
     /// The command for the status `bytes` the device sent, encoded. A status that does not decode
     /// is the device's fault and an error; whatever goes wrong on the server's side (registry
     /// down, firmware missing or corrupt) is answered with `Wait`, and the device's status says

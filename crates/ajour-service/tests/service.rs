@@ -5,7 +5,7 @@
 use ajour_engine::FirmwareImage;
 use ajour_protocol::{encode_status, Encoding, Status};
 use ajour_registry::{Registry, SqlRegistry, SqlRegistryOptions};
-use ajour_service::{AuthError, Credentials, ServiceConfig, UpdateService};
+use ajour_service::{AuthError, Credentials, GuardConfig, ServiceConfig, UpdateService};
 use ajour_store::{FetchError, FirmwareSource, FirmwareSpec};
 use ajour_testkit::{MemoryRegistry, TestDatabase};
 use ajour_types::{AppName, DeviceName, FirmwareReport, FirmwareState, Key};
@@ -115,6 +115,7 @@ async fn the_context_is_read_once_per_status_and_reused_within_the_ttl() {
                 Some(Credentials {
                     username: "a",
                     password: "pw",
+                    peer: None,
                 }),
             )
             .await
@@ -164,7 +165,14 @@ async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one()
         let service = &service;
         async move {
             service
-                .device(&device(name), Some(Credentials { username, password }))
+                .device(
+                    &device(name),
+                    Some(Credentials {
+                        username,
+                        password,
+                        peer: None,
+                    }),
+                )
                 .await
                 .map(|_| ())
         }
@@ -197,6 +205,209 @@ async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one()
     ));
     // Without credentials to check (Drogue mode), the device is told to wait.
     assert_eq!(send(&service, &device("a"), &status_at(Some(0))).await, "wait");
+}
+
+async fn login_from(
+    service: &UpdateService,
+    name: &str,
+    password: &str,
+    peer: &str,
+) -> Result<Key, AuthError> {
+    let credentials = Credentials {
+        username: name,
+        password,
+        peer: Some(peer.parse().unwrap()),
+    };
+    service
+        .device(&device(name), Some(credentials))
+        .await
+        .map(|d| d.key().clone())
+}
+
+#[tokio::test]
+async fn an_imported_hash_costs_one_slow_check_per_device_across_restarts() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &[]).await;
+    let hash = bcrypt::hash("secret", 4).unwrap();
+    for name in ["a", "b", "c"] {
+        registry.put(
+            &device(name),
+            json!({"authentication": {"credentials": [{"pass": {"bcrypt": hash}}]}}),
+        );
+    }
+    let first = service(
+        registry.clone(),
+        config(Duration::ZERO, Duration::from_secs(3600)),
+    );
+    for _ in 0..3 {
+        for name in ["a", "b", "c"] {
+            assert_eq!(
+                login_from(&first, name, "secret", "10.0.0.1").await,
+                Ok(device(name))
+            );
+        }
+    }
+    assert_eq!(first.slow_password_checks(), 3, "one per device");
+    // The verifier derived from the first check is stored with the device, not in memory: a
+    // restarted server (a new service on the same registry) checks fast from the start.
+    let restarted = service(
+        registry.clone(),
+        config(Duration::ZERO, Duration::from_secs(3600)),
+    );
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            login_from(&restarted, name, "secret", "10.0.0.1").await,
+            Ok(device(name))
+        );
+    }
+    assert_eq!(restarted.slow_password_checks(), 0);
+    // A wrong password for a device whose hash verified before costs no slow check either.
+    assert_eq!(
+        login_from(&restarted, "a", "guess", "10.0.0.9").await,
+        Err(AuthError::Denied)
+    );
+    assert_eq!(restarted.slow_password_checks(), 0);
+    // Replacing the hash voids the verifier.
+    registry.put(
+        &device("a"),
+        json!({"authentication": {"credentials": [{"pass": {"bcrypt": bcrypt::hash("new", 4).unwrap()}}]}}),
+    );
+    assert_eq!(
+        login_from(&restarted, "a", "secret", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
+    assert_eq!(
+        login_from(&restarted, "a", "new", "10.0.0.1").await,
+        Ok(device("a"))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_password_and_an_unknown_device_take_the_same_time_and_answer() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a"]).await;
+    let delay = Duration::from_millis(250);
+    let service = service(
+        registry.clone(),
+        ServiceConfig {
+            login_failure_delay: delay,
+            ..config(Duration::ZERO, Duration::from_secs(3600))
+        },
+    );
+    let timed = |name: &'static str, password: &'static str| {
+        let service = &service;
+        async move {
+            let started = tokio::time::Instant::now();
+            let result = login_from(service, name, password, "10.0.0.1").await;
+            (result, started.elapsed())
+        }
+    };
+    // The clock is paused: elapsed time is what the service waited, exactly.
+    assert_eq!(timed("a", "wrong").await, (Err(AuthError::Denied), delay));
+    assert_eq!(timed("nobody", "pw").await, (Err(AuthError::Denied), delay));
+    assert_eq!(timed("a", "pw").await, (Ok(device("a")), Duration::ZERO));
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_logins_are_throttled_without_locking_a_device_out_of_its_own_address() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &["a", "b"]).await;
+    let service = service(
+        registry.clone(),
+        ServiceConfig {
+            guard: GuardConfig {
+                address_failures: 5,
+                device_failures: 3,
+                window: Duration::from_secs(60),
+                lockout: Duration::from_secs(30),
+            },
+            ..config(Duration::ZERO, Duration::from_secs(3600))
+        },
+    );
+    // Device `a` logged in from its address before the attack.
+    assert!(login_from(&service, "a", "pw", "192.168.0.10").await.is_ok());
+    // Guesses for `a` from three addresses lock the device out for everyone else...
+    for attacker in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+        assert_eq!(
+            login_from(&service, "a", "guess", attacker).await,
+            Err(AuthError::Denied)
+        );
+    }
+    let locked = login_from(&service, "a", "pw", "10.0.0.4").await;
+    assert_eq!(
+        locked,
+        Err(AuthError::Throttled {
+            retry_after: Duration::from_secs(30)
+        })
+    );
+    // ... but not from the address it last logged in from.
+    assert_eq!(
+        login_from(&service, "a", "pw", "192.168.0.10").await,
+        Ok(device("a"))
+    );
+    // Five failures from one address (spread over devices, known or not) lock the address out,
+    // whatever it tries next; other addresses are not affected.
+    for name in ["b", "x", "y", "z", "b"] {
+        assert_eq!(
+            login_from(&service, name, "guess", "10.9.9.9").await,
+            Err(AuthError::Denied)
+        );
+    }
+    assert!(matches!(
+        login_from(&service, "b", "pw", "10.9.9.9").await,
+        Err(AuthError::Throttled { .. })
+    ));
+    assert_eq!(login_from(&service, "b", "pw", "10.9.9.8").await, Ok(device("b")));
+    // The lockout ends by itself.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(login_from(&service, "b", "pw", "10.9.9.9").await, Ok(device("b")));
+    assert_eq!(login_from(&service, "a", "pw", "10.0.0.4").await, Ok(device("a")));
+}
+
+#[tokio::test]
+async fn a_unique_user_name_finds_its_device_and_a_removed_password_is_refused_at_once() {
+    let registry = Arc::new(MemoryRegistry::new());
+    fleet(registry.as_ref(), &[]).await;
+    registry.put(
+        &device("sensor-17"),
+        json!({"authentication": {"credentials": [
+            {"user": {"username": "alice", "password": "wonderland", "unique": true}},
+            {"pass": "own"}
+        ]}}),
+    );
+    // A long cache: only the invalidation a write through the API makes lets a change through.
+    let service = service(
+        registry.clone(),
+        config(Duration::from_secs(3600), Duration::from_secs(3600)),
+    );
+    assert_eq!(
+        login_from(&service, "alice", "wonderland", "10.0.0.1").await,
+        Ok(device("sensor-17"))
+    );
+    assert_eq!(
+        login_from(&service, "sensor-17", "own", "10.0.0.1").await,
+        Ok(device("sensor-17"))
+    );
+    // The device's own password does not log in as the user, nor the user's as the device.
+    assert_eq!(
+        login_from(&service, "alice", "own", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
+    assert_eq!(
+        login_from(&service, "sensor-17", "wonderland", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
+    // The credentials are removed (as the API does: write, then invalidate).
+    registry.put(&device("sensor-17"), json!({}));
+    service.invalidate(&device("sensor-17"));
+    assert_eq!(
+        login_from(&service, "sensor-17", "own", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
+    assert_eq!(
+        login_from(&service, "alice", "wonderland", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
 }
 
 #[tokio::test]
@@ -303,11 +514,11 @@ async fn a_late_older_observation_never_turns_a_synced_device_back() {
 }
 
 async fn postgres_registry(url: &str) -> Arc<dyn Registry> {
-    let options = SqlRegistryOptions {
-        password_cost: 4,
-        ..Default::default()
-    };
-    Arc::new(SqlRegistry::connect(url, options).await.unwrap())
+    Arc::new(
+        SqlRegistry::connect(url, SqlRegistryOptions::default())
+            .await
+            .unwrap(),
+    )
 }
 
 async fn read_report(registry: &dyn Registry, key: &Key) -> FirmwareReport {

@@ -53,8 +53,12 @@ impl Link for HttpLink {
             StatusCode::FORBIDDEN => Err(LinkError::Protocol(
                 "authentication refused (403): check application, device and password".into(),
             )),
-            // A server shutting down, or a proxy in front of one that is away.
-            StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+            // A server shutting down, or a proxy in front of one that is away; or logins for
+            // this device held back for a while (someone guessed its password).
+            StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+            | StatusCode::TOO_MANY_REQUESTS => {
                 Err(LinkError::Connection(format!("POST {}: {code}", self.url)))
             }
             _ => Err(LinkError::Protocol(format!(

@@ -4,7 +4,10 @@
 //! changes, an application's devices deleted with it) but stores passwords as given. It can be
 //! made to fail, as a database outage would, and counts its calls.
 
-use ajour_registry::{Key, LabelSelector, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge};
+use ajour_registry::{
+    AppName, DeviceName, Key, LabelSelector, ListParams, Registry, RegistryError, Resource, Scope,
+    StatusMerge,
+};
 use async_trait::async_trait;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -104,6 +107,26 @@ impl Registry for MemoryRegistry {
         m.resource_version = uuid::Uuid::new_v4().to_string();
         objects.insert(sort_key(key), (key.clone(), resource.clone()));
         Ok(resource)
+    }
+
+    async fn device_by_user(
+        &self,
+        app: &AppName,
+        username: &str,
+    ) -> Result<Option<DeviceName>, RegistryError> {
+        self.available()?;
+        let objects = self.objects.lock().unwrap();
+        Ok(objects.values().find_map(|(key, resource)| match key {
+            Key::Device(a, device)
+                if a == app
+                    && ajour_registry::unique_user_names(&resource.spec)
+                        .iter()
+                        .any(|u| u == username) =>
+            {
+                Some(device.clone())
+            }
+            _ => None,
+        }))
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {

@@ -255,7 +255,10 @@ async fn serve_connection(
         let clock = clock.clone();
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
             let serving = clock.request_started();
-            let request = request.map(|body| DeadlineBody::new(body, limits.body_timeout));
+            let mut request = request.map(|body| DeadlineBody::new(body, limits.body_timeout));
+            // Handlers see the client's address as axum's `ConnectInfo` (failed logins are
+            // counted per address).
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
             let response = app.clone().oneshot(request);
             async move {
                 let response = response.await;

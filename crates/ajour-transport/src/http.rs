@@ -8,7 +8,8 @@
 //! | case | answer |
 //! |---|---|
 //! | no or malformed `Authorization` | 401 |
-//! | unknown device or wrong password | 403 |
+//! | unknown device or wrong password | 403, after the same delay |
+//! | too many failed logins from this address or for this device | 429 with `Retry-After` |
 //! | body larger than a status can be | 413 |
 //! | body not arrived within the server's body timeout | 408 |
 //! | body that is not a status | 400, naming what is wrong |
@@ -18,12 +19,14 @@ use ajour_protocol::MAX_STATUS_SIZE;
 use ajour_service::{error_total, AuthError, Credentials, UpdateService};
 use ajour_types::{basic_auth, Key};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use axum::Extension;
 use axum::Router;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// The channel DFU statuses arrive on, and the name of the command they are answered with.
@@ -50,6 +53,7 @@ async fn publish(
     State(service): State<Arc<UpdateService>>,
     Path(channel): Path<String>,
     Query(query): Query<EndpointQuery>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -92,12 +96,22 @@ async fn publish(
     let presented = Credentials {
         username,
         password: &password,
+        peer: peer.map(|Extension(ConnectInfo(address))| address.ip()),
     };
     let device = match service.device(&key, Some(presented)).await {
         Ok(device) => device,
         Err(AuthError::Denied) => {
             error_total("auth_denied");
             return StatusCode::FORBIDDEN.into_response();
+        }
+        Err(AuthError::Throttled { retry_after }) => {
+            error_total("auth_throttled");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, retry_after.as_secs().to_string())],
+                "too many failed logins; try again later\n",
+            )
+                .into_response();
         }
         Err(AuthError::Unavailable(reason)) => {
             error_total("registry");

@@ -26,7 +26,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server: device endpoint and REST API.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage applications.
     #[command(subcommand)]
     App(AppCommand),
@@ -61,7 +61,7 @@ pub struct ServeArgs {
     /// Print the configuration in force as TOML (secrets left out) and exit.
     #[arg(long, help_heading = None::<&str>)]
     pub print_config: bool,
-    /// Where the SQLite database (`ajour.db`, by default), firmware files (`firmware/`) and API
+    /// Where the SQLite database (`ajour.db`, by default), firmware files (`firmware/`), API
     /// token (`api-token`) live.
     #[arg(long, value_name = "DIR", default_value = server::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -112,10 +112,38 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS",
           default_value_t = config::millis(ServerConfig::default().firmware_recheck))]
     pub firmware_recheck_ms: u64,
-    /// bcrypt cost (4–31) for device passwords given in plain text.
-    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().password_cost,
-          value_parser = clap::value_parser!(u32).range(4..=31))]
-    pub password_cost: u32,
+    /// The file holding the secret device passwords are sealed with (default:
+    /// `credential-secret` in the data directory, created with SQLite). See docs/credentials.md.
+    #[arg(long, value_name = "FILE", help_heading = "Device logins")]
+    pub credential_secret_file: Option<PathBuf>,
+    /// The secret itself instead of a file: base64 keys, current first, separated by commas
+    /// (for an environment variable or a Kubernetes Secret).
+    #[arg(long, value_name = "KEYS", help_heading = "Device logins")]
+    pub credential_secret: Option<String>,
+    /// A failed device login is answered no sooner than this many milliseconds after it began,
+    /// so that a wrong password and an unknown device look the same.
+    #[arg(long, value_name = "MS", help_heading = "Device logins",
+          default_value_t = config::millis(ServerConfig::default().service.login_failure_delay))]
+    pub login_failure_delay_ms: u64,
+    /// Failed logins from one address (IPv6: one /64) within the window before it gets 429 for
+    /// the lockout (0: no limit; behind a proxy every client shares its address).
+    #[arg(long, value_name = "N", help_heading = "Device logins",
+          default_value_t = ServerConfig::default().service.guard.address_failures)]
+    pub login_address_failures: u32,
+    /// Failed logins for one device within the window before it gets 429 for the lockout, except
+    /// from the address it last logged in from (0: no limit).
+    #[arg(long, value_name = "N", help_heading = "Device logins",
+          default_value_t = ServerConfig::default().service.guard.device_failures)]
+    pub login_device_failures: u32,
+    /// The window failed logins are counted in (milliseconds).
+    #[arg(long, value_name = "MS", help_heading = "Device logins",
+          default_value_t = config::millis(ServerConfig::default().service.guard.window),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub login_window_ms: u64,
+    /// How long a lockout lasts (milliseconds).
+    #[arg(long, value_name = "MS", help_heading = "Device logins",
+          default_value_t = config::millis(ServerConfig::default().service.guard.lockout))]
+    pub login_lockout_ms: u64,
     /// Milliseconds a request head may take to arrive whole, counted from the connection's accept
     /// or, on a kept-alive connection, from the head's first byte; then the connection is closed.
     #[arg(long, value_name = "MS", help_heading = "Connections",
@@ -176,7 +204,15 @@ impl ServeArgs {
         config.service.progress_interval = Duration::from_millis(self.progress_interval_ms);
         config.service.progress_step = self.progress_step;
         config.firmware_recheck = Duration::from_millis(self.firmware_recheck_ms);
-        config.password_cost = self.password_cost;
+        config.credential_secret_file = self.credential_secret_file.clone();
+        config.credential_secret = self.credential_secret.clone();
+        config.service.login_failure_delay = Duration::from_millis(self.login_failure_delay_ms);
+        config.service.guard = ajour_service::GuardConfig {
+            address_failures: self.login_address_failures,
+            device_failures: self.login_device_failures,
+            window: Duration::from_millis(self.login_window_ms),
+            lockout: Duration::from_millis(self.login_lockout_ms),
+        };
         config.connections = server::ConnectionLimits {
             header_timeout: Duration::from_millis(self.header_timeout_ms),
             body_timeout: Duration::from_millis(self.body_timeout_ms),
@@ -306,9 +342,13 @@ pub enum DeviceCommand {
     Create {
         app: String,
         name: String,
-        /// The device's password (stored hashed).
-        #[arg(long)]
+        /// The device's password (stored only as a keyed verifier). Without it a random one is
+        /// generated and printed once, as `device@application PASSWORD`.
+        #[arg(long, conflicts_with = "no_password")]
         password: Option<String>,
+        /// Create the device without a password (it cannot use the HTTP endpoint).
+        #[arg(long)]
+        no_password: bool,
         #[arg(long)]
         count: Option<u32>,
         #[command(flatten)]
@@ -379,7 +419,7 @@ pub enum FirmwareCommand {
 /// Run a command to completion.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::App(command) => app(command).await,
         Command::Device(command) => device(command).await,
         Command::Firmware(FirmwareCommand::Add {
@@ -540,12 +580,22 @@ async fn app(command: AppCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A device password with 192 bits of entropy, in characters safe in a Basic auth header.
+fn generated_password() -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut bytes = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 async fn device(command: DeviceCommand) -> anyhow::Result<()> {
     match command {
         DeviceCommand::Create {
             app,
             name,
             password,
+            no_password,
             count,
             firmware,
             connection,
@@ -556,20 +606,32 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
                 None => vec![name],
             };
             let mut spec = json!({});
-            if let Some(password) = &password {
-                spec["authentication"] = json!({"credentials": [{"pass": password}]});
-            }
             if let Some(f) = firmware.to_spec() {
                 spec["firmware"] = f;
             }
+            let generate = password.is_none() && !no_password;
+            if generate {
+                eprintln!("generated passwords (shown this once; the server keeps only verifiers):");
+            }
             let progress = ajour_sim::progress_bar(names.len() as u64, "creating devices");
             for device in &names {
+                let secret = match &password {
+                    Some(given) => Some(given.clone()),
+                    None if generate => Some(generated_password()),
+                    None => None,
+                };
+                if let Some(secret) = &secret {
+                    spec["authentication"] = json!({"credentials": [{"pass": secret}]});
+                }
                 client
                     .create(
                         &format!("apps/{app}/devices"),
                         &json!({"metadata": {"name": device, "application": app}, "spec": spec}),
                     )
                     .await?;
+                if let (true, Some(secret)) = (generate, &secret) {
+                    progress.suspend(|| crate::say!("{device}@{app} {secret}"));
+                }
                 progress.inc(1);
             }
             progress.finish_and_clear();

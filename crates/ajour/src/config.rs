@@ -357,7 +357,13 @@ fn toml_value(shape: Shape, values: &[&OsStr]) -> toml::Value {
 }
 
 /// Settings whose values are secrets, never printed.
-pub const SECRETS: [&str; 4] = ["api-token", "drogue-token", "oci-password", "oci-token"];
+pub const SECRETS: [&str; 5] = [
+    "api-token",
+    "credential-secret",
+    "drogue-token",
+    "oci-password",
+    "oci-token",
+];
 
 /// How a secret is printed in place of its value.
 const HIDDEN: &str = "***";

@@ -3,7 +3,7 @@
 //! [`ConnectionLimits`].
 
 use ajour_api::{ApiState, ApiToken};
-use ajour_registry::{MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
+use ajour_registry::{CredentialKeys, KeyError, MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
 use ajour_transport::connections;
@@ -36,7 +36,10 @@ pub struct ServerConfig {
     pub service: ServiceConfig,
     /// How often firmware files are checked for replacement.
     pub firmware_recheck: Duration,
-    pub password_cost: u32,
+    /// The secret device passwords are sealed with, as text (`--credential-secret`); else read
+    /// from `credential_secret_file`, else from `credential-secret` in the data directory.
+    pub credential_secret: Option<String>,
+    pub credential_secret_file: Option<PathBuf>,
     /// Drogue mode: the registry is Drogue's and statuses arrive on its MQTT integration.
     pub drogue: Option<ajour_drogue::DrogueConfig>,
     /// The OCI registry firmware source; `None`: specs naming a container image are refused.
@@ -53,7 +56,8 @@ impl ServerConfig {
             api_token: None,
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
-            password_cost: SqlRegistryOptions::default().password_cost,
+            credential_secret: None,
+            credential_secret_file: None,
             drogue: None,
             oci: None,
             connections: ConnectionLimits::default(),
@@ -121,6 +125,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let (token, token_generated) = api_token(&config)?;
+    let mut service_config = config.service.clone();
 
     let registry: Arc<dyn Registry> = match &config.drogue {
         Some(drogue) => Arc::new(
@@ -131,10 +136,12 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
                 .database_url
                 .clone()
                 .unwrap_or_else(|| SqlRegistry::sqlite_url(&config.data_dir));
+            let keys = credential_keys(&config, &database_url)?;
+            service_config.credential_keys = keys.clone();
             let registry = SqlRegistry::connect(
                 &database_url,
                 SqlRegistryOptions {
-                    password_cost: config.password_cost,
+                    credential_keys: keys,
                     ..Default::default()
                 },
             )
@@ -158,11 +165,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         },
         ..Default::default()
     });
-    let service = Arc::new(UpdateService::new(
-        registry.clone(),
-        firmware,
-        config.service.clone(),
-    ));
+    let service = Arc::new(UpdateService::new(registry.clone(), firmware, service_config));
 
     let integration = match &config.drogue {
         Some(drogue) => Some(
@@ -282,6 +285,44 @@ async fn readiness(registry: Arc<dyn Registry>) -> (axum::http::StatusCode, Stri
             format!("registry: {error}\n"),
         ),
     }
+}
+
+/// The credential secret file in a data directory.
+pub fn credential_secret_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("credential-secret")
+}
+
+/// The keys device passwords are sealed with: given as text, else read from the file. The file
+/// is created only for SQLite: instances sharing a PostgreSQL database must share the secret,
+/// and one instance making up its own would lock every device registered through another out.
+fn credential_keys(config: &ServerConfig, database_url: &str) -> anyhow::Result<Arc<CredentialKeys>> {
+    if let Some(text) = &config.credential_secret {
+        let keys = CredentialKeys::parse(text).context("--credential-secret")?;
+        return Ok(Arc::new(keys));
+    }
+    let path = config
+        .credential_secret_file
+        .clone()
+        .unwrap_or_else(|| credential_secret_path(&config.data_dir));
+    let create = config.credential_secret_file.is_none() && database_url.starts_with("sqlite:");
+    let (keys, created) = CredentialKeys::load_or_create(&path, create).map_err(|error| match error {
+        KeyError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "no credential secret at {}: instances sharing a database must share it, so it is not made up here. \
+             Create one (`head -c 32 /dev/urandom | base64 > FILE`, readable by the server only) and pass \
+             --credential-secret-file FILE or AJOUR_CREDENTIAL_SECRET (see docs/credentials.md)",
+            path.display()
+        ),
+        other => anyhow::Error::new(other).context("reading the credential secret"),
+    })?;
+    if created {
+        tracing::info!(path = %path.display(), "created a credential secret: back it up apart from the database");
+    }
+    tracing::info!(
+        key = keys.current().id(),
+        previous = keys.ids().count() - 1,
+        "device passwords sealed with credential key"
+    );
+    Ok(Arc::new(keys))
 }
 
 /// The token file in a data directory.

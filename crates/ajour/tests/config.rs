@@ -135,7 +135,7 @@ fn a_value_of_the_wrong_type_is_refused_naming_key_and_file() {
         ("application = [\"a\", 1]", "application"),
         ("data-dir = [\"a\"]", "data-dir"),
         // The right type, but not a value the flag takes.
-        ("password-cost = 3", "password-cost"),
+        ("login-window-ms = 0", "login-window-ms"),
         ("default-mtu = -1", "default-mtu"),
         ("drogue-mqtt-version = \"4\"", "drogue-mqtt-version"),
         ("progress-step = \"fast\"", "progress-step"),

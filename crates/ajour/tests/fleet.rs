@@ -18,15 +18,7 @@ const IMAGE: usize = 128 * 1024;
 async fn serve(data_dir: &std::path::Path, listen: &str) -> ServerProcess {
     let mut command = Command::new(AJOUR);
     command
-        .args([
-            "serve",
-            "--listen",
-            listen,
-            "--api-token",
-            TOKEN,
-            "--password-cost",
-            "4",
-        ])
+        .args(["serve", "--listen", listen, "--api-token", TOKEN])
         .args(["--progress-interval-ms", "0"])
         .arg("--data-dir")
         .arg(data_dir)

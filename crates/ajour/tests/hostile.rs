@@ -196,7 +196,6 @@ async fn start(limits: ConnectionLimits) -> InProcess {
     allow_many_files();
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig::new(data_dir.path());
-    config.password_cost = 4;
     config.connections = limits;
     let listener = server::bind("127.0.0.1:0", limits.listen_backlog).await.unwrap();
     let running = server::start(listener, config).await.unwrap();
@@ -535,7 +534,7 @@ struct Serve {
 }
 
 impl Serve {
-    /// `[WRAPPER..] ajour serve --listen 127.0.0.1:0 --password-cost 4 --data-dir DIR ARGS`, the
+    /// `[WRAPPER..] ajour serve --listen 127.0.0.1:0 --data-dir DIR ARGS`, the
     /// log at `info`.
     async fn start(wrapper: &[&str], args: &[&str]) -> Self {
         allow_many_files();
@@ -549,14 +548,7 @@ impl Serve {
             None => Command::new(AJOUR),
         };
         command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--password-cost",
-                "4",
-                "--data-dir",
-            ])
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir(data.path()))
             .args(args)
             .env("AJOUR_LOG", "info");
@@ -723,4 +715,113 @@ async fn sigterm_mid_update_answers_the_status_in_flight_and_writes_progress() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_mid_update_answers_the_status_in_flight_and_writes_progress() {
     stop_mid_update(nix::sys::signal::Signal::SIGINT).await;
+}
+
+/// Wrong passwords from 40 addresses, 1,000 requests in flight at once, for the fleet's devices,
+/// a device nobody uses and devices that do not exist, while the fleet updates: every guess is
+/// refused (403, or 429 once an address or a device is locked out), the fleet's devices (which
+/// logged in before, from their own address) and a device logging in for the first time during
+/// the attack all finish their updates with the image verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_from_many_addresses_locks_out_neither_the_fleet_nor_a_new_device() {
+    const FLEET: usize = 10;
+    const ADDRESSES: u8 = 40;
+    const PER_ADDRESS: usize = 25;
+    let server = start(ConnectionLimits::default()).await;
+    let fleet = &server.fleet;
+    let names: Vec<String> = (0..FLEET)
+        .map(|i| format!("dev-{i}"))
+        .chain(["late".into()])
+        .collect();
+    for name in &names {
+        let body = json!({"metadata": {"name": name},
+                          "spec": {"authentication": {"credentials": [{"pass": PASSWORD}]}}});
+        let (status, body) = fleet
+            .api(Method::POST, &format!("apps/{APP}/devices"), Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    }
+    // The fleet logs in (its first status) before the attack.
+    let http = reqwest::Client::new();
+    let mut devices = Vec::new();
+    for name in &names[..FLEET] {
+        let mut device = SimulatedDevice::new("0.1.0", Some(MTU));
+        let mut link = HttpLink::new(http.clone(), &fleet.url, APP, name, PASSWORD);
+        let ended = run_device(&mut device, &mut link, &device_options(), &mut StopAfter(1)).await;
+        assert_eq!(ended.unwrap(), Ended::Stopped);
+        devices.push((device, link));
+    }
+
+    let attacking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let at_full_force = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut targets: Vec<String> = names[..FLEET].to_vec();
+    targets.extend([HOSTILE.to_string(), "nobody".into(), "ghost-1".into()]);
+    let mut attackers = Vec::new();
+    for host in 2..2 + ADDRESSES {
+        let local = std::net::IpAddr::from([127, 0, 0, host]);
+        let http = reqwest::Client::builder().local_address(local).build().unwrap();
+        for task in 0..PER_ADDRESS {
+            let (http, url) = (http.clone(), format!("{}/v1/dfu", fleet.url));
+            let (attacking, refused, at_full_force) =
+                (attacking.clone(), refused.clone(), at_full_force.clone());
+            let targets = targets.clone();
+            attackers.push(tokio::spawn(async move {
+                let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+                let mut round = task;
+                while attacking.load(std::sync::atomic::Ordering::Relaxed) {
+                    let target = &targets[round % targets.len()];
+                    round += 1;
+                    let response = http
+                        .post(&url)
+                        .basic_auth(format!("{target}@{APP}"), Some(format!("guess-{round}")))
+                        .body(vec![0xa0])
+                        .send()
+                        .await
+                        .expect("the server answers every guess");
+                    let code = response.status().as_u16();
+                    assert!(code == 403 || code == 429, "a guess answered {code}");
+                    if code == 429 {
+                        assert!(
+                            response.headers().contains_key("retry-after"),
+                            "429 without Retry-After"
+                        );
+                    }
+                    *answers.entry(code).or_default() += 1;
+                    if refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == 1000 {
+                        at_full_force.notify_one();
+                    }
+                }
+                answers
+            }));
+        }
+    }
+    at_full_force.notified().await;
+
+    // Under the attack: the fleet finishes, and a device logs in for the first time and updates.
+    let mut updates = Vec::new();
+    for (mut device, mut link) in devices {
+        updates.push(tokio::spawn(async move {
+            run_device(&mut device, &mut link, &device_options(), &mut ()).await
+        }));
+    }
+    let mut late = SimulatedDevice::new("0.1.0", Some(MTU));
+    let mut late_link = HttpLink::new(http.clone(), &fleet.url, APP, "late", PASSWORD);
+    assert_updated(run_device(&mut late, &mut late_link, &device_options(), &mut ()).await);
+    for update in updates {
+        assert_updated(update.await.unwrap());
+    }
+    attacking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+    for attacker in attackers {
+        for (code, count) in attacker.await.unwrap() {
+            *answers.entry(code).or_default() += count;
+        }
+    }
+    assert!(answers.get(&403).copied().unwrap_or(0) >= 1000, "{answers:?}");
+    assert!(answers.get(&429).copied().unwrap_or(0) > 0, "{answers:?}");
+    let metrics = Metrics::of(&fleet.url).await;
+    assert!(metrics.value("ajour_auth_throttled_total", &[("by", "address")]) > 0.0);
+    assert!(metrics.value("ajour_auth_throttled_total", &[("by", "device")]) > 0.0);
+    assert!(metrics.value("ajour_auth_failures_total", &[]) >= 1000.0);
 }

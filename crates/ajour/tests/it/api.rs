@@ -90,12 +90,12 @@ async fn registry_api_is_drogue_compatible() {
         let (_, bumped) = server.api_send(Method::GET, "apps/my-app", None).await;
         assert_eq!(bumped["metadata"]["generation"], 2);
 
-        // Devices: the password is stored hashed and never returned in plain text.
+        // Devices: the password is stored as a keyed verifier and never returned in plain text.
         server.create_device("my-app", "dev1", "hey-rodney", None).await;
         let device = server.device("my-app", "dev1").await;
         assert_eq!(device["metadata"]["application"], "my-app");
         assert!(!device.to_string().contains("hey-rodney"), "{device}");
-        assert!(device["spec"]["authentication"]["credentials"][0]["pass"]["bcrypt"].is_string());
+        assert!(device["spec"]["authentication"]["credentials"][0]["pass"]["keyed"]["mac"].is_string());
 
         // Bad requests: malformed JSON, unknown metadata fields, names not matching the path,
         // hostile names, unknown objects.

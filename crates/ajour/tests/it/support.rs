@@ -2,6 +2,7 @@
 //! ([`ServeProcess`]), and speak to it ([`Connection`]).
 
 use ajour::server::{self, RunningServer, ServerConfig};
+use ajour_registry::CredentialKeys;
 use ajour_sim::{
     run_device, DeviceOptions, Ended, HttpLink, Outcome, SimulatedDevice, Simulation, StatusEncoding,
     Transport,
@@ -150,7 +151,9 @@ impl TestServer {
         let database = TestDatabase::of(backend).await;
         let mut config = ServerConfig::new(data_dir.path());
         config.database_url = database.as_ref().map(|db| db.url().to_string());
-        config.password_cost = 4;
+        if database.is_some() {
+            config.credential_secret = Some(CredentialKeys::generate().to_text());
+        }
         config.firmware_recheck = Duration::ZERO;
         config.service.engine.wait_poll = 7;
         config.service.unmanaged_poll = 600;
@@ -230,21 +233,25 @@ impl Deref for ServeProcess {
 }
 
 impl ServeProcess {
-    /// `ajour serve --listen 127.0.0.1:0 --password-cost 4 ARGS`, with its own data directory, the
-    /// token it generates, and `envs`.
+    /// `ajour serve --listen 127.0.0.1:0 ARGS`, with its own data directory, the token it
+    /// generates, and `envs`; on PostgreSQL with a credential secret of its own (the server
+    /// makes one up only for SQLite).
     pub async fn start(backend: Backend, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let database = TestDatabase::of(backend).await;
         let mut command = Command::new(AJOUR);
         command
-            .args(["serve", "--listen", "127.0.0.1:0", "--password-cost", "4"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(args)
             .envs(envs.iter().copied());
         if let Some(database) = &database {
             command.args(["--database-url", database.url()]);
+            let secret = dir.path().join("credential-secret");
+            std::fs::write(&secret, CredentialKeys::generate().to_text()).unwrap();
+            command.arg("--credential-secret-file").arg(&secret);
         }
         let process = ServerProcess::start(command).await;
         let printed = process
