@@ -7,6 +7,9 @@ use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
 use ajour_sim::HttpLink;
 use clap::Args;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Args)]
@@ -27,6 +30,12 @@ pub struct HttpBenchArgs {
     /// a user gets), or `bcrypt4`, imported pre-hashed at cost 4 (verified slowly once per device).
     #[arg(long, value_enum, default_value_t = Credentials::Plain)]
     pub credentials: Credentials,
+    /// Wrong passwords kept in flight while Ajour's fleet updates: this many clients, 25 per
+    /// loopback address from 127.0.0.2 up, each posting statuses for devices that do not exist
+    /// with a wrong password as fast as they are answered. The first-contact latency of the fleet
+    /// (`1st p50`, `1st p99`) shows whether they delay a device logging in for the first time.
+    #[arg(long, default_value_t = 0)]
+    pub guessers: usize,
     /// After the first rollout, restart `ajour serve` (SIGTERM, then start it on the same data)
     /// and measure the same devices updating again from the start (row `restart`).
     #[arg(long)]
@@ -75,8 +84,16 @@ async fn drive_ajour(
     args: &HttpBenchArgs,
     target: &'static str,
 ) -> anyhow::Result<LoadReport> {
+    let guessing = Guessers::start(&server.url, args.guessers)?;
     let mut report = drive_http(server, args, target).await?;
     report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
+    let answers = guessing.stop().await;
+    if args.guessers > 0 {
+        println!(
+            "{target}: {} wrong-password requests answered during the run, by status: {answers:?}",
+            answers.values().sum::<u64>()
+        );
+    }
     Ok(report)
 }
 
@@ -134,4 +151,54 @@ fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
         }
     );
     print_table(&title, reports);
+}
+
+/// Clients posting wrong passwords for devices that do not exist, until stopped.
+struct Guessers {
+    running: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<BTreeMap<u16, u64>>>,
+}
+
+impl Guessers {
+    fn start(url: &str, count: usize) -> anyhow::Result<Self> {
+        let running = Arc::new(AtomicBool::new(true));
+        let mut tasks = Vec::new();
+        for (i, client) in (0..count).enumerate() {
+            let address = std::net::Ipv4Addr::from(u32::from_be_bytes([127, 0, 0, 2]) + (client / 25) as u32);
+            let http = reqwest::Client::builder()
+                .local_address(std::net::IpAddr::V4(address))
+                .timeout(Duration::from_secs(60))
+                .build()?;
+            let (url, running) = (format!("{url}/v1/dfu"), running.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut answers = BTreeMap::new();
+                let mut round = 0u64;
+                while running.load(Ordering::Relaxed) {
+                    round += 1;
+                    let sent = http
+                        .post(&url)
+                        .basic_auth(format!("nobody-{i}@{APP}"), Some(format!("guess-{round}")))
+                        .body(vec![0xa0])
+                        .send()
+                        .await;
+                    let code = sent.map(|r| r.status().as_u16()).unwrap_or(0);
+                    *answers.entry(code).or_default() += 1;
+                }
+                answers
+            }));
+        }
+        Ok(Self { running, tasks })
+    }
+
+    /// Stop, and count the answers by status code (0: no answer).
+    async fn stop(self) -> BTreeMap<u16, u64> {
+        self.running.store(false, Ordering::Relaxed);
+        let mut answers = BTreeMap::new();
+        for task in self.tasks {
+            for (code, count) in task.await.unwrap_or_default() {
+                *answers.entry(code).or_default() += count;
+            }
+        }
+        answers
+    }
 }
