@@ -31,6 +31,15 @@ pub use sql::{SqlRegistry, SqlRegistryOptions};
 use async_trait::async_trait;
 use serde_json::Value;
 
+/// A write to the registry that cached copies must forget.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// This object was created, replaced or deleted (an application: with its devices).
+    Object(Key),
+    /// Changes may have been missed (the listening connection was lost): forget everything.
+    Everything,
+}
+
 /// What a status section should become, given the stored one (`None`: there is none).
 pub type StatusMerge<'a> = &'a (dyn Fn(Option<&Value>) -> Option<Value> + Send + Sync);
 
@@ -72,6 +81,12 @@ pub trait Registry: Send + Sync + 'static {
         username: &str,
     ) -> Result<Option<DeviceName>, RegistryError> {
         let _ = (app, username);
+        Ok(None)
+    }
+    /// Writes by any instance to objects' specs and credentials, as they happen, for backends that
+    /// can tell (PostgreSQL's `LISTEN/NOTIFY`); `None`: they cannot, and only a cache's TTL bounds
+    /// how stale a copy gets.
+    async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
         Ok(None)
     }
     /// Whether the registry answers, for readiness checks.

@@ -1,7 +1,9 @@
 //! Counts calls to any registry backend (`ajour_registry_calls_total{op, outcome}`), so the cost of
 //! the registry per device update can be watched in production, whatever the backend.
 
-use crate::{AppName, DeviceName, Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge};
+use crate::{
+    AppName, Change, DeviceName, Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge,
+};
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -78,6 +80,10 @@ impl Registry for MeteredRegistry {
         let result = self.inner.device_by_user(app, username).await;
         count("get", &result);
         result
+    }
+
+    async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
+        self.inner.changes().await
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {

@@ -4,7 +4,7 @@
 use crate::credentials::{seal_plain_passwords, unique_user_names, CredentialKeys};
 use crate::model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 use crate::selector::LabelSelector;
-use crate::{Registry, RegistryError, StatusMerge};
+use crate::{Change, Registry, RegistryError, StatusMerge};
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -38,7 +38,13 @@ impl Default for SqlRegistryOptions {
 pub struct SqlRegistry {
     pool: AnyPool,
     options: SqlRegistryOptions,
+    /// PostgreSQL's URL: writes are announced on [`CHANGES_CHANNEL`] and can be listened to.
+    postgres_url: Option<String>,
 }
+
+/// The PostgreSQL notification channel spec writes are announced on; the payload is `app` or
+/// `app/device` (names never hold a `/`).
+const CHANGES_CHANNEL: &str = "ajour_registry_changes";
 
 const COLUMNS: &str =
     "name, uid, creation_timestamp, generation, resource_version, labels, annotations, spec, status";
@@ -78,7 +84,12 @@ impl SqlRegistry {
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, options })
+        let postgres_url = (!is_sqlite).then(|| url.to_string());
+        Ok(Self {
+            pool,
+            options,
+            postgres_url,
+        })
     }
 
     /// The SQLite database file in `data_dir`, created when missing (readable by its owner only).
@@ -146,6 +157,7 @@ impl SqlRegistry {
             return Ok(false);
         }
         Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        self.announce(&mut tx, key).await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -159,6 +171,28 @@ impl SqlRegistry {
             }
             Key::App(_) => Ok(()),
         }
+    }
+
+    /// Announce a write to `key` to every instance listening ([`Registry::changes`]), when the
+    /// transaction commits (PostgreSQL sends notifications on commit, and none on rollback).
+    async fn announce(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        key: &Key,
+    ) -> Result<(), RegistryError> {
+        if self.postgres_url.is_none() {
+            return Ok(());
+        }
+        let payload = match key {
+            Key::App(app) => app.to_string(),
+            Key::Device(app, device) => format!("{app}/{device}"),
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANGES_CHANNEL)
+            .bind(payload)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
     }
 
     /// Record the `unique` user names of device `key` (replacing its old ones) within `tx`.
@@ -274,6 +308,7 @@ impl Registry for SqlRegistry {
             Err(e) => return Err(e.into()),
         }
         Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        self.announce(&mut tx, key).await?;
         tx.commit().await?;
         Ok(resource)
     }
@@ -362,6 +397,7 @@ impl Registry for SqlRegistry {
                     .bind(app.as_str())
                     .execute(&mut *tx)
                     .await?;
+                self.announce(&mut tx, key).await?;
                 tx.commit().await?;
                 result.rows_affected()
             }
@@ -374,6 +410,7 @@ impl Registry for SqlRegistry {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                self.announce(&mut tx, key).await?;
                 tx.commit().await?;
                 deleted
             }
@@ -399,6 +436,63 @@ impl Registry for SqlRegistry {
             Ok(DeviceName::parse(&device)?)
         })
         .transpose()
+    }
+
+    async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
+        let Some(url) = &self.postgres_url else {
+            return Ok(None);
+        };
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen(CHANGES_CHANNEL).await?;
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let first_retry = std::time::Duration::from_millis(100);
+            let mut retry = first_retry;
+            // Set while the listening connection is down: notifications sent meanwhile are lost,
+            // so once it is back, every cached copy is to be forgotten. Not before: while the
+            // database is away, cached copies are what keeps known devices served.
+            let mut missed = false;
+            loop {
+                if missed {
+                    // Reconnects the listener (and listens again) when the database is back.
+                    if sqlx::query("SELECT 1").execute(&mut listener).await.is_err() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(retry) => {}
+                            _ = sender.closed() => return,
+                        }
+                        retry = (retry * 2).min(std::time::Duration::from_secs(5));
+                        continue;
+                    }
+                    missed = false;
+                    retry = first_retry;
+                    if sender.send(Change::Everything).is_err() {
+                        return;
+                    }
+                }
+                let received = tokio::select! {
+                    received = listener.try_recv() => received,
+                    // Nobody listens any more: let the connection go.
+                    _ = sender.closed() => return,
+                };
+                let change = match received {
+                    Ok(Some(notification)) => match change_of(notification.payload()) {
+                        Some(key) => Change::Object(key),
+                        None => continue,
+                    },
+                    // The connection was lost and made again: what was sent meanwhile is gone.
+                    Ok(None) => Change::Everything,
+                    Err(error) => {
+                        tracing::warn!(%error, "listening for registry changes failed; retrying");
+                        missed = true;
+                        continue;
+                    }
+                };
+                if sender.send(change).is_err() {
+                    return; // nobody listens any more
+                }
+            }
+        });
+        Ok(Some(receiver))
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
@@ -458,6 +552,17 @@ impl Registry for SqlRegistry {
             }
         }
         Err(RegistryError::Conflict)
+    }
+}
+
+/// The key a change notification names; `None` for a payload this version does not know.
+fn change_of(payload: &str) -> Option<Key> {
+    match payload.split_once('/') {
+        None => AppName::parse(payload).ok().map(Key::App),
+        Some((app, device)) => Some(Key::Device(
+            AppName::parse(app).ok()?,
+            DeviceName::parse(device).ok()?,
+        )),
     }
 }
 

@@ -2,7 +2,7 @@
 //! while: a device sends one status per block, and reading two objects from the database for each
 //! would make the database the bottleneck.
 
-use ajour_registry::{AppName, DeviceCredentials, Key, Registry, RegistryError, Resource};
+use ajour_registry::{AppName, Change, DeviceCredentials, Key, Registry, RegistryError, Resource};
 use ajour_store::FirmwareSpec;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -23,6 +23,8 @@ pub(crate) struct ContextCache {
     entries: RwLock<HashMap<Key, (Instant, Arc<DeviceContext>)>>,
     /// Applications apart: one read serves all of an application's devices.
     applications: RwLock<HashMap<AppName, (Instant, Arc<Resource>)>>,
+    /// Changes announced by the registry and followed so far.
+    followed: std::sync::atomic::AtomicU64,
 }
 
 impl ContextCache {
@@ -31,6 +33,7 @@ impl ContextCache {
             ttl,
             entries: RwLock::default(),
             applications: RwLock::default(),
+            followed: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -84,6 +87,11 @@ impl ContextCache {
         Ok(Some(application))
     }
 
+    pub fn invalidate_all(&self) {
+        self.entries.write().unwrap().clear();
+        self.applications.write().unwrap().clear();
+    }
+
     pub fn invalidate(&self, key: &Key) {
         let mut entries = self.entries.write().unwrap();
         match key {
@@ -114,5 +122,46 @@ fn resolve(key: &Key, device: &Resource, application: &Resource) -> DeviceContex
     DeviceContext {
         firmware,
         credentials,
+    }
+}
+
+// Here rather than in lib.rs: it is about the cache, and this module may reach the service's
+// private fields (it is a child of the crate root).
+impl crate::UpdateService {
+    /// Forget cached contexts as the registry reports writes by any instance: specs and
+    /// credentials changed through another instance sharing the database are then seen within
+    /// milliseconds, not only after `spec_cache_ttl`. This starts listening (so that no write
+    /// after it returns is missed) and returns the loop to run for the server's life; `None` for
+    /// a registry that cannot report changes (SQLite, Drogue's).
+    pub async fn follow_registry_changes(
+        self: &Arc<Self>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let mut changes = match self.registry.changes().await {
+            Ok(Some(changes)) => changes,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(%error, "cannot follow registry changes; cached specs expire after --spec-cache-ms");
+                return None;
+            }
+        };
+        let service = self.clone();
+        Some(async move {
+            while let Some(change) = changes.recv().await {
+                match change {
+                    Change::Object(key) => service.contexts.invalidate(&key),
+                    Change::Everything => service.contexts.invalidate_all(),
+                }
+                service
+                    .contexts
+                    .followed
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+    }
+
+    /// Changes announced by the registry and applied to the cache so far (tests wait on it: a
+    /// write's announcement arrives a moment after the write).
+    pub fn registry_changes_followed(&self) -> u64 {
+        self.contexts.followed.load(std::sync::atomic::Ordering::SeqCst)
     }
 }

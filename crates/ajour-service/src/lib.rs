@@ -26,7 +26,7 @@ pub use guard::GuardConfig;
 use ajour_engine::{decide, wait, EngineConfig, FirmwareImage, Outcome, Target};
 use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
 use ajour_registry::{CredentialKeys, Key, Registry, RegistryError, Resource};
-use ajour_store::FirmwareSource;
+use ajour_store::{Asking, FetchError, FirmwareSource, Observation, Observed};
 use ajour_types::FirmwareReport;
 use context::{ContextCache, DeviceContext};
 use std::collections::HashMap;
@@ -296,8 +296,32 @@ impl UpdateService {
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
         };
-        let image = match self.firmware.fetch(spec).await {
+        // Who asks and what it runs: a source acting for the device elsewhere (Hawkbit) reports
+        // them; the file and OCI sources look at the spec alone.
+        let device = match key {
+            Key::Device(app, device) => format!("{device}@{app}"),
+            other => other.to_string(),
+        };
+        let asking = Asking {
+            device: &device,
+            current: &current,
+        };
+        let image = match self.firmware.fetch_for(spec, &asking).await {
             Ok(image) => image,
+            // Nothing to install now (Hawkbit between deployments, or one cancelled): not an
+            // error. The device runs what it runs, and comes back when the source asks.
+            Err(FetchError::NothingAssigned { poll_secs }) => {
+                self.tracker.record(
+                    key,
+                    FirmwareStatus {
+                        target: current.clone(),
+                        current,
+                        target_digest: None,
+                        state: FirmwareState::InSync,
+                    },
+                );
+                return reply(&wait(correlation_id, poll_secs).command);
+            }
             Err(error) => {
                 self.tracker
                     .record(key, FirmwareStatus::error(current, error.to_string()));
@@ -313,6 +337,15 @@ impl UpdateService {
         if status.version != target.as_bytes() && sent.swaps >= MAX_SWAPS {
             let reason = format!(
                 "sent Swap to {target} {MAX_SWAPS} times, the device still runs {current}: not updated again until its firmware changes"
+            );
+            self.firmware.observe(
+                spec,
+                &Observation {
+                    device: &device,
+                    current: &current,
+                    target: &target,
+                    state: Observed::Failed { reason: &reason },
+                },
             );
             let failed = FirmwareStatus {
                 current,
@@ -343,6 +376,24 @@ impl UpdateService {
                 reason: "firmware image is empty".into(),
             },
         };
+        // Tell the source how the device is doing (Hawkbit sends its feedback from this; the
+        // other sources ignore it). Not for an empty image, which is the source's own error.
+        let observed = match &state {
+            FirmwareState::InSync => Some(Observed::InSync),
+            FirmwareState::Updating { percent } => Some(Observed::Updating { percent: *percent }),
+            _ => None,
+        };
+        if let Some(state) = observed {
+            self.firmware.observe(
+                spec,
+                &Observation {
+                    device: &device,
+                    current: &current,
+                    target: &target,
+                    state,
+                },
+            );
+        }
         self.tracker.record(
             key,
             FirmwareStatus {

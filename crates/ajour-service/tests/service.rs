@@ -667,3 +667,48 @@ async fn a_device_that_never_comes_back_on_the_new_version_is_not_sent_swap_for_
     *source.0.lock().unwrap() = Arc::new(FirmwareImage::new(TO, vec![1; SIZE]).unwrap());
     assert_eq!(send(&service, &key, &status_at(Some(0))).await, "write");
 }
+
+/// Two instances on one PostgreSQL database, each caching specs for an hour: a password changed
+/// or removed through one is refused by the other as soon as PostgreSQL's notification arrives,
+/// not after the hour.
+#[tokio::test]
+async fn a_credential_changed_through_one_instance_is_seen_by_another_at_once() {
+    let database = TestDatabase::create().await;
+    let (registry_a, registry_b) = (
+        postgres_registry(database.url()).await,
+        postgres_registry(database.url()).await,
+    );
+    fleet(registry_a.as_ref(), &["d"]).await;
+    let long = Duration::from_secs(3600);
+    let b = Arc::new(service(registry_b.clone(), config(long, long)));
+    tokio::spawn(
+        b.follow_registry_changes()
+            .await
+            .expect("PostgreSQL announces changes"),
+    );
+    // B caches the device's context with password `pw`.
+    assert_eq!(login_from(&b, "d", "pw", "10.0.0.1").await, Ok(device("d")));
+
+    let mut changed = registry_a.get(&device("d")).await.unwrap().unwrap();
+    changed.spec = json!({"authentication": {"credentials": [{"pass": "new"}]}})
+        .as_object()
+        .unwrap()
+        .clone();
+    registry_a.update(&device("d"), changed).await.unwrap();
+    ajour_testkit::eventually(Duration::from_secs(10), "B to accept the new password", || {
+        let b = b.clone();
+        async move { login_from(&b, "d", "new", "10.0.0.1").await.is_ok() }
+    })
+    .await;
+    assert_eq!(
+        login_from(&b, "d", "pw", "10.0.0.1").await,
+        Err(AuthError::Denied)
+    );
+
+    registry_a.delete(&device("d")).await.unwrap();
+    ajour_testkit::eventually(Duration::from_secs(10), "B to refuse the deleted device", || {
+        let b = b.clone();
+        async move { login_from(&b, "d", "new", "10.0.0.1").await.is_err() }
+    })
+    .await;
+}

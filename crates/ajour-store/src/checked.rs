@@ -2,6 +2,8 @@
 //! the outcome of the last load and when it was checked. A source decides when an outcome is
 //! fresh (its own re-check rule) and how to load; this holds the outcomes and makes loads of one
 //! key single-flight, so a thousand devices asking at once cause one load.
+//!
+//! Public so that sources in other crates (`ajour-hawkbit`) cache the same way.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -11,13 +13,13 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// An outcome of a load, and when it was made.
 #[derive(Clone)]
-pub(crate) struct Checked<V> {
+pub struct Checked<V> {
     pub value: V,
     pub checked_at: Instant,
 }
 
 /// One key's outcome, and the lock its loads take.
-pub(crate) struct Slot<V> {
+pub struct Slot<V> {
     checked: RwLock<Option<Checked<V>>>,
     loading: Arc<Mutex<()>>,
 }
@@ -67,7 +69,7 @@ impl<V: Clone> Slot<V> {
 }
 
 /// The slots of all keys asked for so far.
-pub(crate) struct CheckedCache<K, V> {
+pub struct CheckedCache<K, V> {
     slots: RwLock<HashMap<K, Arc<Slot<V>>>>,
 }
 

@@ -91,14 +91,20 @@ impl TestDatabase {
             .await
             .expect("connect to PostgreSQL as admin");
         let name = &self.name;
-        sqlx::raw_sql(&format!(
-            "ALTER DATABASE {name} ALLOW_CONNECTIONS false; \
-             SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
-             WHERE datname = '{name}' AND pid <> pg_backend_pid();"
-        ))
-        .execute(&mut admin)
-        .await
-        .expect("refuse connections to the test database");
+        // Two statements, two transactions: one batch would be one implicit transaction, and
+        // connections made again while the terminations are awaited would still be let in.
+        for statement in [
+            format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+            format!(
+                "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+                 WHERE datname = '{name}' AND pid <> pg_backend_pid()"
+            ),
+        ] {
+            sqlx::raw_sql(&statement)
+                .execute(&mut admin)
+                .await
+                .expect("refuse connections to the test database");
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use crate::client::ApiClient;
 use crate::config;
 use crate::server::{self, ServerConfig};
 use crate::simulate::{self, SimulateArgs};
+use ajour_hawkbit::HawkbitConfig;
 use ajour_store::{FileStore, FirmwareName, SameVersion};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -96,7 +97,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "S")]
     pub sync_poll: Option<u32>,
     /// Milliseconds a device's and application's spec are reused before they are read from the
-    /// registry again; writes through this server's API apply at once.
+    /// registry again; writes through this server's API apply at once, and on PostgreSQL writes
+    /// through other instances too (announced by NOTIFY).
     #[arg(long, value_name = "MS",
           default_value_t = config::millis(ServerConfig::default().service.spec_cache_ttl))]
     pub spec_cache_ms: u64,
@@ -186,6 +188,80 @@ pub struct ServeArgs {
     /// The OCI registry firmware source (see docs/oci.md).
     #[command(flatten, next_help_heading = "OCI registry")]
     pub oci: crate::oci_cli::OciServeArgs,
+    /// The Hawkbit firmware source (see docs/hawkbit.md).
+    #[command(flatten, next_help_heading = "Hawkbit")]
+    pub hawkbit: HawkbitServeArgs,
+}
+
+/// `ajour serve` flags for the Hawkbit firmware source (`spec.firmware.hawkbit`).
+#[derive(Debug, Clone, Args)]
+pub struct HawkbitServeArgs {
+    /// Base URL of Hawkbit's DDI API, e.g. `https://hawkbit.example.com` (`http://` talks plain
+    /// HTTP). `serve` reads firmware from Hawkbit only when this is set.
+    #[arg(long = "hawkbit-url", value_name = "URL")]
+    pub url: Option<String>,
+    /// The Hawkbit tenant the controllers belong to.
+    #[arg(long = "hawkbit-tenant", value_name = "TENANT",
+          default_value_t = HawkbitConfig::new("").tenant)]
+    pub tenant: String,
+    /// Gateway security token (`Authorization: GatewayToken ...`), used for every controller
+    /// without a target token of its own.
+    #[arg(long = "hawkbit-gateway-token", value_name = "TOKEN")]
+    pub gateway_token: Option<String>,
+    /// A file of per-controller target security tokens, `CONTROLLER=TOKEN` per line
+    /// (`Authorization: TargetToken ...`); read at start.
+    #[arg(long = "hawkbit-target-tokens-file", value_name = "FILE")]
+    pub target_tokens_file: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for Hawkbit, beside the system's.
+    #[arg(long = "hawkbit-ca-file", value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Accept any TLS certificate from Hawkbit (explicit opt-in, for labs and tests).
+    #[arg(long = "hawkbit-insecure-tls")]
+    pub insecure_tls: bool,
+    /// Milliseconds to wait for Hawkbit to connect or send data; a whole request gets four times
+    /// this.
+    #[arg(long = "hawkbit-timeout-ms", value_name = "MS",
+          default_value_t = config::millis(HawkbitConfig::new("").request_timeout))]
+    pub timeout_ms: u64,
+    /// Milliseconds a failure (Hawkbit down or answering errors, a download cut short) is
+    /// remembered before Hawkbit is asked again; the controller's devices wait meanwhile.
+    #[arg(long = "hawkbit-error-retry-ms", value_name = "MS",
+          default_value_t = config::millis(HawkbitConfig::new("").error_retry))]
+    pub error_retry_ms: u64,
+    /// `proceeding` feedback with the progress is sent at most this often per controller
+    /// (milliseconds); `closed` feedback is sent at once.
+    #[arg(long = "hawkbit-feedback-interval-ms", value_name = "MS",
+          default_value_t = config::millis(HawkbitConfig::new("").feedback_interval))]
+    pub feedback_interval_ms: u64,
+    /// Longest time a poll is trusted, in milliseconds (default: Hawkbit's polling sleep). Each
+    /// controller is polled at most once per the shorter of the two.
+    #[arg(long = "hawkbit-max-poll-ms", value_name = "MS")]
+    pub max_poll_ms: Option<u64>,
+    /// Largest artifact accepted from Hawkbit, in bytes; a larger one fails the action before it
+    /// is downloaded.
+    #[arg(long = "hawkbit-max-firmware-bytes", value_name = "N",
+          default_value_t = HawkbitConfig::new("").max_firmware_size)]
+    pub max_firmware_bytes: u64,
+}
+
+impl HawkbitServeArgs {
+    /// The Hawkbit source's configuration, when `--hawkbit-url` is given.
+    pub fn config(&self) -> Option<HawkbitConfig> {
+        let url = self.url.clone()?;
+        Some(HawkbitConfig {
+            tenant: self.tenant.clone(),
+            gateway_token: self.gateway_token.clone(),
+            target_tokens_file: self.target_tokens_file.clone(),
+            extra_ca_file: self.ca_file.clone(),
+            accept_invalid_certs: self.insecure_tls,
+            request_timeout: Duration::from_millis(self.timeout_ms),
+            error_retry: Duration::from_millis(self.error_retry_ms),
+            feedback_interval: Duration::from_millis(self.feedback_interval_ms),
+            max_poll: self.max_poll_ms.map(Duration::from_millis),
+            max_firmware_size: self.max_firmware_bytes,
+            ..HawkbitConfig::new(url)
+        })
+    }
 }
 
 impl ServeArgs {
@@ -222,6 +298,7 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_millis(self.shutdown_timeout_ms),
         };
         config.oci = self.oci.config();
+        config.hawkbit = self.hawkbit.config();
         config
     }
 

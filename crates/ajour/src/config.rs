@@ -357,10 +357,11 @@ fn toml_value(shape: Shape, values: &[&OsStr]) -> toml::Value {
 }
 
 /// Settings whose values are secrets, never printed.
-pub const SECRETS: [&str; 5] = [
+pub const SECRETS: [&str; 6] = [
     "api-token",
     "credential-secret",
     "drogue-token",
+    "hawkbit-gateway-token",
     "oci-password",
     "oci-token",
 ];

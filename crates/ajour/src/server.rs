@@ -3,6 +3,7 @@
 //! [`ConnectionLimits`].
 
 use ajour_api::{ApiState, ApiToken};
+use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
 use ajour_registry::{CredentialKeys, KeyError, MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
@@ -24,7 +25,7 @@ use tokio::task::JoinHandle;
 pub const DEFAULT_DATA_DIR: &str = "ajour-data";
 
 /// Everything `ajour serve` needs, with defaults that run on a fresh machine. These defaults (and
-/// those of [`ServiceConfig`] and [`OciConfig`] it holds) are the ones the flags of `ajour serve`
+/// those of [`ServiceConfig`], [`OciConfig`] and [`HawkbitConfig`] it holds) are the ones the flags of `ajour serve`
 /// show and use: they are written here, not again in `cli.rs`.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -44,6 +45,8 @@ pub struct ServerConfig {
     pub drogue: Option<ajour_drogue::DrogueConfig>,
     /// The OCI registry firmware source; `None`: specs naming a container image are refused.
     pub oci: Option<OciConfig>,
+    /// The Hawkbit firmware source; `None`: specs naming a Hawkbit controller are refused.
+    pub hawkbit: Option<HawkbitConfig>,
     /// How HTTP connections are timed, capped and drained.
     pub connections: ConnectionLimits,
 }
@@ -60,6 +63,7 @@ impl ServerConfig {
             credential_secret_file: None,
             drogue: None,
             oci: None,
+            hawkbit: None,
             connections: ConnectionLimits::default(),
         }
     }
@@ -89,6 +93,8 @@ pub struct RunningServer {
     pub service: Arc<UpdateService>,
     /// Drogue mode: what the MQTT integration did.
     pub drogue: Option<Arc<ajour_drogue::IntegrationStats>>,
+    /// What the Hawkbit source asked of Hawkbit, when it is configured.
+    pub hawkbit: Option<Arc<HawkbitStats>>,
     /// The most connections served at once: `--max-connections`, lowered to fit the open-file
     /// limit.
     pub max_connections: usize,
@@ -152,6 +158,14 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     };
     let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry));
 
+    let hawkbit = match &config.hawkbit {
+        Some(hawkbit) => Some(Arc::new(
+            HawkbitSource::new(hawkbit.clone())
+                .map_err(|e| anyhow::anyhow!(e))
+                .context("configuring the Hawkbit source")?,
+        )),
+        None => None,
+    };
     let firmware: Arc<dyn FirmwareSource> = Arc::new(Firmware {
         file: Some(Arc::new(FileStore::new(
             config.firmware_dir(),
@@ -163,7 +177,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             )),
             None => None,
         },
-        ..Default::default()
+        hawkbit: hawkbit.clone().map(|source| source as Arc<dyn FirmwareSource>),
     });
     let service = Arc::new(UpdateService::new(registry.clone(), firmware, service_config));
 
@@ -203,6 +217,9 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let connection_slots = Arc::new(Semaphore::new(max_connections));
     let (shutdown, mut stopped) = watch::channel(false);
     let (stop_writer, writer_stopped) = oneshot::channel::<()>();
+    // Specs and credentials written through other instances on the same PostgreSQL database
+    // are forgotten here as soon as PostgreSQL announces them.
+    let following = service.follow_registry_changes().await.map(tokio::spawn);
     let writer = tokio::spawn(service.clone().run_status_writer(async move {
         let _ = writer_stopped.await;
     }));
@@ -219,6 +236,9 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         // Last, so that what the drained requests and the integration recorded is written too.
         let _ = stop_writer.send(());
         writer.await.context("status writer")?;
+        if let Some(following) = following {
+            following.abort();
+        }
         Ok(())
     });
     Ok(RunningServer {
@@ -227,6 +247,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         token_generated,
         service,
         drogue,
+        hawkbit: hawkbit.map(|source| source.stats()),
         max_connections,
         connection_slots,
         shutdown,

@@ -85,6 +85,14 @@ async fn a_deleted_device_is_refused_on_its_very_next_status() {
 #[tokio::test]
 async fn a_device_not_yet_authenticated_gets_503_while_the_database_is_unreachable() {
     let server = server_with_devices(Backend::Postgres, &["known", "new"]).await;
+    // The three writes (application, two devices) are announced to this instance a moment
+    // later, each dropping what is cached: wait for them, so that what is cached next stays.
+    eventually(
+        Duration::from_secs(10),
+        "the registry's announcements",
+        || async { server.service().registry_changes_followed() >= 3 },
+    )
+    .await;
     let (status, _, _) = server.post_dfu("known@app", "pw", first_status()).await;
     assert_eq!(status, StatusCode::OK);
     server.service().settle_status_writes().await;
@@ -98,7 +106,7 @@ async fn a_device_not_yet_authenticated_gets_503_while_the_database_is_unreachab
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     // Recognised a moment ago, its spec cached: served from memory meanwhile.
     let (status, _, body) = server.post_dfu("known@app", "pw", first_status()).await;
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert!(matches!(
         decode_command(&body).unwrap(),
         Command::Write { offset: 0, .. }

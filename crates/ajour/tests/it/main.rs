@@ -1,6 +1,6 @@
 //! End to end: `ajour serve` in this process on a free port (`TestServer`) or as the binary
 //! (`ServeProcess`), its registry on SQLite and on PostgreSQL (a database of the test's own),
-//! real HTTP, real peers (Mosquitto, docker-registry), devices played by the one simulator.
+//! real HTTP, real peers (Mosquitto, docker-registry; Hawkbit played by `hawkbit_mock`), devices played by the one simulator.
 //! What is tested here needs the whole server or the binary; the crates test themselves.
 
 mod support;
@@ -11,6 +11,7 @@ mod bad_input;
 mod binary;
 mod devices;
 mod drogue;
+mod hawkbit;
 mod oci;
 mod ops;
 mod status;
