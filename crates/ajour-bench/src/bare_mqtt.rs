@@ -314,7 +314,16 @@ mod tests {
 
     fn statuses() -> Vec<ajour_protocol::Status> {
         let mut statuses = Vec::new();
-        for cid in [None, Some(0), Some(23), Some(24), Some(255), Some(256), Some(70_000), Some(u32::MAX)] {
+        for cid in [
+            None,
+            Some(0),
+            Some(23),
+            Some(24),
+            Some(255),
+            Some(256),
+            Some(70_000),
+            Some(u32::MAX),
+        ] {
             for mtu in [None, Some(0), Some(100), Some(512), Some(4096), Some(1 << 20)] {
                 let first = |version: &str| ajour_protocol::Status {
                     version: version.as_bytes().to_vec(),
@@ -369,8 +378,8 @@ mod tests {
         assert_eq!(
             write(b"0.1.1", None, 0, b"hello"),
             [
-                0xa1, 0x02, 0xa4, 0x00, 0x45, b'0', b'.', b'1', b'.', b'1', 0x01, 0xf6, 0x02, 0x00, 0x03, 0x45,
-                b'h', b'e', b'l', b'l', b'o'
+                0xa1, 0x02, 0xa4, 0x00, 0x45, b'0', b'.', b'1', b'.', b'1', 0x01, 0xf6, 0x02, 0x00, 0x03,
+                0x45, b'h', b'e', b'l', b'l', b'o'
             ]
         );
     }
@@ -393,7 +402,8 @@ mod tests {
         assert_eq!(command.correlation_id(), Some(7));
         assert_eq!(command.kind(), "write");
 
-        let other = ajour_drogue::event::structured_event("bench", "dev-1", "telemetry", "application/cbor", &data);
+        let other =
+            ajour_drogue::event::structured_event("bench", "dev-1", "telemetry", "application/cbor", &data);
         assert!(answer(&image, "bench", other.to_string().as_bytes(), &mut buffer).is_none());
         assert!(answer(&image, "bench", b"not json", &mut buffer).is_none());
     }

@@ -8,8 +8,11 @@
 //!
 //! - `ajour`: `ajour serve` in Drogue mode, its registry a second `ajour serve` (SQLite) speaking
 //!   Drogue's registry API, as in the Drogue tests;
-//! - `bare`: `ajour-bench bare-mqtt-server` ([`crate::bare_mqtt`]): parse, decide, encode,
-//!   publish; no registry.
+//! - `bare`: `ajour-bench bare-mqtt-server` ([`crate::bare_mqtt`]), a minimal server sharing no
+//!   code with Ajour: decode the event and the status, slice the image, publish; no registry.
+//!
+//! On two shared cores one run says little: `--runs N` runs both targets N times, alternating, and
+//! reports the median ratio.
 //!
 //! The broker is measured too (its CPU seconds per run), since on one machine it competes with
 //! the server for the same cores.
@@ -45,6 +48,10 @@ pub struct MqttBenchArgs {
     /// Seconds a device waits for its command before sending its status again.
     #[arg(long, default_value_t = 30.0)]
     pub command_timeout: f64,
+    /// Measure both targets this many times, alternating (ajour, bare, ajour, bare, ...), and
+    /// report each run and the median ratio.
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
 }
 
 pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
@@ -70,28 +77,59 @@ pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
         (None, None) => unreachable!("a broker is given or started"),
     };
     let broker_pid = own_broker.as_ref().and_then(Mosquitto::pid);
-    let mut reports = Vec::new();
-    if !args.fleet.no_ajour {
-        reports.push(run_ajour(&args, &url, broker_pid).await?);
+    let runs = args.runs.max(1);
+    let mut ratios = Vec::new();
+    for run in 1..=runs {
+        let mut reports = Vec::new();
+        if !args.fleet.no_ajour {
+            reports.push(run_ajour(&args, &url, broker_pid).await?);
+        }
+        if !args.fleet.no_bare {
+            reports.push(run_bare(&args, &url, broker_pid).await?);
+        }
+        if let [ajour, bare] = reports.as_slice() {
+            ratios.push(ajour.round_trips_per_second() / bare.round_trips_per_second());
+        }
+        print_table(
+            &format!(
+                "MQTT integration path through {}: {} devices, image {} bytes, mtu {}, whole update{}",
+                if own_broker.is_some() {
+                    "Mosquitto"
+                } else {
+                    url.as_str()
+                },
+                args.fleet.devices,
+                args.fleet.image_size,
+                args.fleet.mtu,
+                if runs > 1 {
+                    format!(" (run {run} of {runs})")
+                } else {
+                    String::new()
+                }
+            ),
+            &reports,
+        );
     }
-    if !args.fleet.no_bare {
-        reports.push(run_bare(&args, &url, broker_pid).await?);
+    if ratios.len() > 1 {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{:.0}%", r * 100.0)).collect();
+        println!(
+            "ajour/bare over {} alternating runs: {} (median {:.0}%)",
+            ratios.len(),
+            each.join(", "),
+            median(&mut ratios) * 100.0
+        );
     }
-    print_table(
-        &format!(
-            "MQTT integration path through {}: {} devices, image {} bytes, mtu {}, whole update",
-            if own_broker.is_some() {
-                "Mosquitto"
-            } else {
-                url.as_str()
-            },
-            args.fleet.devices,
-            args.fleet.image_size,
-            args.fleet.mtu
-        ),
-        &reports,
-    );
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
 }
 
 async fn run_ajour(

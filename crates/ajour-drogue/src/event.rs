@@ -104,34 +104,37 @@ pub fn command_topic(app: &str, device: &str, command: &str) -> String {
 }
 
 /// Parse a structured CloudEvent (JSON).
+///
+/// The attributes Ajour reads are taken straight from the JSON text, and every other member is
+/// skipped without being built: this runs for every event on the connection's task, so an event
+/// costs a handful of small allocations rather than a JSON tree.
 pub fn parse_structured(payload: &[u8]) -> Result<Event, EventError> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| EventError::NotJson(e.to_string()))?;
-    let Value::Object(mut object) = value else {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        // Not an object (or not JSON at all): say which.
+        serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+            .map_err(|e| EventError::NotJson(e.to_string()))?;
         return Err(EventError::NotObject);
-    };
-    let attribute = |name: &str| -> Result<Option<String>, EventError> {
-        match object.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(_) => Err(EventError::NotString(name.into())),
-        }
-    };
-    let id = attribute("id")?;
-    let subject = attribute("subject")?;
-    let application = attribute("application")?;
-    let device = attribute("device")?;
-    let sender = attribute("sender")?;
-    let content_type = attribute("datacontenttype")?;
-    let data = match (object.remove("data_base64"), object.remove("data")) {
-        (Some(Value::String(encoded)), _) => Data::Binary(
+    }
+    let raw: structured::RawEvent =
+        serde_json::from_slice(payload).map_err(|e| EventError::NotJson(e.to_string()))?;
+    // In this order, whatever the order in the event, so the error names the same attribute.
+    let id = raw.id.string("id")?;
+    let subject = raw.subject.string("subject")?;
+    let application = raw.application.string("application")?;
+    let device = raw.device.string("device")?;
+    let sender = raw.sender.string("sender")?;
+    let content_type = raw.content_type.string("datacontenttype")?;
+    let data = match (raw.data_base64, raw.data) {
+        (structured::Attribute::String(encoded), _) => Data::Binary(
             base64::engine::general_purpose::STANDARD
                 .decode(encoded.trim())
                 .map_err(|e| EventError::Base64(e.to_string()))?,
         ),
-        (Some(Value::Null) | None, None | Some(Value::Null)) => Data::None,
-        (Some(Value::Null) | None, Some(Value::String(text))) => Data::Text(text),
-        (Some(Value::Null) | None, Some(json)) => Data::Json(json),
-        (Some(_), _) => return Err(EventError::NotString("data_base64".into())),
+        (structured::Attribute::Absent, None | Some(Value::Null)) => Data::None,
+        (structured::Attribute::Absent, Some(Value::String(text))) => Data::Text(text),
+        (structured::Attribute::Absent, Some(json)) => Data::Json(json),
+        (structured::Attribute::Other, _) => return Err(EventError::NotString("data_base64".into())),
     };
     Ok(Event {
         id,
@@ -142,6 +145,152 @@ pub fn parse_structured(payload: &[u8]) -> Result<Event, EventError> {
         content_type,
         data,
     })
+}
+
+/// The members of a structured event that Ajour reads, borrowed from the JSON text where it
+/// can be (a string with no escapes).
+mod structured {
+    use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
+    use std::borrow::Cow;
+    use std::fmt;
+
+    /// An attribute as it appeared: absent or `null`, a string, or anything else (an error for
+    /// the attributes Ajour reads).
+    #[derive(Default)]
+    pub(super) enum Attribute<'a> {
+        #[default]
+        Absent,
+        String(Cow<'a, str>),
+        Other,
+    }
+
+    impl Attribute<'_> {
+        pub(super) fn string(self, name: &str) -> Result<Option<String>, super::EventError> {
+            match self {
+                Attribute::Absent => Ok(None),
+                Attribute::String(s) => Ok(Some(s.into_owned())),
+                Attribute::Other => Err(super::EventError::NotString(name.into())),
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Attribute<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct AttributeVisitor;
+            impl<'de> Visitor<'de> for AttributeVisitor {
+                type Value = Attribute<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("any JSON value")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                    Ok(Attribute::String(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                    Ok(Attribute::String(Cow::Owned(v.to_string())))
+                }
+                fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                    Ok(Attribute::String(Cow::Owned(v)))
+                }
+                fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                    Ok(Attribute::Absent)
+                }
+                fn visit_none<E>(self) -> Result<Self::Value, E> {
+                    Ok(Attribute::Absent)
+                }
+                fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                    Ok(Attribute::Other)
+                }
+                fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                    Ok(Attribute::Other)
+                }
+                fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                    Ok(Attribute::Other)
+                }
+                fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                    Ok(Attribute::Other)
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Attribute::Other)
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Attribute::Other)
+                }
+            }
+            deserializer.deserialize_any(AttributeVisitor)
+        }
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(field_identifier)]
+    enum Field {
+        #[serde(rename = "id")]
+        Id,
+        #[serde(rename = "subject")]
+        Subject,
+        #[serde(rename = "application")]
+        Application,
+        #[serde(rename = "device")]
+        Device,
+        #[serde(rename = "sender")]
+        Sender,
+        #[serde(rename = "datacontenttype")]
+        ContentType,
+        #[serde(rename = "data_base64")]
+        DataBase64,
+        #[serde(rename = "data")]
+        Data,
+        #[serde(other)]
+        Other,
+    }
+
+    /// A structured event: a JSON object. A member given twice counts as its last occurrence, as
+    /// in a JSON tree.
+    #[derive(Default)]
+    pub(super) struct RawEvent<'a> {
+        pub id: Attribute<'a>,
+        pub subject: Attribute<'a>,
+        pub application: Attribute<'a>,
+        pub device: Attribute<'a>,
+        pub sender: Attribute<'a>,
+        pub content_type: Attribute<'a>,
+        pub data_base64: Attribute<'a>,
+        pub data: Option<Value>,
+    }
+
+    impl<'de> Deserialize<'de> for RawEvent<'de> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct EventVisitor;
+            impl<'de> Visitor<'de> for EventVisitor {
+                type Value = RawEvent<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a CloudEvent (a JSON object)")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                    let mut event = RawEvent::default();
+                    while let Some(field) = map.next_key::<Field>()? {
+                        match field {
+                            Field::Id => event.id = map.next_value()?,
+                            Field::Subject => event.subject = map.next_value()?,
+                            Field::Application => event.application = map.next_value()?,
+                            Field::Device => event.device = map.next_value()?,
+                            Field::Sender => event.sender = map.next_value()?,
+                            Field::ContentType => event.content_type = map.next_value()?,
+                            Field::DataBase64 => event.data_base64 = map.next_value()?,
+                            Field::Data => event.data = Some(map.next_value()?),
+                            Field::Other => {
+                                map.next_value::<IgnoredAny>()?;
+                            }
+                        }
+                    }
+                    Ok(event)
+                }
+            }
+            deserializer.deserialize_map(EventVisitor)
+        }
+    }
 }
 
 /// Whether an MQTT 5 message is in binary content mode: its attributes are user properties.
@@ -198,6 +347,33 @@ fn is_text(content_type: &str) -> bool {
 ///
 /// `Ok(None)`: not Ajour's (another channel). `Err`: meant for Ajour but unusable.
 pub fn dfu_request(event: &Event, topic_app: Option<&str>) -> Result<Option<DfuRequest>, EventError> {
+    let Some((key, lorawan)) = dfu_key(event, topic_app)? else {
+        return Ok(None);
+    };
+    let (status, command) = if lorawan {
+        (frm_payload(&event.data)?, TTN_COMMAND)
+    } else {
+        (status_bytes(&event.data)?, DFU_SUBJECT)
+    };
+    Ok(Some(DfuRequest { key, command, status }))
+}
+
+/// [`dfu_request`], taking the status bytes out of the event rather than copying them.
+fn into_dfu_request(event: Event, topic_app: Option<&str>) -> Result<Option<DfuRequest>, EventError> {
+    let Some((key, lorawan)) = dfu_key(&event, topic_app)? else {
+        return Ok(None);
+    };
+    let (status, command) = match event.data {
+        data if lorawan => (frm_payload(&data)?, TTN_COMMAND),
+        Data::Binary(bytes) if !bytes.is_empty() => (bytes, DFU_SUBJECT),
+        data => (status_bytes(&data)?, DFU_SUBJECT),
+    };
+    Ok(Some(DfuRequest { key, command, status }))
+}
+
+/// The device a DFU event is from, and whether it is a LoRaWAN uplink; `None` when the event is
+/// not a DFU status.
+fn dfu_key(event: &Event, topic_app: Option<&str>) -> Result<Option<(Key, bool)>, EventError> {
     let subject = event.subject.as_deref().unwrap_or_default();
     let lorawan = event.sender.as_deref() == Some(TTN_SENDER) && subject == TTN_DFU_PORT;
     if subject != DFU_SUBJECT && !lorawan {
@@ -221,16 +397,7 @@ pub fn dfu_request(event: &Event, topic_app: Option<&str>) -> Result<Option<DfuR
     let device = event.device.as_deref().ok_or(EventError::NoDevice)?;
     let app = AppName::parse(app).map_err(|e| EventError::InvalidName(e.to_string()))?;
     let device = DeviceName::parse(device).map_err(|e| EventError::InvalidName(e.to_string()))?;
-    let (bytes, command) = if lorawan {
-        (frm_payload(&event.data)?, TTN_COMMAND)
-    } else {
-        (status_bytes(&event.data)?, DFU_SUBJECT)
-    };
-    Ok(Some(DfuRequest {
-        key: Key::Device(app, device),
-        command,
-        status: bytes,
-    }))
+    Ok(Some((Key::Device(app, device), lorawan)))
 }
 
 /// The DFU request in a message of Drogue's integration, whichever content mode it came in: binary
@@ -245,9 +412,9 @@ pub fn dfu_request_in(
 ) -> Result<Option<DfuRequest>, EventError> {
     let topic_app = topic_application(topic);
     if is_binary_mode(user_properties) {
-        dfu_request(&parse_binary(payload, content_type, user_properties), topic_app)
+        into_dfu_request(parse_binary(payload, content_type, user_properties), topic_app)
     } else {
-        parse_structured(payload).and_then(|event| dfu_request(&event, topic_app))
+        parse_structured(payload).and_then(|event| into_dfu_request(event, topic_app))
     }
 }
 

@@ -5,8 +5,14 @@
 //! stream), decodes each event ([`crate::event`]), hands DFU statuses to the update service and
 //! publishes the answer on `command/{app}/{device}/{dfu|port:223}` at QoS 1.
 //!
-//! Concurrency: statuses are sharded by device onto a fixed number of workers, so different
-//! devices are served concurrently and the statuses of one device in the order they arrived.
+//! Concurrency: a status is answered on the connection's own task when it can be at once (the
+//! device's context is cached, the firmware in memory, the command fits the connection's queue),
+//! which is nearly every block of an update: no hand-over between tasks, as a server with nothing
+//! else to do would answer. What has to wait (the registry, for a device not seen lately) is
+//! handed, where it stopped, to one of a fixed number of workers, chosen by device, so different
+//! devices wait concurrently. A device's statuses are answered in the order they arrived: while a
+//! worker holds anything, the statuses of its devices queue behind it instead of being answered
+//! on the connection's task.
 //! Faults: a malformed event is logged and skipped; a lost connection is re-established with
 //! exponential backoff, and every (re)connection subscribes again (the session is clean); a
 //! registry error reaches the device as a Wait (the update service's policy).
@@ -21,10 +27,13 @@ use ajour_registry::{AppName, Key, ListParams, Registry, Scope};
 use ajour_service::UpdateService;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::ops::ControlFlow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
@@ -57,14 +66,14 @@ pub struct IntegrationConfig {
     pub shared_group: Option<String>,
     /// Ask for binary content mode (MQTT 5 only; both modes are decoded either way).
     pub binary_content_mode: bool,
-    /// Devices served at the same time.
+    /// Devices that can wait (for the registry) at the same time.
     pub workers: usize,
     /// Room per worker in the connection's queue of outgoing requests (commands, subscriptions).
     pub queue: usize,
 }
 
 impl IntegrationConfig {
-    /// Devices served at the same time, unless configured otherwise.
+    /// Devices that can wait (for the registry) at the same time, unless configured otherwise.
     pub const DEFAULT_WORKERS: u16 = 16;
 
     pub fn new(mqtt: MqttConfig, applications: Applications) -> Self {
@@ -175,9 +184,10 @@ impl Integration {
                 )));
             }
         }
-        // Workers publish through the connection's request queue, which only the connection task
-        // drains (by polling); a worker finding it full waits until it does. The connection task
-        // never waits on a worker (their queues are unbounded, see `run`), so that wait ends.
+        // Commands go out through the connection's request queue, which only the connection task
+        // drains (by polling). The connection task never waits for room in it: an answer that
+        // finds it full goes on waiting in a worker (whose queues are unbounded, see `run`), and
+        // so that wait ends.
         let capacity = config.workers * config.queue * 2 + 1024;
         let (client, connection) = connect(&config.mqtt, capacity)?;
         let stats = Arc::new(IntegrationStats::default());
@@ -230,9 +240,26 @@ impl Integration {
     }
 }
 
-/// A status to answer.
-struct Job {
-    request: DfuRequest,
+/// What a worker is handed: a status to answer, or an answer started on the connection's task
+/// that has to wait for something.
+enum Job {
+    Status(DfuRequest),
+    Started(Pin<Box<dyn Future<Output = ()> + Send>>),
+}
+
+/// One worker, as the connection task sees it.
+struct Shard {
+    jobs: mpsc::UnboundedSender<Job>,
+    /// Jobs handed to the worker and not finished yet. Only the connection task adds to it, so
+    /// when it reads 0 nothing of this worker's devices is outstanding.
+    held: Arc<AtomicUsize>,
+}
+
+/// What answering a status needs.
+struct Answerer {
+    service: Arc<UpdateService>,
+    client: MqttClient,
+    stats: Arc<IntegrationStats>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -253,10 +280,19 @@ async fn run(
     // with 10,000 devices: more statuses came in than the request queue holds commands). What
     // waits here is bounded by the devices: each waits for the answer to its status before
     // sending another (or for its own timeout, to send it again).
+    let answerer = Arc::new(Answerer {
+        service: service.clone(),
+        client: client.clone(),
+        stats: stats.clone(),
+    });
     for _ in 0..config.workers {
         let (tx, rx) = mpsc::unbounded_channel();
-        shards.push(tx);
-        workers.spawn(worker(rx, service.clone(), client.clone(), stats.clone()));
+        let held = Arc::new(AtomicUsize::new(0));
+        shards.push(Shard {
+            jobs: tx,
+            held: held.clone(),
+        });
+        workers.spawn(worker(rx, held, answerer.clone()));
     }
     let mut helpers = JoinSet::new();
     if let Applications::All { refresh } = config.applications {
@@ -281,6 +317,8 @@ async fn run(
         config: &config,
         stats: &stats,
         shards: &shards,
+        answerer: &answerer,
+        idle_waker: Waker::from(Arc::new(Idle)),
     };
     let options = SessionOptions {
         binary_content_mode: config.binary_content_mode,
@@ -315,12 +353,22 @@ async fn run(
 }
 
 /// The integration's side of the MQTT session: subscriptions on every connection, and each
-/// DFU status to the worker of its device.
+/// DFU status answered, at once or by the worker of its device.
 struct Session<'a> {
     applications: &'a Mutex<BTreeSet<AppName>>,
     config: &'a IntegrationConfig,
     stats: &'a IntegrationStats,
-    shards: &'a [mpsc::UnboundedSender<Job>],
+    shards: &'a [Shard],
+    answerer: &'a Arc<Answerer>,
+    /// Wakes nobody: see [`Session::message`].
+    idle_waker: Waker,
+}
+
+/// A waker that does nothing.
+struct Idle;
+
+impl Wake for Idle {
+    fn wake(self: Arc<Self>) {}
 }
 
 impl SessionHandler for Session<'_> {
@@ -348,8 +396,22 @@ impl SessionHandler for Session<'_> {
         let Some(request) = classify(&message, self.stats) else {
             return ControlFlow::Continue(());
         };
-        let shard = worker_of(&request.key, self.shards.len());
-        if self.shards[shard].send(Job { request }).is_err() {
+        let shard = &self.shards[worker_of(&request.key, self.shards.len())];
+        let job = if shard.held.load(Ordering::Acquire) == 0 {
+            // Nothing of this worker's devices is outstanding: answer here, as far as it goes
+            // without waiting. Polled with a waker that does nothing: what it would wait for is
+            // waited for by the worker, which polls it again with its own.
+            let mut answering = Box::pin(answer(self.answerer.clone(), request));
+            let mut context = Context::from_waker(&self.idle_waker);
+            if let Poll::Ready(()) = answering.as_mut().poll(&mut context) {
+                return ControlFlow::Continue(());
+            }
+            Job::Started(answering)
+        } else {
+            Job::Status(request)
+        };
+        shard.held.fetch_add(1, Ordering::AcqRel);
+        if shard.jobs.send(job).is_err() {
             tracing::error!("a worker of the Drogue integration has stopped");
             return ControlFlow::Break(());
         }
@@ -407,42 +469,52 @@ pub fn worker_of(key: &Key, workers: usize) -> usize {
     (hasher.finish() % workers as u64) as usize
 }
 
-async fn worker(
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    service: Arc<UpdateService>,
-    client: MqttClient,
-    stats: Arc<IntegrationStats>,
-) {
-    while let Some(Job { request }) = jobs.recv().await {
-        // Drogue authenticated the device: no credentials to check here.
-        let reply = match service.device(&request.key, None).await {
-            Ok(device) => device.handle_status(&request.status).await,
-            Err(error) => {
-                tracing::warn!(key = %request.key, %error, "device unavailable");
-                continue;
-            }
-        };
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(error) => {
-                bump(&stats.malformed);
-                count_event("malformed");
-                tracing::warn!(key = %request.key, %error, "skipping a malformed status");
-                continue;
-            }
-        };
-        let topic = request.command_topic();
-        tracing::trace!(%topic, command = reply.kind, "answering");
-        match client.publish(&topic, reply.command).await {
-            Ok(()) => {
-                bump(&stats.commands);
-                count_command("published");
-            }
-            Err(error) => {
-                bump(&stats.publish_failures);
-                count_command("failed");
-                tracing::warn!(%error, %topic, "publishing a command failed");
-            }
+/// Answer the jobs of one worker's devices, one after the other.
+async fn worker(mut jobs: mpsc::UnboundedReceiver<Job>, held: Arc<AtomicUsize>, answerer: Arc<Answerer>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Status(request) => answer(answerer.clone(), request).await,
+            Job::Started(answering) => answering.await,
+        }
+        held.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Ask the update service for the command answering `request` and publish it.
+async fn answer(answerer: Arc<Answerer>, request: DfuRequest) {
+    let Answerer {
+        service,
+        client,
+        stats,
+    } = answerer.as_ref();
+    // Drogue authenticated the device: no credentials to check here.
+    let reply = match service.device(&request.key, None).await {
+        Ok(device) => device.handle_status(&request.status).await,
+        Err(error) => {
+            tracing::warn!(key = %request.key, %error, "device unavailable");
+            return;
+        }
+    };
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(error) => {
+            bump(&stats.malformed);
+            count_event("malformed");
+            tracing::warn!(key = %request.key, %error, "skipping a malformed status");
+            return;
+        }
+    };
+    let topic = request.command_topic();
+    tracing::trace!(%topic, command = reply.kind, "answering");
+    match client.publish(&topic, reply.command).await {
+        Ok(()) => {
+            bump(&stats.commands);
+            count_command("published");
+        }
+        Err(error) => {
+            bump(&stats.publish_failures);
+            count_command("failed");
+            tracing::warn!(%error, %topic, "publishing a command failed");
         }
     }
 }

@@ -3,10 +3,17 @@
 //! `status.firmware` to Drogue instead of its own database.
 //!
 //! Reads are not cached here: the update service already reuses a device's context for a bounded
-//! time and coalesces status writes, so this client makes plain REST calls. A status write is a GET
-//! and a PUT of the very object read, with only `status.{section}` replaced and the
-//! `resourceVersion` kept, so Drogue's optimistic locking turns a concurrent change into a 409,
-//! on which the write is redone on the fresh object: nothing another writer changed is lost.
+//! time and coalesces status writes, so this client makes plain REST calls. A status write is a PUT
+//! of the object as read, with only `status.{section}` replaced and the `resourceVersion` kept, so
+//! Drogue's optimistic locking turns a concurrent change into a 409, on which the write is redone
+//! on a fresh read: nothing another writer changed is lost.
+//!
+//! The object a write starts from is the one the last [`Registry::get`] of that device returned,
+//! when it is recent and no write through this client came since (the update service reads a
+//! device's context, then writes its status: the read just made is as good as a new one);
+//! otherwise it is read again. Should it be out of date after all, the registry refuses the write
+//! (409) and it is redone on a fresh read, as any conflict is: a write never rests on anything
+//! but the object as the registry has it.
 
 use crate::DrogueError;
 use ajour_client::registry::Answer;
@@ -16,18 +23,28 @@ use async_trait::async_trait;
 use rand::Rng;
 use reqwest::{Method, StatusCode, Url};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// How often a status write is redone after a 409 before giving up (it is retried by the
 /// status writer later anyway).
 const CONFLICT_RETRIES: u32 = 16;
+
+/// How long an object read stays the starting point of a status write.
+const RECENT: Duration = Duration::from_secs(10);
+
+/// Objects read kept at most; past that, the older ones are forgotten.
+const RECENT_MAX: usize = 100_000;
 
 /// Drogue's device registry, over HTTP.
 #[derive(Debug)]
 pub struct DrogueRegistry {
     client: RegistryClient,
     conflicts: AtomicU64,
+    /// Each device's object as the last read returned it (the body as received), and when.
+    recent: Mutex<HashMap<Key, (Instant, bytes::Bytes)>>,
 }
 
 impl DrogueRegistry {
@@ -35,7 +52,31 @@ impl DrogueRegistry {
         Ok(Self {
             client: RegistryClient::new(config)?,
             conflicts: AtomicU64::new(0),
+            recent: Mutex::default(),
         })
+    }
+
+    /// Keep `body`, the object of device `key` as just read, for a status write to start from.
+    fn remember(&self, key: &Key, body: bytes::Bytes) {
+        let mut recent = self.recent.lock().unwrap();
+        if recent.len() >= RECENT_MAX {
+            recent.retain(|_, (at, _)| at.elapsed() < RECENT);
+            if recent.len() >= RECENT_MAX {
+                recent.clear();
+            }
+        }
+        recent.insert(key.clone(), (Instant::now(), body));
+    }
+
+    /// The object of `key` as recently read, if no write came since; taken, as the write about to
+    /// be made changes it.
+    fn take_recent(&self, key: &Key) -> Option<bytes::Bytes> {
+        let (at, body) = self.recent.lock().unwrap().remove(key)?;
+        (at.elapsed() < RECENT).then_some(body)
+    }
+
+    fn forget(&self, key: &Key) {
+        self.recent.lock().unwrap().remove(key);
     }
 
     /// 409s met (and retried) by status writes so far.
@@ -93,11 +134,6 @@ fn failure(key: &Key, answer: &Answer, what: &str) -> RegistryError {
     }
 }
 
-fn to_resource(value: Value, what: &str) -> Result<Resource, RegistryError> {
-    serde_json::from_value(value)
-        .map_err(|e| RegistryError::Remote(format!("{what}: unexpected object: {e}")))
-}
-
 #[async_trait]
 impl Registry for DrogueRegistry {
     async fn create(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
@@ -124,9 +160,26 @@ impl Registry for DrogueRegistry {
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
-        match self.get_raw(key).await? {
-            Some(value) => to_resource(value, &format!("GET {key}")).map(Some),
-            None => Ok(None),
+        let what = format!("GET {key}");
+        let answer = self
+            .send(Method::GET, self.client.object_url(key), None, &what)
+            .await?;
+        match answer.status {
+            StatusCode::NOT_FOUND => {
+                self.forget(key);
+                Ok(None)
+            }
+            status if status.is_success() => {
+                let resource: Resource = serde_json::from_slice(&answer.body)
+                    .map_err(|e| RegistryError::Remote(format!("{what}: unexpected object: {e}")))?;
+                // Only an object with a version can be written back guarded by it.
+                if matches!(key, Key::Device(..)) && !resource.metadata.resource_version.is_empty() {
+                    // A copy of its own: the body may be a slice of a much larger read buffer.
+                    self.remember(key, bytes::Bytes::copy_from_slice(&answer.body));
+                }
+                Ok(Some(resource))
+            }
+            _ => Err(failure(key, &answer, &what)),
         }
     }
 
@@ -184,6 +237,7 @@ impl Registry for DrogueRegistry {
     }
 
     async fn update(&self, key: &Key, resource: Resource) -> Result<Resource, RegistryError> {
+        self.forget(key);
         let what = format!("PUT {key}");
         let body = serde_json::to_value(&resource).map_err(|e| RegistryError::Invalid(e.to_string()))?;
         let answer = self
@@ -199,6 +253,7 @@ impl Registry for DrogueRegistry {
     }
 
     async fn delete(&self, key: &Key) -> Result<(), RegistryError> {
+        self.forget(key);
         let what = format!("DELETE {key}");
         let answer = self
             .send(Method::DELETE, self.client.object_url(key), None, &what)
@@ -217,11 +272,20 @@ impl Registry for DrogueRegistry {
         merge: StatusMerge<'_>,
     ) -> Result<bool, RegistryError> {
         let what = format!("writing status.{section} of {key}");
-        for attempt in 0..CONFLICT_RETRIES {
-            let mut object = self
-                .get_raw(key)
-                .await?
-                .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+        let mut recent = self.take_recent(key);
+        let mut attempt = 0;
+        while attempt < CONFLICT_RETRIES {
+            let read_now = recent.is_none();
+            let mut object = match recent
+                .take()
+                .and_then(|body| serde_json::from_slice::<Value>(&body).ok())
+            {
+                Some(object) => object,
+                None => self
+                    .get_raw(key)
+                    .await?
+                    .ok_or_else(|| RegistryError::NotFound(key.to_string()))?,
+            };
             let Some(fields) = object.as_object_mut() else {
                 return Err(RegistryError::Remote(format!(
                     "{what}: the object is not a JSON object"
@@ -235,21 +299,34 @@ impl Registry for DrogueRegistry {
             }
             if let Some(status) = status.as_object_mut() {
                 let Some(value) = merge(status.get(section)) else {
-                    return Ok(false);
+                    if read_now {
+                        return Ok(false);
+                    }
+                    // Nothing to write, as the object was: whether that holds is for the object as
+                    // it is now to say.
+                    continue;
                 };
                 status.insert(section.to_string(), value);
             }
             let answer = self
                 .send(Method::PUT, self.client.object_url(key), Some(&object), &what)
-                .await?;
+                .await;
+            // Whatever came of it, an object read before is out of date now, or may be.
+            self.forget(key);
+            let answer = answer?;
             match answer.status {
                 code if code.is_success() => return Ok(true),
+                // The object read a moment ago changed since (or is gone): read it again, at once.
+                status if !read_now => {
+                    tracing::debug!(%key, %status, "status write on an object read before refused; reading it again");
+                }
                 StatusCode::CONFLICT => {
+                    attempt += 1;
                     self.conflicts.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("ajour_drogue_registry_conflicts_total").increment(1);
                     tracing::debug!(%key, attempt, "status write met a concurrent change; redoing it");
                     // Spread out writers that collided, so they do not collide again in step.
-                    let jitter = rand::thread_rng().gen_range(0..=5 * (attempt as u64 + 1));
+                    let jitter = rand::thread_rng().gen_range(0..=5 * attempt as u64);
                     tokio::time::sleep(Duration::from_millis(jitter)).await;
                 }
                 _ => return Err(failure(key, &answer, &what)),
