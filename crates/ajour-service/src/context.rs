@@ -2,7 +2,9 @@
 //! while: a device sends one status per block, and reading two objects from the database for each
 //! would make the database the bottleneck.
 
-use ajour_registry::{AppName, Change, DeviceCredentials, Key, Registry, RegistryError, Resource};
+use ajour_registry::{
+    AppName, Change, DeviceCredentials, DeviceName, Key, ListParams, Registry, RegistryError, Resource, Scope,
+};
 use ajour_store::FirmwareSpec;
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -18,11 +20,49 @@ pub(crate) struct DeviceContext {
     pub credentials: DeviceCredentials,
 }
 
+/// From this many cached devices of one application, expired contexts are read again all at once:
+/// one list of the application's devices instead of a read per device. With 10,000 devices and
+/// the 5 s TTL, reads one by one are 2,000 requests a second to the registry (Drogue's, over
+/// HTTP, in Drogue mode); one list every TTL is what the registry can carry.
+const BATCH_REFRESH_MIN: usize = 32;
+
+/// Cached contexts, and how many of each application's devices are among them.
+#[derive(Default)]
+struct Entries {
+    by_key: HashMap<Key, (Instant, Arc<DeviceContext>)>,
+    per_app: HashMap<AppName, usize>,
+}
+
+impl Entries {
+    fn insert(&mut self, key: Key, at: Instant, context: Arc<DeviceContext>) {
+        let app = key.app().clone();
+        if self.by_key.insert(key, (at, context)).is_none() {
+            *self.per_app.entry(app).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &Key) {
+        if self.by_key.remove(key).is_some() {
+            if let Some(count) = self.per_app.get_mut(key.app()) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
+    fn remove_app(&mut self, app: &AppName) {
+        self.by_key.retain(|k, _| k.app() != app);
+        self.per_app.remove(app);
+    }
+}
+
 pub(crate) struct ContextCache {
     ttl: Duration,
-    entries: RwLock<HashMap<Key, (Instant, Arc<DeviceContext>)>>,
+    entries: RwLock<Entries>,
     /// Applications apart: one read serves all of an application's devices.
     applications: RwLock<HashMap<AppName, (Instant, Arc<Resource>)>>,
+    /// One batch refresh at a time: the requests that find their context expired together wait
+    /// for one list rather than each making its own.
+    refreshing: tokio::sync::Mutex<()>,
     /// Changes announced by the registry and followed so far.
     followed: std::sync::atomic::AtomicU64,
 }
@@ -33,8 +73,18 @@ impl ContextCache {
             ttl,
             entries: RwLock::default(),
             applications: RwLock::default(),
+            refreshing: tokio::sync::Mutex::new(()),
             followed: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// The cached context of `key` if it was stored at or after `since` and is within the TTL
+    /// (or was stored at or after `since`, by a refresh this request waited for).
+    fn cached(&self, key: &Key, since: Option<Instant>) -> Option<Arc<DeviceContext>> {
+        let entries = self.entries.read().unwrap();
+        let (at, context) = entries.by_key.get(key)?;
+        let fresh = at.elapsed() < self.ttl || since.is_some_and(|since| *at >= since);
+        fresh.then(|| context.clone())
     }
 
     /// The context of device `key`; `None` when the device (or its application) does not exist.
@@ -44,15 +94,32 @@ impl ContextCache {
         registry: &dyn Registry,
         key: &Key,
     ) -> Result<Option<Arc<DeviceContext>>, RegistryError> {
-        if let Some((at, context)) = self.entries.read().unwrap().get(key) {
-            if at.elapsed() < self.ttl {
-                return Ok(Some(context.clone()));
-            }
+        let asked = Instant::now();
+        if let Some(context) = self.cached(key, None) {
+            return Ok(Some(context));
         }
         let Key::Device(app, _) = key else {
             return Ok(None);
         };
+        let expired_among_many = {
+            let entries = self.entries.read().unwrap();
+            entries.by_key.contains_key(key)
+                && entries.per_app.get(app).copied().unwrap_or(0) >= BATCH_REFRESH_MIN
+        };
+        if expired_among_many {
+            let _refreshing = self.refreshing.lock().await;
+            // Refreshed while this request waited?
+            if let Some(context) = self.cached(key, Some(asked)) {
+                return Ok(Some(context));
+            }
+            self.refresh_application(registry, app).await?;
+            if let Some(context) = self.cached(key, Some(asked)) {
+                return Ok(Some(context));
+            }
+            // Not listed: deleted (the read below says so) or created meanwhile.
+        }
         let Some(device) = registry.get(key).await? else {
+            self.entries.write().unwrap().remove(key);
             return Ok(None);
         };
         let Some(application) = self.application(registry, app).await? else {
@@ -62,8 +129,44 @@ impl ContextCache {
         self.entries
             .write()
             .unwrap()
-            .insert(key.clone(), (Instant::now(), context.clone()));
+            .insert(key.clone(), Instant::now(), context.clone());
         Ok(Some(context))
+    }
+
+    /// Read every cached device of `app` again with one list of its devices; devices no longer
+    /// listed are forgotten.
+    async fn refresh_application(&self, registry: &dyn Registry, app: &AppName) -> Result<(), RegistryError> {
+        let Some(application) = self.application(registry, app).await? else {
+            self.entries.write().unwrap().remove_app(app);
+            return Ok(());
+        };
+        let devices = registry
+            .list(&Scope::Devices(app.clone()), &ListParams::default())
+            .await?;
+        let now = Instant::now();
+        let mut entries = self.entries.write().unwrap();
+        let mut listed = std::collections::HashSet::with_capacity(devices.len());
+        for device in &devices {
+            let Ok(name) = DeviceName::parse(&device.metadata.name) else {
+                continue;
+            };
+            let key = Key::Device(app.clone(), name);
+            if entries.by_key.contains_key(&key) {
+                let context = Arc::new(resolve(&key, device, &application));
+                entries.insert(key.clone(), now, context);
+            }
+            listed.insert(key);
+        }
+        let gone: Vec<Key> = entries
+            .by_key
+            .keys()
+            .filter(|k| k.app() == app && !listed.contains(*k))
+            .cloned()
+            .collect();
+        for key in &gone {
+            entries.remove(key);
+        }
+        Ok(())
     }
 
     async fn application(
@@ -88,18 +191,16 @@ impl ContextCache {
     }
 
     pub fn invalidate_all(&self) {
-        self.entries.write().unwrap().clear();
+        *self.entries.write().unwrap() = Entries::default();
         self.applications.write().unwrap().clear();
     }
 
     pub fn invalidate(&self, key: &Key) {
         let mut entries = self.entries.write().unwrap();
         match key {
-            Key::Device(..) => {
-                entries.remove(key);
-            }
+            Key::Device(..) => entries.remove(key),
             Key::App(app) => {
-                entries.retain(|k, _| k.app() != app);
+                entries.remove_app(app);
                 self.applications.write().unwrap().remove(app);
             }
         }

@@ -147,6 +147,36 @@ async fn the_context_is_read_once_per_status_and_reused_within_the_ttl() {
     assert_eq!(registry.gets() - before, 2 + 1 + 2);
 }
 
+/// Past a few dozen cached devices of one application, expired contexts are read again with one
+/// list of the application's devices, not one read each; a device gone from the list is refused.
+#[tokio::test]
+async fn many_expired_contexts_of_one_application_are_read_again_with_one_list() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let names: Vec<String> = (0..40).map(|i| format!("d{i}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    fleet(registry.as_ref(), &names).await;
+    // Every context expires at once: each read below finds its own expired.
+    let service = service(
+        registry.clone(),
+        config(Duration::ZERO, Duration::from_secs(3600)),
+    );
+    for name in &names {
+        assert!(service.device(&device(name), None).await.is_ok());
+    }
+    let (gets, lists) = (registry.gets(), registry.lists());
+    assert_eq!(lists, 0, "first reads are one by one");
+    registry.delete(&device("d7")).await.unwrap();
+    for name in &names {
+        let kind = send(&service, &device(name), &status_at(Some(0))).await;
+        assert_eq!(kind, if *name == "d7" { "wait" } else { "write" }, "{name}");
+    }
+    // Each of the 39 devices still there was refreshed by a list (with a read of its
+    // application); the deleted one, forgotten by the first list, was read on its own and found
+    // gone: no device was read one by one.
+    assert_eq!(registry.lists() - lists, 39);
+    assert_eq!(registry.gets() - gets, 39 + 1);
+}
+
 #[tokio::test]
 async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one() {
     let registry = Arc::new(MemoryRegistry::new());

@@ -19,6 +19,7 @@ pub struct MemoryRegistry {
     objects: Mutex<BTreeMap<String, (Key, Resource)>>,
     down: AtomicBool,
     gets: AtomicU64,
+    lists: AtomicU64,
     status_writes: AtomicU64,
 }
 
@@ -66,6 +67,11 @@ impl MemoryRegistry {
     /// `get` calls so far.
     pub fn gets(&self) -> u64 {
         self.gets.load(Ordering::SeqCst)
+    }
+
+    /// `list` calls so far.
+    pub fn lists(&self) -> u64 {
+        self.lists.load(Ordering::SeqCst)
     }
 
     /// Status sections written so far.
@@ -142,6 +148,7 @@ impl Registry for MemoryRegistry {
 
     async fn list(&self, scope: &Scope, params: &ListParams) -> Result<Vec<Resource>, RegistryError> {
         self.available()?;
+        self.lists.fetch_add(1, Ordering::SeqCst);
         let selector = LabelSelector::parse(params.labels.as_deref().unwrap_or_default())?;
         let objects = self.objects.lock().unwrap();
         Ok(objects
