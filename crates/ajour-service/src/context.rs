@@ -18,6 +18,8 @@ pub(crate) struct DeviceContext {
     pub firmware: Result<Option<FirmwareSpec>, String>,
     /// The device's password credentials and the verifiers derived from them.
     pub credentials: DeviceCredentials,
+    /// `device@app`, as firmware sources name the device (made once here, not per status).
+    pub name: String,
 }
 
 /// From this many cached devices of one application, expired contexts are read again all at once:
@@ -216,13 +218,17 @@ fn resolve(key: &Key, device: &Resource, application: &Resource) -> DeviceContex
             .map_err(|e| e.to_string()),
         (None, None) => Ok(None),
     };
-    let credentials = match key {
-        Key::Device(app, name) => DeviceCredentials::from_device(app, name, &device.spec, &device.status),
-        Key::App(_) => DeviceCredentials::default(),
+    let (credentials, name) = match key {
+        Key::Device(app, name) => (
+            DeviceCredentials::from_device(app, name, &device.spec, &device.status),
+            format!("{name}@{app}"),
+        ),
+        Key::App(app) => (DeviceCredentials::default(), app.to_string()),
     };
     DeviceContext {
         firmware,
         credentials,
+        name,
     }
 }
 

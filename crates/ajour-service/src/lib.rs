@@ -298,12 +298,9 @@ impl UpdateService {
         };
         // Who asks and what it runs: a source acting for the device elsewhere (Hawkbit) reports
         // them; the file and OCI sources look at the spec alone.
-        let device = match key {
-            Key::Device(app, device) => format!("{device}@{app}"),
-            other => other.to_string(),
-        };
+        let device = context.name.as_str();
         let asking = Asking {
-            device: &device,
+            device,
             current: &current,
         };
         let image = match self.firmware.fetch_for(spec, &asking).await {
@@ -341,7 +338,7 @@ impl UpdateService {
             self.firmware.observe(
                 spec,
                 &Observation {
-                    device: &device,
+                    device,
                     current: &current,
                     target: &target,
                     state: Observed::Failed { reason: &reason },
@@ -387,7 +384,7 @@ impl UpdateService {
             self.firmware.observe(
                 spec,
                 &Observation {
-                    device: &device,
+                    device,
                     current: &current,
                     target: &target,
                     state,
