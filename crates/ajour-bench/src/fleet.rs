@@ -221,9 +221,10 @@ pub struct Load {
 }
 
 /// Run every device until it is done (or has sent `load.blocks` blocks) over the link
-/// `link(name)` gives it, measuring as it goes. All devices run at once.
+/// `link(name)` gives it, measuring as it goes. All devices run at once. CPU and peak memory are
+/// summed over `servers` (the instances of one server under test).
 pub async fn drive<L: Link + 'static>(
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     fleet: &FleetArgs,
     load: &Load,
     link: impl Fn(&str) -> L,
@@ -244,7 +245,13 @@ pub async fn drive<L: Link + 'static>(
     };
     let (mtu, blocks) = (fleet.mtu, load.blocks);
     let names = (0..fleet.devices).map(device_name).collect();
-    let cpu_before = server.cpu_seconds()?;
+    let servers_cpu = || {
+        servers
+            .iter()
+            .map(ServerProcess::cpu_seconds)
+            .sum::<anyhow::Result<f64>>()
+    };
+    let cpu_before = servers_cpu()?;
     let broker_before = load.broker_pid.map(cpu_seconds).transpose()?;
     let started = Instant::now();
     let devices = run_fleet(names, &everyone, |name| {
@@ -266,7 +273,7 @@ pub async fn drive<L: Link + 'static>(
         .await
         .map_err(|_| anyhow!("{target}: benchmark timed out"))??;
     let elapsed = started.elapsed();
-    let cpu_seconds_used = server.cpu_seconds()? - cpu_before;
+    let cpu_seconds_used = servers_cpu()? - cpu_before;
     let broker_cpu_seconds = match (load.broker_pid, broker_before) {
         (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
         _ => None,
@@ -310,7 +317,10 @@ pub async fn drive<L: Link + 'static>(
         elapsed,
         &latencies,
         cpu_seconds_used,
-        server.peak_rss_mib()?,
+        servers
+            .iter()
+            .map(ServerProcess::peak_rss_mib)
+            .sum::<anyhow::Result<f64>>()?,
     );
     report.broker_cpu_seconds = broker_cpu_seconds;
     Ok(report)

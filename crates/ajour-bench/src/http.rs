@@ -40,6 +40,10 @@ pub struct HttpBenchArgs {
     /// and measure the same devices updating again from the start (row `restart`).
     #[arg(long)]
     pub restart: bool,
+    /// Instances of `ajour serve` on one PostgreSQL database (`--database-url`), each device's
+    /// statuses going to each in turn as a load balancer would spread them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub instances: u32,
 }
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
@@ -59,34 +63,73 @@ pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
 
 async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<Vec<LoadReport>> {
     let ajour = args.fleet.ajour_binary()?;
+    let shared_database = args
+        .database_url
+        .as_deref()
+        .is_some_and(|url| url.starts_with("postgres"));
+    anyhow::ensure!(
+        args.instances == 1 || shared_database,
+        "--instances {}: several instances share one PostgreSQL database; give it with --database-url postgres://...",
+        args.instances
+    );
+    // One data directory for all instances, as a volume every replica mounts: the firmware
+    // files (the registry is in PostgreSQL then).
     let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
     let mut serve_args = serve_flags(&data_dir);
     serve_args.extend(["--max-mtu", "65536"]);
     if let Some(url) = &args.database_url {
         serve_args.extend(["--database-url", url]);
     }
+    // On PostgreSQL, Ajour keeps no secret of its own: every instance is given the same one, as
+    // docs/credentials.md tells.
+    let secret_file = format!("{data_dir}/credential-secret");
+    if shared_database {
+        write_credential_secret(&secret_file)?;
+        serve_args.extend(["--credential-secret-file", &secret_file]);
+    }
     serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
-    let server = ServerProcess::start(&ajour, &serve_args)?;
-    provision(&server.url, args.fleet.devices, Some(args.credentials)).await?;
-    let mut reports = vec![drive_ajour(&server, args, "ajour").await?];
+    let start = || -> anyhow::Result<Vec<ServerProcess>> {
+        (0..args.instances)
+            .map(|_| ServerProcess::start(&ajour, &serve_args))
+            .collect()
+    };
+    let servers = start()?;
+    provision(&servers[0].url, args.fleet.devices, Some(args.credentials)).await?;
+    let mut reports = vec![drive_ajour(&servers, args, "ajour").await?];
     if args.restart {
-        server.stop()?;
-        let server = ServerProcess::start(&ajour, &serve_args)?;
+        for server in servers {
+            server.stop()?;
+        }
+        let servers = start()?;
         // The same devices start again from the old version: the registry says they run the
         // new one, so each is a new update, and each device's first contact with this process.
-        reports.push(drive_ajour(&server, args, "restart").await?);
+        reports.push(drive_ajour(&servers, args, "restart").await?);
     }
     Ok(reports)
 }
 
+/// A fresh credential secret (one random key, base64) in `path`.
+fn write_credential_secret(path: &str) -> anyhow::Result<()> {
+    use base64::Engine;
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+    std::fs::write(path, base64::engine::general_purpose::STANDARD.encode(key))?;
+    Ok(())
+}
+
 async fn drive_ajour(
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     args: &HttpBenchArgs,
     target: &'static str,
 ) -> anyhow::Result<LoadReport> {
-    let guessing = Guessers::start(&server.url, args.guessers)?;
-    let mut report = drive_http(server, args, target).await?;
-    report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
+    let guessing = Guessers::start(&servers[0].url, args.guessers)?;
+    let mut report = drive_http(servers, args, target).await?;
+    let mut writes = 0.0;
+    for server in servers {
+        writes += status_writes(&server.url).await?;
+    }
+    report.status_writes = Some(writes / f64::from(args.fleet.devices));
     let answers = guessing.stop().await;
     if args.guessers > 0 {
         println!(
@@ -103,12 +146,13 @@ async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
         &FleetArgs::bench_binary()?,
         &["bare-server", "--image-size", &size, "--version", TO],
     )?;
-    drive_http(&server, args, "bare").await
+    drive_http(std::slice::from_ref(&server), args, "bare").await
 }
 
-/// Every device on its own [`HttpLink`], at most `--connections` requests in flight.
+/// Every device on its own [`HttpLink`] (its statuses spread over `servers`), at most
+/// `--connections` requests in flight.
 async fn drive_http(
-    server: &ServerProcess,
+    servers: &[ServerProcess],
     args: &HttpBenchArgs,
     target: &'static str,
 ) -> anyhow::Result<LoadReport> {
@@ -122,19 +166,31 @@ async fn drive_http(
         in_flight: Some(args.connections),
         broker_pid: None,
     };
-    drive(server, &args.fleet, &load, |name| {
-        HttpLink::new(http.clone(), &server.url, APP, name, PASSWORD)
+    let urls: Vec<&str> = servers.iter().map(|server| server.url.as_str()).collect();
+    let endpoints = HttpLink::endpoints(&urls);
+    let first = std::sync::atomic::AtomicUsize::new(0);
+    drive(servers, &args.fleet, &load, |name| {
+        let first = first.fetch_add(1, Ordering::Relaxed);
+        HttpLink::spread(http.clone(), &endpoints, first, APP, name, PASSWORD)
     })
     .await
 }
 
 fn print_reports(args: &HttpBenchArgs, reports: &[LoadReport]) {
     let title = format!(
-        "HTTP endpoint{}: {} devices, image {} bytes, mtu {}, {}, {} connections, credentials {}",
+        "HTTP endpoint{}{}: {} devices, image {} bytes, mtu {}, {}, {} connections, credentials {}",
         if args.restart {
             " (restart: ajour serve restarted on the same data, the same devices updating again)"
         } else {
             ""
+        },
+        if args.instances > 1 {
+            format!(
+                ", {} instances of ajour serve on one PostgreSQL database (CPU and memory summed)",
+                args.instances
+            )
+        } else {
+            String::new()
         },
         args.fleet.devices,
         args.fleet.image_size,

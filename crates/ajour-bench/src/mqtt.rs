@@ -258,7 +258,7 @@ async fn drive_mqtt(
         in_flight: None,
         broker_pid,
     };
-    drive(server, &args.fleet, &load, |name| {
+    drive(std::slice::from_ref(server), &args.fleet, &load, |name| {
         mqtt.link(name, command_timeout)
     })
     .await

@@ -37,6 +37,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
+use tracing::Instrument;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -480,8 +481,14 @@ async fn worker(mut jobs: mpsc::UnboundedReceiver<Job>, held: Arc<AtomicUsize>, 
     }
 }
 
-/// Ask the update service for the command answering `request` and publish it.
+/// Ask the update service for the command answering `request` and publish it, in the device's
+/// span: every line logged meanwhile names the device and its application.
 async fn answer(answerer: Arc<Answerer>, request: DfuRequest) {
+    let span = ajour_service::device_span(&request.key);
+    answer_in_span(answerer, request).instrument(span).await
+}
+
+async fn answer_in_span(answerer: Arc<Answerer>, request: DfuRequest) {
     let Answerer {
         service,
         client,

@@ -18,6 +18,11 @@ pub enum RegistryError {
     Database(Box<dyn std::error::Error + Send + Sync>),
     #[error("database migration failed: {0}")]
     Migration(Box<dyn std::error::Error + Send + Sync>),
+    /// The database's schema is not one this build can use (newer than it knows, migrated by
+    /// another build, half-migrated, or not migrated while migrations are off); the message says
+    /// what to do.
+    #[error("{0}")]
+    Schema(String),
     #[error("stored object is corrupt: {0}")]
     Corrupt(String),
     /// A registry reached over the network (Drogue's) failed or could not be reached.

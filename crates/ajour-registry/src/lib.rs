@@ -13,6 +13,8 @@ pub mod credentials;
 mod error;
 mod metered;
 mod model;
+#[cfg(feature = "sql")]
+mod schema;
 mod selector;
 #[cfg(feature = "sql")]
 mod sql;
@@ -24,6 +26,8 @@ pub use credentials::{
 pub use error::RegistryError;
 pub use metered::MeteredRegistry;
 pub use model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
+#[cfg(feature = "sql")]
+pub use schema::{known_migrations, SchemaReport, SchemaVersion};
 pub use selector::LabelSelector;
 #[cfg(feature = "sql")]
 pub use sql::{SqlRegistry, SqlRegistryOptions};

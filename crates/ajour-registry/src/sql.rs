@@ -3,6 +3,7 @@
 
 use crate::credentials::{seal_plain_passwords, unique_user_names, CredentialKeys};
 use crate::model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
+use crate::schema::{self, SchemaReport};
 use crate::selector::LabelSelector;
 use crate::{Change, Registry, RegistryError, StatusMerge};
 use async_trait::async_trait;
@@ -21,6 +22,9 @@ pub struct SqlRegistryOptions {
     /// The server secret device passwords are sealed with (see [`crate::credentials`]).
     pub credential_keys: Arc<CredentialKeys>,
     pub max_connections: u32,
+    /// Bring the schema up to date on connect (see [`crate::schema`]); otherwise only check that
+    /// it is, and refuse a database that is not (`ajour serve --no-migrate`).
+    pub migrate: bool,
 }
 
 impl Default for SqlRegistryOptions {
@@ -29,6 +33,7 @@ impl Default for SqlRegistryOptions {
         Self {
             credential_keys: CredentialKeys::for_this_process(),
             max_connections: 8,
+            migrate: true,
         }
     }
 }
@@ -40,6 +45,8 @@ pub struct SqlRegistry {
     options: SqlRegistryOptions,
     /// PostgreSQL's URL: writes are announced on [`CHANGES_CHANNEL`] and can be listened to.
     postgres_url: Option<String>,
+    /// What connecting found and did to the schema.
+    schema: SchemaReport,
 }
 
 /// The PostgreSQL notification channel spec writes are announced on; the payload is `app` or
@@ -50,7 +57,10 @@ const COLUMNS: &str =
     "name, uid, creation_timestamp, generation, resource_version, labels, annotations, spec, status";
 
 impl SqlRegistry {
-    /// Connect to `url` (`sqlite://...` or `postgres://...`) and bring the schema up to date.
+    /// Connect to `url` (`sqlite://...` or `postgres://...`) and bring the schema up to date, once
+    /// across every instance starting together; a schema newer than this build, or migrated by
+    /// another build, is refused ([`RegistryError::Schema`]). With `options.migrate` off, the
+    /// schema is only checked and must be current.
     pub async fn connect(url: &str, options: SqlRegistryOptions) -> Result<Self, RegistryError> {
         sqlx::any::install_default_drivers();
         let is_sqlite = url.starts_with("sqlite:");
@@ -83,18 +93,28 @@ impl SqlRegistry {
             })
             .connect(url)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        let schema = if options.migrate {
+            schema::migrate(&pool).await?
+        } else {
+            schema::check(&pool, is_sqlite).await?
+        };
         let postgres_url = (!is_sqlite).then(|| url.to_string());
         Ok(Self {
             pool,
             options,
             postgres_url,
+            schema,
         })
     }
 
     /// The SQLite database file in `data_dir`, created when missing (readable by its owner only).
     pub fn sqlite_url(data_dir: &Path) -> String {
         format!("sqlite://{}?mode=rwc", data_dir.join("ajour.db").display())
+    }
+
+    /// What connecting found and did to the schema: the migrations it applied, the version now.
+    pub fn schema(&self) -> &SchemaReport {
+        &self.schema
     }
 
     pub fn pool(&self) -> &AnyPool {

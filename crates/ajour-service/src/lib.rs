@@ -11,6 +11,9 @@
 //! Passwords: a login is one keyed hash against the verifier stored with the device ([`auth`]),
 //! failed logins are delayed and counted ([`guard`]).
 //!
+//! Logs: a transport makes both calls inside [`device_span`], so every line logged while a status
+//! is handled (here, in the registry, in a firmware source) names the application and device.
+//!
 //! This crate does no network I/O of its own; the registry and firmware source are traits.
 
 mod auth;
@@ -456,6 +459,22 @@ impl UpdateService {
     /// The number of registry writes of `status.firmware` so far (for benchmarks and tests).
     pub fn status_writes(&self) -> u64 {
         self.tracker.writes()
+    }
+}
+
+/// The span a device's status is handled in, by a transport, once per status: every line logged
+/// beneath it carries the application and the device (`device{app=.. device=..}` in text logs,
+/// under `spans` in JSON logs). The names are formatted only when the span is enabled: one whose
+/// level is off costs next to nothing. A transport that learns the device only later (a
+/// `unique` user name) records `device` again.
+pub fn device_span(key: &Key) -> tracing::Span {
+    match key {
+        Key::Device(app, device) => {
+            tracing::info_span!("device", app = %app.as_str(), device = %device.as_str())
+        }
+        Key::App(app) => {
+            tracing::info_span!("device", app = %app.as_str(), device = tracing::field::Empty)
+        }
     }
 }
 

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// What an instance knows of what it sent a device, from [`StatusTracker::sent`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +152,8 @@ impl StatusTracker {
             write_now
         };
         if write_now {
-            self.writers.spawn(self.inner.clone().write_latest(key.clone()));
+            let write = self.inner.clone().write_latest(key.clone());
+            self.writers.spawn(write.instrument(crate::device_span(key)));
         }
     }
 
@@ -225,7 +227,8 @@ impl StatusTracker {
                 .collect()
         };
         for key in due {
-            self.inner.clone().write_latest(key).await;
+            let span = crate::device_span(&key);
+            self.inner.clone().write_latest(key).instrument(span).await;
         }
         if force {
             self.settle().await;

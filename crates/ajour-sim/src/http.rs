@@ -4,13 +4,22 @@ use crate::{EncodedStatus, Link, LinkError, StatusEncoding};
 use bytes::Bytes;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
+use std::sync::Arc;
 
 /// One device posting its statuses to `/v1/dfu` with Basic credentials `device@app:password`,
 /// waiting for the command in the answer.
+///
+/// Given several servers (instances of one Ajour on one database), the device's statuses go to
+/// each in turn, as a load balancer without session affinity would spread them: every instance
+/// must then be able to answer any status. A status a server could not take is sent again to the
+/// next one.
 #[derive(Debug, Clone)]
 pub struct HttpLink {
     http: reqwest::Client,
-    url: String,
+    /// The endpoint URL of each server.
+    urls: Arc<[String]>,
+    /// The server the next status goes to (an index into `urls`, modulo its length).
+    next: usize,
     authorization: String,
 }
 
@@ -18,10 +27,34 @@ impl HttpLink {
     /// Device `device` of application `app` at the endpoint under `base_url`. `http` is shared by
     /// a fleet (its connection pool and timeout).
     pub fn new(http: reqwest::Client, base_url: &str, app: &str, device: &str, password: &str) -> Self {
+        Self::spread(http, &Self::endpoints(&[base_url]), 0, app, device, password)
+    }
+
+    /// The endpoint URLs of the servers under `base_urls`, once for a whole fleet.
+    pub fn endpoints(base_urls: &[impl AsRef<str>]) -> Arc<[String]> {
+        base_urls
+            .iter()
+            // `ct=30`: wait up to 30 s for a command, as devices ask Drogue to.
+            .map(|base| format!("{}/v1/dfu?ct=30", base.as_ref().trim_end_matches('/')))
+            .collect()
+    }
+
+    /// Device `device` of application `app`, its statuses going to each of `endpoints` (from
+    /// [`Self::endpoints`]) in turn, starting with the one at `first` (give each device of a
+    /// fleet its own, so that a fleet's first statuses are spread too).
+    pub fn spread(
+        http: reqwest::Client,
+        endpoints: &Arc<[String]>,
+        first: usize,
+        app: &str,
+        device: &str,
+        password: &str,
+    ) -> Self {
+        assert!(!endpoints.is_empty(), "a device needs a server to talk to");
         Self {
             http,
-            // `ct=30`: wait up to 30 s for a command, as devices ask Drogue to.
-            url: format!("{}/v1/dfu?ct=30", base_url.trim_end_matches('/')),
+            urls: endpoints.clone(),
+            next: first % endpoints.len(),
             authorization: ajour_types::basic_auth::encode(&format!("{device}@{app}"), password),
         }
     }
@@ -29,9 +62,11 @@ impl HttpLink {
 
 impl Link for HttpLink {
     async fn exchange(&mut self, status: EncodedStatus) -> Result<Bytes, LinkError> {
+        let url = &self.urls[self.next];
+        self.next = (self.next + 1) % self.urls.len();
         let mut request = self
             .http
-            .post(&self.url)
+            .post(url)
             .header(AUTHORIZATION, &self.authorization)
             .body(status.bytes);
         // drgdfu sends the named form with no content type.
@@ -42,7 +77,7 @@ impl Link for HttpLink {
         let unreachable = |error: reqwest::Error| {
             LinkError::Connection(format!(
                 "{:#}",
-                anyhow::Error::new(error).context(format!("POST {}", self.url))
+                anyhow::Error::new(error).context(format!("POST {url}"))
             ))
         };
         let response = request.send().await.map_err(unreachable)?;
@@ -58,9 +93,7 @@ impl Link for HttpLink {
             StatusCode::BAD_GATEWAY
             | StatusCode::SERVICE_UNAVAILABLE
             | StatusCode::GATEWAY_TIMEOUT
-            | StatusCode::TOO_MANY_REQUESTS => {
-                Err(LinkError::Connection(format!("POST {}: {code}", self.url)))
-            }
+            | StatusCode::TOO_MANY_REQUESTS => Err(LinkError::Connection(format!("POST {url}: {code}"))),
             _ => Err(LinkError::Protocol(format!(
                 "unexpected answer {code}: {}",
                 String::from_utf8_lossy(&body).trim()

@@ -12,8 +12,9 @@ use std::time::Duration;
 /// How the devices reach the server.
 #[derive(Debug, Clone)]
 pub enum Transport {
-    /// The HTTP endpoint under this base URL.
-    Http { url: String },
+    /// The HTTP endpoint under these base URLs (instances of one Ajour): each device's statuses
+    /// go to each in turn, as a load balancer would spread them.
+    Http { urls: Vec<String> },
     /// Behind Drogue's MQTT integration, through this broker; a status unanswered within
     /// `command_timeout` is sent again.
     DrogueMqtt {
@@ -48,13 +49,24 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<Vec<(String, an
     };
     let names = simulation.devices.clone();
     match &simulation.transport {
-        Transport::Http { url } => {
+        Transport::Http { urls } => {
+            anyhow::ensure!(!urls.is_empty(), "no server URL to simulate devices against");
             let http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(simulation.concurrency)
                 .build()?;
+            let endpoints = HttpLink::endpoints(urls);
+            let first = std::sync::atomic::AtomicUsize::new(0);
             run_fleet(names, &fleet, |name| {
-                let link = HttpLink::new(http.clone(), url, &simulation.app, &name, &simulation.password);
+                let first = first.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let link = HttpLink::spread(
+                    http.clone(),
+                    &endpoints,
+                    first,
+                    &simulation.app,
+                    &name,
+                    &simulation.password,
+                );
                 to_sync(simulation, link)
             })
             .await

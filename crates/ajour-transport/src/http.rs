@@ -28,6 +28,7 @@ use axum::Router;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tracing::Instrument;
 
 /// The channel DFU statuses arrive on, and the name of the command they are answered with.
 pub const DFU_CHANNEL: &str = "dfu";
@@ -98,7 +99,23 @@ async fn publish(
         password: &password,
         peer: peer.map(|Extension(ConnectInfo(address))| address.ip()),
     };
-    let device = match service.device(&key, Some(presented)).await {
+    // Everything logged from here on, down to the registry and the firmware source, names the
+    // device and its application.
+    let span = ajour_service::device_span(&key);
+    answer(&service, &key, presented, &channel, body)
+        .instrument(span)
+        .await
+}
+
+/// Log the device in and answer its status, in the device's span.
+async fn answer(
+    service: &UpdateService,
+    key: &Key,
+    presented: Credentials<'_>,
+    channel: &str,
+    body: Body,
+) -> Response {
+    let device = match service.device(key, Some(presented)).await {
         Ok(device) => device,
         Err(AuthError::Denied) => {
             error_total("auth_denied");
@@ -119,6 +136,12 @@ async fn publish(
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
     };
+    // A `unique` user name logged in as the device it belongs to: the span names that device.
+    if device.key() != key {
+        if let Key::Device(_, name) = device.key() {
+            tracing::Span::current().record("device", tracing::field::display(name.as_str()));
+        }
+    }
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
         Err(error) if timed_out(&error) => {

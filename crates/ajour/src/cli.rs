@@ -6,6 +6,7 @@ use crate::config;
 use crate::server::{self, ServerConfig};
 use crate::simulate::{self, SimulateArgs};
 use ajour_hawkbit::HawkbitConfig;
+use ajour_registry::{SqlRegistry, SqlRegistryOptions};
 use ajour_store::{FileStore, FirmwareName, SameVersion};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -20,8 +21,28 @@ use std::time::Duration;
     about = "Firmware updates for fleets of small devices"
 )]
 pub struct Cli {
+    /// How log lines are written to standard error: `text` for people, `json` for log collectors
+    /// (one object per line; the device and application a line concerns under `spans`).
+    #[arg(
+        long,
+        value_enum,
+        env = "AJOUR_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event, with the fields of the spans it is in (`device{app=.. device=..}:`).
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's fields,
+    /// and `spans`, the spans it is in (root first) with their fields.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,6 +61,22 @@ pub enum Command {
     /// Play one device, or a fleet, updating over the HTTP endpoint (or, with --via-mqtt, behind
     /// Drogue's MQTT integration).
     Simulate(SimulateArgs),
+    /// Bring the registry database's schema up to date (what `serve` does on start unless
+    /// --no-migrate), and say what was applied.
+    Migrate(MigrateArgs),
+}
+
+/// `ajour migrate`: the database `serve` would use.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Registry database, `postgres://user[:pass]@host[:port]/db` or `sqlite://path?mode=rwc`, as
+    /// `serve --database-url` takes it (default: SQLite in the data directory).
+    #[arg(long, value_name = "URL", env = "AJOUR_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// The data directory whose SQLite database (`ajour.db`) is migrated when no --database-url is
+    /// given.
+    #[arg(long, value_name = "DIR", env = "AJOUR_DATA_DIR", default_value = server::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 // The flags of `ajour serve`: the one definition of each setting (name, meaning, type, checks,
@@ -71,9 +108,14 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Registry database, `postgres://user[:pass]@host[:port]/db` or `sqlite://path?mode=rwc`
-    /// (default: SQLite in the data directory); migrations run on start.
+    /// (default: SQLite in the data directory); migrations run on start, once whichever instance
+    /// starts first, unless --no-migrate.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
+    /// Do not change the database's schema on start: start only if it is current, else exit
+    /// saying so (run `ajour migrate` first, e.g. as a job before a rollout).
+    #[arg(long)]
+    pub no_migrate: bool,
     /// The bearer token the REST API requires (default: the one saved in the data directory, or a
     /// new one, saved there and printed once).
     #[arg(long, value_name = "TOKEN")]
@@ -270,6 +312,7 @@ impl ServeArgs {
     pub fn config(&self) -> ServerConfig {
         let mut config = ServerConfig::new(&self.data_dir);
         config.database_url = self.database_url.clone();
+        config.migrate = !self.no_migrate;
         config.api_token = self.api_token.clone();
         config.service.engine.default_mtu = self.default_mtu;
         config.service.engine.max_mtu = self.max_mtu;
@@ -528,7 +571,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Firmware(FirmwareCommand::Push(args)) => crate::oci_cli::push(args).await,
         Command::Firmware(FirmwareCommand::Inspect(args)) => crate::oci_cli::inspect(args).await,
         Command::Simulate(args) => simulate::run(args).await,
+        Command::Migrate(args) => migrate(args).await,
     }
+}
+
+/// `ajour migrate`: apply the migrations the database lacks, and say what they were.
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let url = match args.database_url {
+        Some(url) => url,
+        None => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+            SqlRegistry::sqlite_url(&args.data_dir)
+        }
+    };
+    let options = SqlRegistryOptions {
+        max_connections: 1,
+        ..Default::default()
+    };
+    let registry = SqlRegistry::connect(&url, options)
+        .await
+        .with_context(|| format!("migrating the registry at {}", server::redact(&url)))?;
+    let schema = registry.schema();
+    for migration in &schema.applied {
+        crate::say!("applied migration {migration}");
+    }
+    let version = schema
+        .version
+        .map_or_else(|| "none".to_string(), |v| v.to_string());
+    if schema.applied.is_empty() {
+        crate::say!("the database schema is current (version {version}): nothing to apply");
+    } else {
+        crate::say!("the database schema is now at version {version}");
+    }
+    registry.pool().close().await;
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {

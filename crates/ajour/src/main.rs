@@ -1,23 +1,41 @@
-//! `ajour`: parse the command line, set up logging, run.
+//! `ajour`: parse the command line, set up logging as it asks, run.
 
+use ajour::cli::{Cli, LogFormat};
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("AJOUR_LOG")
-                .unwrap_or_else(|_| "info,tower_http=warn,sqlx=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours for people, plain text for files and log collectors.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match ajour::cli::run(ajour::cli::Cli::parse()).await {
+    // Parsed first: the command line says how to log. Its own errors (and --help) are clap's.
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match ajour::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Log to standard error, filtered by `AJOUR_LOG`, as text or as one JSON object per line.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AJOUR_LOG")
+        .unwrap_or_else(|_| "info,tower_http=warn,sqlx=warn".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Colours for people, plain text for files and log collectors.
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // The event's fields beside `message` at the top level; the spans it is in, root first,
+        // under `spans` (a device's status: `{"name":"device","app":..,"device":..}`).
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
     }
 }

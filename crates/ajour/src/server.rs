@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// `postgres://...` or `sqlite://...`; default: `ajour.db` in the data directory.
     pub database_url: Option<String>,
+    /// Bring the database's schema up to date on start; otherwise refuse one that is not.
+    pub migrate: bool,
     /// The API token; default: the one saved in the data directory, or a new one.
     pub api_token: Option<String>,
     pub service: ServiceConfig,
@@ -56,6 +58,7 @@ impl ServerConfig {
         Self {
             data_dir: data_dir.into(),
             database_url: None,
+            migrate: true,
             api_token: None,
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
@@ -148,6 +151,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
                 &database_url,
                 SqlRegistryOptions {
                     credential_keys: keys,
+                    migrate: config.migrate,
                     ..Default::default()
                 },
             )

@@ -15,9 +15,16 @@ pub use ajour_sim::StatusEncoding;
 
 #[derive(Debug, Clone, Args)]
 pub struct SimulateArgs {
-    /// Base URL of the device endpoint.
-    #[arg(long, env = "AJOUR_URL", default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Base URL of the device endpoint. Several (`--url A --url B`, or `A,B`): instances of one
+    /// Ajour on one database; each device's statuses go to each in turn, as a load balancer
+    /// would spread them, and a status one cannot take goes to the next.
+    #[arg(
+        long,
+        env = "AJOUR_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_delimiter = ','
+    )]
+    pub url: Vec<String>,
     #[arg(long)]
     pub app: String,
     /// Device name; with --count N the devices are DEVICE-0 .. DEVICE-(N-1).
@@ -100,7 +107,7 @@ impl SimulateArgs {
                 }
             }
             None => Transport::Http {
-                url: self.url.clone(),
+                urls: self.url.clone(),
             },
         };
         Simulation {

@@ -292,7 +292,7 @@ async fn a_fleet_updates_through_the_simulator() {
             "fleet",
             20,
             ajour_sim::Transport::Http {
-                url: server.url.clone(),
+                urls: vec![server.url.clone()],
             },
         );
         simulation.mtu = Some(256);

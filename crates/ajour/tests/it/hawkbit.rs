@@ -92,7 +92,7 @@ async fn devices_update_from_a_hawkbit_deployment_and_hawkbit_hears_of_it() {
             "app",
             DEVICES,
             ajour_sim::Transport::Http {
-                url: server.url.clone(),
+                urls: vec![server.url.clone()],
             },
         );
         assert_all_updated(&simulate(&simulation).await, "2.0.0", data.len());

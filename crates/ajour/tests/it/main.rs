@@ -14,4 +14,5 @@ mod drogue;
 mod hawkbit;
 mod oci;
 mod ops;
+mod schema_and_logs;
 mod status;

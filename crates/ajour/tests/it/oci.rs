@@ -324,7 +324,7 @@ async fn with_the_registry_down_mid_fleet_devices_wait_and_all_finish_correctly_
                 "fleet",
                 4,
                 Transport::Http {
-                    url: server.url.clone(),
+                    urls: vec![server.url.clone()],
                 },
             );
             simulation.devices = (0..4).map(|i| format!("{prefix}{i}")).collect();
@@ -424,7 +424,7 @@ async fn ajour_serve_with_the_oci_flags_updates_a_fleet_downloading_each_blob_on
             "fleet",
             12,
             Transport::Http {
-                url: serve.url.clone(),
+                urls: vec![serve.url.clone()],
             },
         );
         simulation.mtu = Some(256);
