@@ -24,7 +24,7 @@ pub mod process;
 
 pub use memory::MemoryRegistry;
 pub use mosquitto::Mosquitto;
-pub use process::ServerProcess;
+pub use process::{without_outside_settings, ServerProcess};
 
 use sqlx::Connection;
 use std::future::Future;

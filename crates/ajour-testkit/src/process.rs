@@ -7,6 +7,18 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Remove from `command` the variables `AJOUR_*` of the test's own environment (but `AJOUR_LOG`)
+/// it does not set itself, so a developer's settings cannot change what a test runs.
+pub fn without_outside_settings(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let set_here = command.get_envs().any(|(set, _)| set == name);
+        let text = name.to_string_lossy();
+        if text.starts_with("AJOUR_") && text != "AJOUR_LOG" && !set_here {
+            command.env_remove(&name);
+        }
+    }
+}
+
 pub struct ServerProcess {
     child: Child,
     addr: SocketAddr,
@@ -22,13 +34,7 @@ impl ServerProcess {
     pub async fn start(mut command: Command) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let file = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
-        for (name, _) in std::env::vars_os() {
-            let set_here = command.get_envs().any(|(set, _)| set == name);
-            let text = name.to_string_lossy();
-            if text.starts_with("AJOUR_") && text != "AJOUR_LOG" && !set_here {
-                command.env_remove(&name);
-            }
-        }
+        without_outside_settings(&mut command);
         let mut child = command
             .stdin(Stdio::null())
             .stdout(file("stdout"))

@@ -5,7 +5,7 @@
 use crate::support::*;
 use ajour_protocol::{encode_status, Encoding, Status};
 use ajour_registry::{known_migrations, CredentialKeys, SqlRegistry};
-use ajour_testkit::{ServerProcess, TestDatabase};
+use ajour_testkit::{without_outside_settings, ServerProcess, TestDatabase};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use sqlx::Connection as _;
@@ -28,12 +28,7 @@ async fn run(args: &[&str], envs: &[(&str, &str)]) -> Ran {
     let file = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
     let mut command = Command::new(AJOUR);
     command.args(args).envs(envs.iter().copied());
-    for (name, _) in std::env::vars_os() {
-        let text = name.to_string_lossy();
-        if text.starts_with("AJOUR_") && text != "AJOUR_LOG" && !envs.iter().any(|(set, _)| *set == text) {
-            command.env_remove(&name);
-        }
-    }
+    without_outside_settings(&mut command);
     let mut child = command
         .stdin(Stdio::null())
         .stdout(file("stdout"))
