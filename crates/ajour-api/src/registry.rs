@@ -54,7 +54,7 @@ async fn list(state: &ApiState, scope: Scope, params: ListParams) -> ApiResult {
     let mut items = state.registry.list(&scope, &params).await?;
     for item in &mut items {
         if let Some(status) = pending.remove(&item.metadata.name) {
-            item.status.insert("firmware".into(), status);
+            ajour_service::overlay_pending(item, status);
         }
     }
     Ok(Json(items).into_response())
@@ -68,7 +68,7 @@ async fn get_one(state: &ApiState, key: Key) -> ApiResult {
         .await?
         .ok_or_else(|| ajour_registry::RegistryError::NotFound(key.to_string()))?;
     if let Some(status) = pending {
-        resource.status.insert("firmware".into(), status);
+        ajour_service::overlay_pending(&mut resource, status);
     }
     Ok(Json(resource).into_response())
 }

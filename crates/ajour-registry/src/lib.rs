@@ -93,6 +93,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
         Ok(None)
     }
+    /// Whether other instances may serve the same devices from this registry (a database server,
+    /// Drogue's registry), so that a device's next status may reach one of them: then what an
+    /// instance writes is what the others go by. `false` for one only this process uses.
+    fn shared(&self) -> bool {
+        true
+    }
     /// Whether the registry answers, for readiness checks.
     async fn ping(&self) -> Result<(), RegistryError> {
         let one = ListParams {

@@ -86,6 +86,10 @@ impl Registry for MeteredRegistry {
         self.inner.changes().await
     }
 
+    fn shared(&self) -> bool {
+        self.inner.shared()
+    }
+
     async fn ping(&self) -> Result<(), RegistryError> {
         self.inner.ping().await
     }

@@ -17,6 +17,12 @@ use std::sync::Arc;
 /// How often a status write is retried when other writers keep changing the object.
 const STATUS_WRITE_ATTEMPTS: usize = 10;
 
+/// How long a query waits for a connection to a database server, including connecting: the bound
+/// on a request that needs the database while it is away.
+const SERVER_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The same for a SQLite file (sqlx's default).
+const SQLITE_ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Debug, Clone)]
 pub struct SqlRegistryOptions {
     /// The server secret device passwords are sealed with (see [`crate::credentials`]).
@@ -68,6 +74,15 @@ impl SqlRegistry {
             owner_only(path)?;
         }
         let pool = AnyPoolOptions::new()
+            // A database server can go away: then a device's request that needs it should get
+            // its answer (503, or Wait) soon, not after sqlx's 30 s. A SQLite file cannot; there a
+            // wait for a connection means load, and a flood of requests is better slowed than
+            // failed.
+            .acquire_timeout(if is_sqlite {
+                SQLITE_ACQUIRE_TIMEOUT
+            } else {
+                SERVER_ACQUIRE_TIMEOUT
+            })
             // SQLite serialises writers anyway; a few connections serve concurrent readers.
             .max_connections(if is_sqlite {
                 options.max_connections.min(4)
@@ -499,8 +514,12 @@ impl Registry for SqlRegistry {
                         Some(key) => Change::Object(key),
                         None => continue,
                     },
-                    // The connection was lost and made again: what was sent meanwhile is gone.
-                    Ok(None) => Change::Everything,
+                    // The connection was lost (sqlx makes it again on the next use): what is
+                    // sent until then is gone. Cached copies are forgotten once it is back.
+                    Ok(None) => {
+                        missed = true;
+                        continue;
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "listening for registry changes failed; retrying");
                         missed = true;
@@ -513,6 +532,11 @@ impl Registry for SqlRegistry {
             }
         });
         Ok(Some(receiver))
+    }
+
+    /// A SQLite file serves this process alone; a PostgreSQL database, every instance on it.
+    fn shared(&self) -> bool {
+        self.postgres_url.is_some()
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {

@@ -7,6 +7,7 @@ use ajour_registry::{
 };
 use ajour_store::FirmwareSpec;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -67,6 +68,52 @@ pub(crate) struct ContextCache {
     refreshing: tokio::sync::Mutex<()>,
     /// Changes announced by the registry and followed so far.
     followed: std::sync::atomic::AtomicU64,
+    /// Whether the registry could not be read, last time it was tried.
+    outage: Outage,
+}
+
+/// Whether the registry is down, and whether a request is trying it again: while it is down, one
+/// request at a time finds out (and waits for the database's timeout), not all of them.
+#[derive(Default)]
+struct Outage {
+    /// Why the last read failed, while it is the last word.
+    down: std::sync::Mutex<Option<String>>,
+    probing: Arc<AtomicBool>,
+}
+
+/// Held by the one request trying a registry that was down; lets the next one try on drop.
+struct Probe(Arc<AtomicBool>);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl Outage {
+    /// `Ok` when this request may read the registry: it is up (nothing held), or it is down and
+    /// no other request is trying it (the probe is held until dropped). Down and another request
+    /// trying: why it is down.
+    fn probe(&self) -> Result<Option<Probe>, RegistryError> {
+        let Some(why) = self.down.lock().unwrap().clone() else {
+            return Ok(None);
+        };
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return Err(RegistryError::Database(why.into()));
+        }
+        Ok(Some(Probe(self.probing.clone())))
+    }
+
+    fn began(&self, error: &RegistryError) {
+        *self.down.lock().unwrap() = Some(error.to_string());
+    }
+
+    fn ended(&self) {
+        let mut down = self.down.lock().unwrap();
+        if down.is_some() {
+            *down = None;
+        }
+    }
 }
 
 impl ContextCache {
@@ -77,6 +124,7 @@ impl ContextCache {
             applications: RwLock::default(),
             refreshing: tokio::sync::Mutex::new(()),
             followed: std::sync::atomic::AtomicU64::new(0),
+            outage: Outage::default(),
         }
     }
 
@@ -100,6 +148,31 @@ impl ContextCache {
         if let Some(context) = self.cached(key, None) {
             return Ok(Some(context));
         }
+        // While the registry is down, one request at a time finds out whether it still is; the
+        // others get its error at once rather than each waiting for the database's timeout.
+        let _probe = self.outage.probe()?;
+        let result = self.read(registry, key, asked).await;
+        match &result {
+            Err(error @ (RegistryError::Database(_) | RegistryError::Remote(_))) => self.outage.began(error),
+            _ => self.outage.ended(),
+        }
+        result
+    }
+
+    /// The context of `key` as last read, however long ago: while the registry is down, what
+    /// says whether a device is who it claims to be.
+    pub fn last_read(&self, key: &Key) -> Option<Arc<DeviceContext>> {
+        let entries = self.entries.read().unwrap();
+        entries.by_key.get(key).map(|(_, context)| context.clone())
+    }
+
+    /// Read the context of `key` from the registry and cache it.
+    async fn read(
+        &self,
+        registry: &dyn Registry,
+        key: &Key,
+        asked: Instant,
+    ) -> Result<Option<Arc<DeviceContext>>, RegistryError> {
         let Key::Device(app, _) = key else {
             return Ok(None);
         };

@@ -198,7 +198,7 @@ impl UpdateService {
                 Ok(Device {
                     service: self,
                     key,
-                    context: Ok(Some(context)),
+                    context: context.map(Some),
                 })
             }
             Err((AuthError::Denied, device)) => {
@@ -212,15 +212,30 @@ impl UpdateService {
     }
 
     /// Find the device `credentials` log in to and check them. A denial says which existing
-    /// device was tried, if any.
+    /// device was tried, if any. With the registry down, a device read before is checked against
+    /// its credentials as last read, and its context is the registry's error: it is told to wait
+    /// (its spec may have changed meanwhile), not refused, and nothing it reported is lost.
     async fn login(
         &self,
         key: &Key,
         credentials: &Credentials<'_>,
-    ) -> Result<(Key, Arc<DeviceContext>), (AuthError, Option<Key>)> {
+    ) -> Result<(Key, Result<Arc<DeviceContext>, RegistryError>), (AuthError, Option<Key>)> {
         let unavailable = |error: RegistryError| (AuthError::Unavailable(error.to_string()), None);
         let registry = self.registry.as_ref();
-        let (key, context) = match self.contexts.get(registry, key).await.map_err(unavailable)? {
+        let found = match self.contexts.get(registry, key).await {
+            Ok(found) => found,
+            Err(error) => {
+                let Some(context) = self.contexts.last_read(key) else {
+                    return Err(unavailable(error));
+                };
+                let (username, password) = (credentials.username, credentials.password);
+                return match self.auth.check(registry, key, &context, username, password).await {
+                    Ok(_) => Ok((key.clone(), Err(error))),
+                    Err(denied) => Err((denied, Some(key.clone()))),
+                };
+            }
+        };
+        let (key, context) = match found {
             Some(context) => (key.clone(), context),
             None => {
                 let Key::Device(app, _) = key else {
@@ -255,7 +270,7 @@ impl UpdateService {
                 if stored {
                     self.contexts.invalidate(&key);
                 }
-                Ok((key, context))
+                Ok((key, Ok(context)))
             }
             Err(error) => Err((error, Some(key))),
         }
@@ -394,7 +409,8 @@ impl UpdateService {
                 },
             );
         }
-        self.tracker.record(
+        let starting = matches!(decision.outcome, Outcome::Writing { offset: 0, .. });
+        let write = self.tracker.record(
             key,
             FirmwareStatus {
                 current,
@@ -403,6 +419,14 @@ impl UpdateService {
                 state,
             },
         );
+        // With a registry other instances share, the first block of an image waits until the
+        // registry names the image: the device's next status may reach another instance (several
+        // behind a load balancer), which can resume it only if the registry says what it was
+        // sent; else it starts the device again. Bounded: past it, or with the registry down, the
+        // block goes anyway (a restart there is a wasted block, never a spliced image).
+        if let (true, Some(write)) = (starting && self.registry.shared(), write) {
+            let _ = tokio::time::timeout(FIRST_BLOCK_WRITE_WAIT, write).await;
+        }
         reply(&decision.command)
     }
 
@@ -426,7 +450,7 @@ impl UpdateService {
     /// Put a status taken with [`Self::pending_status`] into `resource`.
     pub fn overlay_status(&self, key: &Key, resource: &mut Resource) {
         if let Some(pending) = self.pending_status(key) {
-            resource.status.insert("firmware".into(), pending);
+            overlay_pending(resource, pending);
         }
     }
 
@@ -480,6 +504,26 @@ pub fn device_span(key: &Key) -> tracing::Span {
 
 /// How often a warning that every request would repeat (the registry is down) is logged.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Show `pending`, an instance's newest `status.firmware` of a device (from
+/// [`UpdateService::pending_status`]), in place of the stored one, unless the stored one is newer:
+/// another instance sharing the database saw the device in sync since, and the pending write will
+/// be dropped for that reason ([`FirmwareReport::is_late_over`]).
+pub fn overlay_pending(resource: &mut Resource, pending: serde_json::Value) {
+    let late = match (
+        resource.status.get("firmware").map(FirmwareReport::from_json),
+        FirmwareReport::from_json(&pending),
+    ) {
+        (Some(Ok(stored)), Ok(pending)) => pending.is_late_over(&stored),
+        _ => false,
+    };
+    if !late {
+        resource.status.insert("firmware".into(), pending);
+    }
+}
+
+/// How long the first block of an image waits for the registry to record which image it is.
+const FIRST_BLOCK_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 /// Swaps sent for one image before a device that never comes back on its version is given up.
 /// More than one: a Swap command can be lost on the way, and the device then asks again.

@@ -121,7 +121,8 @@ impl StatusTracker {
     }
 
     /// Note the device's status; start writing it when its phase changed or the interval passed.
-    pub fn record(&self, key: &Key, status: FirmwareStatus) {
+    /// The write runs beside the caller; its handle, for a caller that must know it landed.
+    pub fn record(&self, key: &Key, status: FirmwareStatus) -> Option<tokio::task::JoinHandle<()>> {
         let write_now = {
             let mut devices = self.inner.devices.lock().unwrap();
             let tracked = match devices.get_mut(key) {
@@ -129,7 +130,7 @@ impl StatusTracker {
                 None => devices.entry(key.clone()).or_default(),
             };
             if tracked.latest.as_ref() == Some(&status) {
-                return;
+                return None;
             }
             let phase_changed = tracked
                 .latest
@@ -151,10 +152,10 @@ impl StatusTracker {
             }
             write_now
         };
-        if write_now {
+        write_now.then(|| {
             let write = self.inner.clone().write_latest(key.clone());
-            self.writers.spawn(write.instrument(crate::device_span(key)));
-        }
+            self.writers.spawn(write.instrument(crate::device_span(key)))
+        })
     }
 
     /// What this instance knows of sending the device the image `digest` of version `target`, in

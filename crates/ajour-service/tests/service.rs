@@ -227,14 +227,43 @@ async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one()
     assert_eq!(login("b", "b", "secret").await, Err(AuthError::Denied));
     assert_eq!(login("b", "b", "new").await, Ok(()));
 
-    // The registry is down: not a denial, but unavailable (the HTTP endpoint answers 503).
+    // The registry is down. A device read before is checked against its credentials as last
+    // read (its context expired: the TTL is zero here) and told to wait: its spec may have
+    // changed meanwhile.
     registry.set_down(true);
+    assert_eq!(login("a", "a", "wrong").await, Err(AuthError::Denied));
+    let known = service
+        .device(
+            &device("a"),
+            Some(Credentials {
+                username: "a",
+                password: "pw",
+                peer: None,
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        known.handle_status(&status_at(Some(0))).await.unwrap().kind,
+        "wait"
+    );
+    // Without credentials to check (Drogue mode), the same.
+    assert_eq!(send(&service, &device("a"), &status_at(Some(0))).await, "wait");
+    // One never read cannot be checked: not a denial, but unavailable (the HTTP endpoint
+    // answers 503).
     assert!(matches!(
-        login("a", "a", "pw").await,
+        login("c", "c", "pw").await,
         Err(AuthError::Unavailable(_))
     ));
-    // Without credentials to check (Drogue mode), the device is told to wait.
-    assert_eq!(send(&service, &device("a"), &status_at(Some(0))).await, "wait");
+
+    // Back: what the registry says counts again.
+    registry.put(
+        &device("a"),
+        json!({"authentication": {"credentials": [{"pass": "changed"}]}}),
+    );
+    registry.set_down(false);
+    assert_eq!(login("a", "a", "pw").await, Err(AuthError::Denied));
+    assert_eq!(login("a", "a", "changed").await, Ok(()));
 }
 
 async fn login_from(

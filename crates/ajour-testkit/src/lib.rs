@@ -10,6 +10,8 @@
 //! `AJOUR_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`, the server
 //! every development and CI machine runs), dropped when the test ends. Tests that need PostgreSQL
 //! fail, loudly, when it is not reachable: a silently skipped backend is an untested backend.
+//! Tests that stop and start the database under a running server start a [`PostgresServer`] of
+//! their own instead.
 //!
 //! Waiting: [`eventually`] polls a condition until a deadline. Tests wait for what they need to
 //! have happened, never for a fixed time.
@@ -20,10 +22,12 @@ pub use oci_registry::{OciLayout, OciRegistry};
 
 pub mod memory;
 pub mod mosquitto;
+pub mod postgres;
 pub mod process;
 
 pub use memory::MemoryRegistry;
 pub use mosquitto::Mosquitto;
+pub use postgres::PostgresServer;
 pub use process::{without_outside_settings, ServerProcess};
 
 use sqlx::Connection;

@@ -79,7 +79,9 @@ impl FirmwareStatus {
         }
     }
 
-    /// Equal but for progress within an update.
+    /// Equal but for progress within an update. Another image under the same version is
+    /// another phase: which image a device is downloading must reach the registry at once, for
+    /// the instance its next status goes to.
     pub fn same_phase(&self, other: &Self) -> bool {
         let phase = |s: &FirmwareState| match s {
             FirmwareState::Updating { .. } => None,
@@ -87,6 +89,7 @@ impl FirmwareStatus {
         };
         self.current == other.current
             && self.target == other.target
+            && self.target_digest == other.target_digest
             && phase(&self.state) == phase(&other.state)
     }
 
