@@ -11,6 +11,8 @@ use serde_json::json;
 pub enum ApiError {
     Unauthorized(&'static str),
     BadRequest(String),
+    /// What this server cannot do in its configuration; the message says why.
+    NotImplemented(String),
     Registry(RegistryError),
 }
 
@@ -33,6 +35,7 @@ impl IntoResponse for ApiError {
                 (StatusCode::UNAUTHORIZED, "Unauthorized", message.to_string())
             }
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
+            ApiError::NotImplemented(message) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented", message),
             ApiError::Registry(error) => match error {
                 RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound", error.to_string()),
                 RegistryError::AlreadyExists(_) => (StatusCode::CONFLICT, "AlreadyExists", error.to_string()),

@@ -3,12 +3,16 @@
 //! works against it. Every request needs `Authorization: Bearer <token>` (Basic with the token as
 //! password is accepted too, as Drogue's clients send it).
 //!
+//! Ajour's own resources are under `/api/dfu/v1alpha1`: a device's update history
+//! (`/apps/{app}/devices/{device}/history`).
+//!
 //! Writes go to the registry and then tell the update service to forget what it cached about the
 //! object, so a changed firmware spec reaches devices on their next status. Reads of a device show
 //! its latest progress, including progress not yet written to the database.
 
 mod auth;
 mod error;
+mod history;
 mod registry;
 
 pub use auth::ApiToken;
@@ -31,6 +35,7 @@ pub struct ApiState {
 /// The API's routes, behind the token check.
 pub fn router(state: ApiState, token: ApiToken) -> Router {
     registry::routes()
+        .merge(history::routes())
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),

@@ -32,6 +32,7 @@ pub use selector::LabelSelector;
 #[cfg(feature = "sql")]
 pub use sql::{SqlRegistry, SqlRegistryOptions};
 
+use ajour_types::{HistoryEvent, RecordedEvent};
 use async_trait::async_trait;
 use serde_json::Value;
 
@@ -46,6 +47,29 @@ pub enum Change {
 
 /// What a status section should become, given the stored one (`None`: there is none).
 pub type StatusMerge<'a> = &'a (dyn Fn(Option<&Value>) -> Option<Value> + Send + Sync);
+
+/// What a device's status section should become, given the stored one, and what its history
+/// should tell of the change ([`ajour_types::events_between`]); `None`: write nothing.
+pub type RecordingMerge<'a> =
+    &'a (dyn Fn(Option<&Value>) -> Option<(Value, Vec<HistoryEvent>)> + Send + Sync);
+
+/// How much of each device's history a registry keeps: the newest `max_events` entries, none
+/// older than `max_age`. Applied when a device's history grows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryRetention {
+    pub max_events: u32,
+    pub max_age: std::time::Duration,
+}
+
+impl Default for HistoryRetention {
+    /// 200 entries (a few dozen updates) and 90 days.
+    fn default() -> Self {
+        Self {
+            max_events: 200,
+            max_age: std::time::Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
 
 /// Applications and devices, stored somewhere.
 #[async_trait]
@@ -70,6 +94,27 @@ pub trait Registry: Send + Sync + 'static {
         section: &str,
         merge: StatusMerge<'_>,
     ) -> Result<bool, RegistryError>;
+
+    /// [`Self::merge_status_section`] of a device, appending the events `merge` returns to the
+    /// device's history in the same step, so that each change is told once however many
+    /// instances write. A registry that keeps no history ([`Self::history`] is `None`) writes
+    /// the status alone.
+    async fn merge_status_recording(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: RecordingMerge<'_>,
+    ) -> Result<bool, RegistryError> {
+        self.merge_status_section(key, section, &|stored| merge(stored).map(|(value, _)| value))
+            .await
+    }
+
+    /// The newest `limit` entries of device `key`'s history, newest first; `None`: this registry
+    /// keeps no history (Drogue's); `NotFound` when the device does not exist.
+    async fn history(&self, key: &Key, limit: u32) -> Result<Option<Vec<RecordedEvent>>, RegistryError> {
+        let _ = (key, limit);
+        Ok(None)
+    }
 
     /// Set one section of `status`, whatever is stored.
     async fn set_status_section(&self, key: &Key, section: &str, value: Value) -> Result<(), RegistryError> {

@@ -2,8 +2,10 @@
 //! the registry per device update can be watched in production, whatever the backend.
 
 use crate::{
-    AppName, Change, DeviceName, Key, ListParams, Registry, RegistryError, Resource, Scope, StatusMerge,
+    AppName, Change, DeviceName, Key, ListParams, RecordingMerge, Registry, RegistryError, Resource, Scope,
+    StatusMerge,
 };
+use ajour_types::RecordedEvent;
 use async_trait::async_trait;
 use std::sync::Arc;
 
@@ -69,6 +71,23 @@ impl Registry for MeteredRegistry {
     ) -> Result<bool, RegistryError> {
         let result = self.inner.merge_status_section(key, section, merge).await;
         count("set_status", &result);
+        result
+    }
+
+    async fn merge_status_recording(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: RecordingMerge<'_>,
+    ) -> Result<bool, RegistryError> {
+        let result = self.inner.merge_status_recording(key, section, merge).await;
+        count("set_status", &result);
+        result
+    }
+
+    async fn history(&self, key: &Key, limit: u32) -> Result<Option<Vec<RecordedEvent>>, RegistryError> {
+        let result = self.inner.history(key, limit).await;
+        count("history", &result);
         result
     }
 

@@ -5,7 +5,8 @@ use crate::credentials::{seal_plain_passwords, unique_user_names, CredentialKeys
 use crate::model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 use crate::schema::{self, SchemaReport};
 use crate::selector::LabelSelector;
-use crate::{Change, Registry, RegistryError, StatusMerge};
+use crate::{Change, HistoryRetention, RecordingMerge, Registry, RegistryError, StatusMerge};
+use ajour_types::{EventKind, HistoryEvent, RecordedEvent};
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -31,6 +32,8 @@ pub struct SqlRegistryOptions {
     /// Bring the schema up to date on connect (see [`crate::schema`]); otherwise only check that
     /// it is, and refuse a database that is not (`ajour serve --no-migrate`).
     pub migrate: bool,
+    /// How much of each device's history is kept.
+    pub history: HistoryRetention,
 }
 
 impl Default for SqlRegistryOptions {
@@ -40,6 +43,7 @@ impl Default for SqlRegistryOptions {
             credential_keys: CredentialKeys::for_this_process(),
             max_connections: 8,
             migrate: true,
+            history: HistoryRetention::default(),
         }
     }
 }
@@ -53,6 +57,10 @@ pub struct SqlRegistry {
     postgres_url: Option<String>,
     /// What connecting found and did to the schema.
     schema: SchemaReport,
+    /// SQLite: held by the one status write in a transaction. SQLite lets one writer at a time
+    /// in anyway; waiting here rather than in the database keeps the other pooled connections
+    /// free for reads (a device's first status reads its spec).
+    sqlite_writer: Arc<tokio::sync::Semaphore>,
 }
 
 /// The PostgreSQL notification channel spec writes are announced on; the payload is `app` or
@@ -63,6 +71,80 @@ const COLUMNS: &str =
     "name, uid, creation_timestamp, generation, resource_version, labels, annotations, spec, status";
 
 impl SqlRegistry {
+    /// Append `events` to the history of `device`, within the status write's transaction `tx`,
+    /// then drop what the retention no longer keeps. Progress told already in the device's
+    /// current update is not told again: a late write of another instance can move a device's
+    /// shown progress back, and the next write past a milestone would tell it a second time.
+    async fn append_history(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        app: &AppName,
+        device: &DeviceName,
+        mut events: Vec<HistoryEvent>,
+    ) -> Result<(), RegistryError> {
+        let recent = sqlx::query(
+            "SELECT seq, event FROM device_history WHERE application = $1 AND device = $2 \
+             ORDER BY seq DESC LIMIT 16",
+        )
+        .bind(app.as_str())
+        .bind(device.as_str())
+        .fetch_all(&mut **tx)
+        .await?;
+        let last_seq = match recent.first() {
+            Some(row) => row.try_get::<i64, _>("seq")?,
+            None => 0,
+        };
+        // What this update told so far, newest first, back to its start.
+        let mut told = Vec::new();
+        for row in &recent {
+            let text: String = row.try_get("event")?;
+            let Some(event) = serde_json::from_str(&text)
+                .ok()
+                .and_then(|v| HistoryEvent::from_json(&v))
+            else {
+                continue;
+            };
+            let started = event.kind == EventKind::Started;
+            told.push(event);
+            if started {
+                break;
+            }
+        }
+        events.retain(|event| {
+            !matches!(event.kind, EventKind::Progress | EventKind::Swapping)
+                || !told.iter().any(|earlier| {
+                    earlier.kind == event.kind
+                        && earlier.digest == event.digest
+                        && earlier.percent == event.percent
+                })
+        });
+        let now = chrono::Utc::now().timestamp_millis();
+        for (seq, event) in (last_seq + 1..).zip(&events) {
+            sqlx::query("INSERT INTO device_history (application, device, seq, at, event) VALUES ($1, $2, $3, $4, $5)")
+                .bind(app.as_str())
+                .bind(device.as_str())
+                .bind(seq)
+                .bind(now)
+                .bind(event.to_json().to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        let retention = self.options.history;
+        let newest = last_seq + events.len() as i64;
+        let oldest_kept = newest - i64::from(retention.max_events);
+        let max_age = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query(
+            "DELETE FROM device_history WHERE application = $1 AND device = $2 AND (seq <= $3 OR at < $4)",
+        )
+        .bind(app.as_str())
+        .bind(device.as_str())
+        .bind(oldest_kept)
+        .bind(now.saturating_sub(max_age))
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
     /// Connect to `url` (`sqlite://...` or `postgres://...`) and bring the schema up to date, once
     /// across every instance starting together; a schema newer than this build, or migrated by
     /// another build, is refused ([`RegistryError::Schema`]). With `options.migrate` off, the
@@ -119,6 +201,7 @@ impl SqlRegistry {
             options,
             postgres_url,
             schema,
+            sqlite_writer: Arc::new(tokio::sync::Semaphore::new(1)),
         })
     }
 
@@ -420,10 +503,12 @@ impl Registry for SqlRegistry {
         let deleted = match key {
             Key::App(app) => {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query("DELETE FROM device_users WHERE application = $1")
-                    .bind(app.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                for table in ["device_users", "device_history"] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE application = $1"))
+                        .bind(app.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 sqlx::query("DELETE FROM devices WHERE application = $1")
                     .bind(app.as_str())
                     .execute(&mut *tx)
@@ -439,6 +524,11 @@ impl Registry for SqlRegistry {
             Key::Device(app, device) => {
                 let mut tx = self.pool.begin().await?;
                 Self::record_user_names(&mut tx, key, &Map::new()).await?;
+                sqlx::query("DELETE FROM device_history WHERE application = $1 AND device = $2")
+                    .bind(app.as_str())
+                    .bind(device.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 let deleted = sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
                     .bind(app.as_str())
                     .bind(device.as_str())
@@ -454,6 +544,104 @@ impl Registry for SqlRegistry {
             return Err(RegistryError::NotFound(key.to_string()));
         }
         Ok(())
+    }
+
+    async fn merge_status_recording(
+        &self,
+        key: &Key,
+        section: &str,
+        merge: RecordingMerge<'_>,
+    ) -> Result<bool, RegistryError> {
+        let Key::Device(app, device) = key else {
+            return self
+                .merge_status_section(key, section, &|stored| merge(stored).map(|(value, _)| value))
+                .await;
+        };
+        for _ in 0..STATUS_WRITE_ATTEMPTS {
+            // One transaction: the status and what the history tells of its change land together
+            // or not at all. On PostgreSQL the update holds the device's row until the commit, so
+            // the history of one device is written by one instance at a time. SQLite: take the
+            // write lock at the start (IMMEDIATE), as a transaction that read first and then
+            // wants to write while another writes fails at once instead of waiting.
+            let (_writing, mut tx) = match self.postgres_url {
+                Some(_) => (None, self.pool.begin().await?),
+                None => {
+                    let writing = self.sqlite_writer.acquire().await.ok();
+                    (writing, self.pool.begin_with("BEGIN IMMEDIATE").await?)
+                }
+            };
+            let row = sqlx::query(
+                "SELECT status, resource_version FROM devices WHERE name = $1 AND application = $2",
+            )
+            .bind(device.as_str())
+            .bind(app.as_str())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+            let mut status: Map<String, Value> = from_text(&row, "status")?;
+            let expected: String = row.try_get("resource_version")?;
+            let Some((value, events)) = merge(status.get(section)) else {
+                return Ok(false);
+            };
+            status.insert(section.to_string(), value);
+            let updated = sqlx::query(
+                "UPDATE devices SET status = $3, resource_version = $4 \
+                 WHERE name = $1 AND application = $2 AND resource_version = $5",
+            )
+            .bind(device.as_str())
+            .bind(app.as_str())
+            .bind(to_text(&status)?)
+            .bind(uuid::Uuid::new_v4().to_string())
+            .bind(expected)
+            .execute(&mut *tx)
+            .await?;
+            if updated.rows_affected() != 1 {
+                continue; // another writer came first: read again (the transaction rolls back)
+            }
+            if !events.is_empty() {
+                self.append_history(&mut tx, app, device, events).await?;
+            }
+            tx.commit().await?;
+            return Ok(true);
+        }
+        Err(RegistryError::Conflict)
+    }
+
+    async fn history(&self, key: &Key, limit: u32) -> Result<Option<Vec<RecordedEvent>>, RegistryError> {
+        let Key::Device(app, device) = key else {
+            return Err(RegistryError::Invalid("only devices have a history".into()));
+        };
+        let exists = sqlx::query("SELECT 1 FROM devices WHERE application = $1 AND name = $2")
+            .bind(app.as_str())
+            .bind(device.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        if exists.is_none() {
+            return Err(RegistryError::NotFound(key.to_string()));
+        }
+        let rows = sqlx::query(
+            "SELECT at, event FROM device_history WHERE application = $1 AND device = $2 \
+             ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(app.as_str())
+        .bind(device.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let at: i64 = row.try_get("at")?;
+                let text: String = row.try_get("event")?;
+                let event = serde_json::from_str(&text)
+                    .ok()
+                    .and_then(|value| HistoryEvent::from_json(&value))
+                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {key}: {text}")))?;
+                let time = chrono::DateTime::from_timestamp_millis(at)
+                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {key}: time {at}")))?;
+                Ok(RecordedEvent { time, event })
+            })
+            .collect::<Result<Vec<_>, RegistryError>>()
+            .map(Some)
     }
 
     async fn device_by_user(

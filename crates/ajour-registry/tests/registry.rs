@@ -444,3 +444,125 @@ async fn the_sqlite_database_files_are_readable_by_their_owner_only() {
     .unwrap();
     assert_eq!(mode(&database), 0o600);
 }
+
+fn updating(percent: f64) -> ajour_types::FirmwareStatus {
+    ajour_types::FirmwareStatus {
+        current: "1.0.0".into(),
+        target: "2.0.0".into(),
+        target_digest: Some("d1".into()),
+        state: ajour_types::FirmwareState::Updating { percent },
+    }
+}
+
+/// Write `status` over what is stored, telling the history what changed, as the update service
+/// does.
+async fn write(r: &SqlRegistry, key: &Key, status: &ajour_types::FirmwareStatus) -> bool {
+    let value = ajour_types::FirmwareReport::observe(None, status.clone(), chrono::Utc::now()).to_json();
+    let merge = |stored: Option<&Value>| {
+        let stored = stored.and_then(|s| ajour_types::FirmwareReport::from_json(s).ok());
+        let events = ajour_types::events_between(stored.as_ref().map(|s| &s.status), status);
+        Some((value.clone(), events))
+    };
+    r.merge_status_recording(key, "firmware", &merge).await.unwrap()
+}
+
+fn told(history: &[ajour_types::RecordedEvent]) -> Vec<(&'static str, Option<f64>)> {
+    history
+        .iter()
+        .rev()
+        .map(|e| (e.event.kind.as_str(), e.event.percent))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_device_history_tells_each_change_once_and_is_bounded() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
+        let key = device_key("app", "d");
+        r.create(&key, resource(json!({"metadata": {"name": "d"}})))
+            .await
+            .unwrap();
+        assert_eq!(r.history(&key, 10).await.unwrap(), Some(vec![]), "{backend}");
+
+        for percent in [0.5, 30.0, 55.0] {
+            assert!(write(r, &key, &updating(percent)).await);
+        }
+        // A late write of another instance moves the shown progress back; passing 50% again
+        // is not told twice.
+        write(r, &key, &updating(35.0)).await;
+        write(r, &key, &updating(60.0)).await;
+        write(r, &key, &updating(100.0)).await;
+        let synced = ajour_types::FirmwareStatus {
+            current: "2.0.0".into(),
+            state: ajour_types::FirmwareState::InSync,
+            ..updating(100.0)
+        };
+        write(r, &key, &synced).await;
+        write(r, &key, &synced).await;
+        let history = r.history(&key, 100).await.unwrap().unwrap();
+        assert_eq!(
+            told(&history),
+            [
+                ("started", None),
+                ("progress", Some(25.0)),
+                ("progress", Some(50.0)),
+                ("progress", Some(75.0)),
+                ("swapping", None),
+                ("inSync", None),
+            ],
+            "{backend}"
+        );
+        assert!(history.windows(2).all(|w| w[0].time >= w[1].time), "newest first");
+        assert_eq!(r.history(&key, 2).await.unwrap().unwrap().len(), 2);
+
+        // Deleted with its device; none for a device that is not there.
+        r.delete(&key).await.unwrap();
+        assert!(matches!(
+            r.history(&key, 10).await,
+            Err(RegistryError::NotFound(_))
+        ));
+        r.create(&key, resource(json!({"metadata": {"name": "d"}})))
+            .await
+            .unwrap();
+        assert_eq!(r.history(&key, 10).await.unwrap(), Some(vec![]), "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn history_keeps_the_newest_entries_within_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = TestDatabase::create().await;
+    let options = SqlRegistryOptions {
+        history: HistoryRetention {
+            max_events: 3,
+            max_age: std::time::Duration::from_secs(3600),
+        },
+        ..SqlRegistryOptions::default()
+    };
+    for url in [SqlRegistry::sqlite_url(dir.path()), db.url().to_string()] {
+        let r = SqlRegistry::connect(&url, options.clone()).await.unwrap();
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
+        let key = device_key("app", "d");
+        r.create(&key, resource(json!({"metadata": {"name": "d"}})))
+            .await
+            .unwrap();
+        for percent in [1.0, 100.0] {
+            write(&r, &key, &updating(percent)).await;
+        }
+        let history = r.history(&key, 100).await.unwrap().unwrap();
+        assert_eq!(
+            told(&history),
+            [
+                ("progress", Some(50.0)),
+                ("progress", Some(75.0)),
+                ("swapping", None)
+            ],
+            "{url}"
+        );
+    }
+}

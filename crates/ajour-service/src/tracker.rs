@@ -10,10 +10,12 @@
 //! progress write can never overwrite the final "in sync"; until a state is written, the API shows
 //! it from here. Across instances (several sharing one registry) the same holds through the
 //! registry's read-and-write step: a write that would turn a device shown in sync since t1 back to
-//! "updating" as seen before t1 is dropped ([`ajour_types::FirmwareReport::is_late_over`]).
+//! "updating" as seen before t1 is dropped ([`ajour_types::FirmwareReport::is_late_over`]). The same
+//! step tells the device's history what changed ([`ajour_types::events_between`]), on registries
+//! that keep one.
 
 use ajour_registry::{Key, Registry, RegistryError};
-use ajour_types::{FirmwareReport, FirmwareState, FirmwareStatus};
+use ajour_types::{events_between, FirmwareReport, FirmwareState, FirmwareStatus};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -275,14 +277,20 @@ impl Inner {
         // The rule that holds for every backend and any number of instances: a late, older
         // observation never turns a device shown in sync back to updating.
         let newer = Mutex::new(None);
+        // What the device's history tells is the change from what is stored to what is written,
+        // seen here, in the registry's read-and-write step: once, whichever instance writes.
         let merge = |stored: Option<&Value>| match stored.map(FirmwareReport::from_json) {
             Some(Ok(stored)) if report.is_late_over(&stored) => {
                 *newer.lock().unwrap() = Some(stored);
                 None
             }
-            _ => Some(value.clone()),
+            Some(Ok(stored)) => Some((value.clone(), events_between(Some(&stored.status), &status))),
+            _ => Some((value.clone(), events_between(None, &status))),
         };
-        let result = self.registry.merge_status_section(&key, "firmware", &merge).await;
+        let result = self
+            .registry
+            .merge_status_recording(&key, "firmware", &merge)
+            .await;
         let mut devices = self.devices.lock().unwrap();
         match result {
             Ok(true) => {

@@ -116,6 +116,15 @@ pub struct ServeArgs {
     /// saying so (run `ajour migrate` first, e.g. as a job before a rollout).
     #[arg(long)]
     pub no_migrate: bool,
+    /// Entries of each device's update history kept (the newest), in the database.
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().history.max_events,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub history_max_events: u32,
+    /// Days an entry of a device's update history is kept.
+    #[arg(long, value_name = "DAYS",
+          default_value_t = ServerConfig::default().history.max_age.as_secs() / SECONDS_PER_DAY,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub history_max_age_days: u64,
     /// The bearer token the REST API requires (default: the one saved in the data directory, or a
     /// new one, saved there and printed once).
     #[arg(long, value_name = "TOKEN")]
@@ -306,6 +315,8 @@ impl HawkbitServeArgs {
     }
 }
 
+const SECONDS_PER_DAY: u64 = 24 * 3600;
+
 impl ServeArgs {
     /// The server's configuration from these settings, less Drogue mode and the rules between
     /// settings: [`ServeArgs::server_config`] is the whole of it.
@@ -313,6 +324,10 @@ impl ServeArgs {
         let mut config = ServerConfig::new(&self.data_dir);
         config.database_url = self.database_url.clone();
         config.migrate = !self.no_migrate;
+        config.history = ajour_registry::HistoryRetention {
+            max_events: self.history_max_events,
+            max_age: Duration::from_secs(self.history_max_age_days * SECONDS_PER_DAY),
+        };
         config.api_token = self.api_token.clone();
         config.service.engine.default_mtu = self.default_mtu;
         config.service.engine.max_mtu = self.max_mtu;
@@ -509,6 +524,19 @@ pub enum DeviceCommand {
     Status {
         app: String,
         name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show a device's update history, oldest of the newest LIMIT entries first.
+    History {
+        app: String,
+        name: String,
+        /// How many of the newest entries to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Print the entries as the API gives them (JSON, newest first).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -790,6 +818,39 @@ async fn device(command: DeviceCommand) -> anyhow::Result<()> {
             }
             progress.finish_and_clear();
             crate::say!("{} device(s) created in application '{app}'", names.len());
+        }
+        DeviceCommand::History {
+            app,
+            name,
+            limit,
+            json,
+            connection,
+        } => {
+            let path = format!("apps/{app}/devices/{name}/history");
+            let events = connection
+                .client()?
+                .get_dfu(&path, &[("limit", limit.to_string())])
+                .await?;
+            if json {
+                crate::say!("{}", serde_json::to_string_pretty(&events)?);
+                return Ok(());
+            }
+            crate::say!("TIME\tEVENT\tCURRENT\tTARGET\tDETAIL");
+            for event in events.as_array().into_iter().flatten().rev() {
+                let text = |name: &str| event[name].as_str().unwrap_or_default().to_string();
+                let detail = match (event["percent"].as_f64(), event["reason"].as_str()) {
+                    (Some(percent), _) => format!("{percent}%"),
+                    (None, Some(reason)) => reason.to_string(),
+                    (None, None) => text("digest").chars().take(12).collect(),
+                };
+                crate::say!(
+                    "{}\t{}\t{}\t{}\t{detail}",
+                    text("time"),
+                    text("kind"),
+                    text("current"),
+                    text("target")
+                );
+            }
         }
         DeviceCommand::List { app, connection } => {
             let devices = connection.client()?.get(&format!("apps/{app}/devices")).await?;

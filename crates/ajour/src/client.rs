@@ -21,6 +21,9 @@ impl std::fmt::Display for HttpError {
 
 impl std::error::Error for HttpError {}
 
+/// Ajour's own API, beside the registry's `api/registry/v1alpha1`.
+const DFU_API_PATH: &str = "api/dfu/v1alpha1";
+
 pub struct ApiClient {
     client: RegistryClient,
 }
@@ -38,6 +41,32 @@ impl ApiClient {
     async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
         let segments: Vec<&str> = path.split('/').collect();
         let url = self.client.url(&segments);
+        self.send_to(method, url, path, body).await
+    }
+
+    /// GET `path` under Ajour's own API (`/api/dfu/v1alpha1`, beside the registry's) with the
+    /// query `query`.
+    pub async fn get_dfu(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        let mut url = self.client.url(&[]);
+        let registry = url.path().trim_end_matches('/').to_string();
+        let base = registry
+            .strip_suffix(ajour_client::registry::API_PATH)
+            .unwrap_or(&registry);
+        url.set_path(&format!("{base}{DFU_API_PATH}"));
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.extend(path.split('/'));
+        }
+        url.query_pairs_mut().extend_pairs(query);
+        self.send_to(Method::GET, url, path, None).await
+    }
+
+    async fn send_to(
+        &self,
+        method: Method,
+        url: reqwest::Url,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let answer = self
             .client
             .send(method.clone(), url.clone(), body)

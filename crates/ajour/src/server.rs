@@ -4,7 +4,9 @@
 
 use ajour_api::{ApiState, ApiToken};
 use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
-use ajour_registry::{CredentialKeys, KeyError, MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions};
+use ajour_registry::{
+    CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions,
+};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
 use ajour_transport::connections;
@@ -34,6 +36,8 @@ pub struct ServerConfig {
     pub database_url: Option<String>,
     /// Bring the database's schema up to date on start; otherwise refuse one that is not.
     pub migrate: bool,
+    /// How much of each device's update history the database keeps.
+    pub history: HistoryRetention,
     /// The API token; default: the one saved in the data directory, or a new one.
     pub api_token: Option<String>,
     pub service: ServiceConfig,
@@ -59,6 +63,7 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             database_url: None,
             migrate: true,
+            history: HistoryRetention::default(),
             api_token: None,
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
@@ -152,6 +157,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
                 SqlRegistryOptions {
                     credential_keys: keys,
                     migrate: config.migrate,
+                    history: config.history,
                     ..Default::default()
                 },
             )

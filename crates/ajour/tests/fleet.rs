@@ -103,6 +103,42 @@ async fn all_in_sync(url: &str, digest: &str) -> bool {
         })
 }
 
+/// Check that the history of every device of the fleet, as the server at `url` shows it, tells
+/// its update once: started, each milestone, (swapping,) in sync on 2.0.0, in that order.
+async fn each_history_tells_the_update_once(url: &str) {
+    for i in 0..DEVICES {
+        let history: Value = reqwest::Client::new()
+            .get(format!(
+                "{url}/api/dfu/v1alpha1/apps/fleet/devices/dev-{i}/history"
+            ))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let told: Vec<String> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|e| match e["percent"].as_f64() {
+                Some(percent) => format!("{} {percent}", e["kind"].as_str().unwrap()),
+                None => e["kind"].as_str().unwrap().to_string(),
+            })
+            .filter(|kind| kind != "swapping") // told when the 100% status was written
+            .collect();
+        assert_eq!(
+            told,
+            ["started", "progress 25", "progress 50", "progress 75", "inSync"],
+            "dev-{i}: {history:#}"
+        );
+        let in_sync = &history[0];
+        assert_eq!(in_sync["current"], "2.0.0", "dev-{i}: {history:#}");
+    }
+}
+
 /// Wait until the server at `url` shows every device of the fleet in sync on `image`.
 async fn wait_all_in_sync(url: &str, image: &[u8], what: &str) {
     let digest = digest(image);
@@ -261,8 +297,26 @@ async fn a_fleet_survives_kill_9_and_a_restart_and_every_device_ends_with_the_ri
     let addr = fleet.servers[0].addr().to_string();
     fleet.servers[0] = serve(fleet.data.path(), &addr, &[]).await;
     assert_eq!(fleet.servers[0].url(), url);
-    let (_data, servers) = fleet.all_updated().await;
+    let (data, servers) = fleet.all_updated().await;
     let server = &servers[0];
+    // The history, as `ajour device history` shows it, oldest first.
+    let shown = ajour(
+        &["device", "history", "fleet", "dev-3"],
+        Some(&server.url()),
+        data.path(),
+    );
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    let kinds: Vec<&str> = shown
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split('\t').nth(1))
+        .filter(|kind| *kind != "swapping")
+        .collect();
+    assert_eq!(
+        kinds,
+        ["started", "progress", "progress", "progress", "inSync"],
+        "{shown}"
+    );
     // They resumed: the restarted server knew from the registry which image each device was
     // downloading, so none had to start again.
     assert_eq!(
@@ -342,6 +396,8 @@ async fn two_instances_on_one_postgres_database_one_killed_with_sigkill_mid_upda
             .value("ajour_update_restarts_total", &[]),
         0.0
     );
+    // Both instances wrote each device's statuses; its history tells its update once.
+    each_history_tells_the_update_once(&survivor.url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,4 +463,5 @@ async fn postgres_restarted_under_two_instances_mid_update_loses_nothing() {
     let data = tempfile::tempdir().unwrap();
     let fresh = serve(data.path(), "127.0.0.1:0", &on_postgres(&url)).await;
     wait_all_in_sync(&fresh.url(), &image, "the database to hold every device in sync").await;
+    each_history_tells_the_update_once(&fresh.url()).await;
 }

@@ -201,3 +201,70 @@ async fn a_firmware_change_through_the_api_reaches_devices_at_once() {
         server.stop().await;
     }
 }
+
+/// `/api/dfu/v1alpha1/.../history`: a device's history, newest first; what it refuses, and how.
+#[tokio::test]
+async fn a_device_history_is_read_through_the_api() {
+    use ajour_protocol::{encode_status, Encoding, Status};
+    for backend in BACKENDS {
+        let server = TestServer::start(backend).await;
+        server.add_firmware("fw", "2.0.0", &firmware_bytes(1000, 3));
+        server
+            .create_app("app", Some(json!({"file": {"name": "fw"}})))
+            .await;
+        server.create_device("app", "d", "pw", None).await;
+        let first = encode_status(
+            &Status::first(b"1.0.0".to_vec(), Some(100), None),
+            Encoding::Packed,
+        );
+        assert_eq!(server.post_dfu("d@app", "pw", first).await.0, StatusCode::OK);
+        server.service().settle_status_writes().await;
+
+        let history = |path: &str, token: &str| {
+            server
+                .http
+                .get(format!("{}/api/dfu/v1alpha1/{path}", server.url))
+                .bearer_auth(token)
+                .send()
+        };
+        let response = history("apps/app/devices/d/history", &server.token)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let events: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(events[0]["kind"], "started", "{backend:?}: {events}");
+        assert_eq!(events[0]["current"], "1.0.0");
+        assert_eq!(events[0]["target"], "2.0.0");
+        assert!(events[0]["time"].as_str().unwrap().ends_with('Z'), "{events}");
+
+        for (path, token, status) in [
+            ("apps/app/devices/d/history", "wrong", StatusCode::UNAUTHORIZED),
+            (
+                "apps/app/devices/nobody/history",
+                server.token.as_str(),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "apps/app/devices/..%2F..%2Fetc/history",
+                server.token.as_str(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/devices/d/history?limit=0",
+                server.token.as_str(),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/devices/d/history?limit=x",
+                server.token.as_str(),
+                StatusCode::BAD_REQUEST,
+            ),
+        ] {
+            let response = history(path, token).await.unwrap();
+            assert_eq!(response.status(), status, "{backend:?} {path}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["message"].is_string(), "{path}: {body}");
+        }
+        server.stop().await;
+    }
+}

@@ -577,10 +577,13 @@ async fn a_fleet_updates_through_two_instances_in_a_group_when_one_stops_halfway
         })
         .await;
         first.stop().await;
+        // Not whether the fleet was done when the stop returned: the stop drains (writes what
+        // is pending) while the other instance goes on, and a busy machine may finish the fleet
+        // meanwhile. That the other served the rest is checked below.
         let first_commands = first.stats.commands();
         assert!(
-            first_commands + second.stats.commands() < total,
-            "the instance stopped before the fleet was done"
+            first_commands < total,
+            "the stopped instance served the whole fleet"
         );
 
         assert_all_updated(&fleet.await.unwrap(), "2.0.0", image.len());
@@ -831,15 +834,16 @@ async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_fin
             )
             .await;
         }
-        // This instance's counts: registry reads failed; every status that came in as a Drogue
-        // event was answered with a command published.
+        // This instance's counts: registry reads failed (one request at a time tries a registry
+        // that is down, the others are told to wait at once); every status that came in as a
+        // Drogue event was answered with a command published.
         let metrics = instance.metrics().await;
         let count = |name, labels: &[(&str, &str)]| metrics.value(name, labels);
         assert!(
             count(
                 "ajour_registry_calls_total",
                 &[("op", "get"), ("outcome", "error")]
-            ) >= f64::from(DEVICES),
+            ) >= 1.0,
             "{backend:?}:\n{metrics}"
         );
         let statuses = count("ajour_statuses_received_total", &[]);
@@ -850,6 +854,24 @@ async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_fin
             ),
             (statuses, statuses),
             "{backend:?}:\n{metrics}"
+        );
+        // Drogue's registry keeps no history of updates: asking for one says so.
+        let response = instance
+            .http
+            .get(format!(
+                "{}/api/dfu/v1alpha1/apps/fleet/devices/sim-0/history",
+                instance.url
+            ))
+            .bearer_auth(&instance.token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(
+            status,
+            reqwest::StatusCode::NOT_IMPLEMENTED,
+            "{}",
+            response.text().await.unwrap()
         );
         drop(instance);
         registry.stop().await;
