@@ -173,7 +173,7 @@ impl LoginGuard {
             let mut devices = self.devices.lock().unwrap();
             if let Some(record) = entry(&mut devices, device, now, config) {
                 if record.fail(now, config, config.device_failures) {
-                    tracing::warn!(%device, lockout = ?config.lockout, "too many failed logins for one device");
+                    tracing::warn!(key = %device, lockout = ?config.lockout, "too many failed logins for one device");
                 }
             }
         }

@@ -367,8 +367,14 @@ async fn json_logs_name_the_device_and_application_on_every_line_that_concerns_o
         "{}",
         locked_out[0]
     );
-    // The event's own fields sit beside the message.
+    // The event's own fields sit beside the message; the device's key is `key`, as on every
+    // warning about a device, not `device` (the span's field).
     assert!(locked_out[0].get("lockout").is_some(), "{}", locked_out[0]);
+    assert_eq!(
+        locked_out[0]["key"], "device 'd' of application 'app'",
+        "{}",
+        locked_out[0]
+    );
 }
 
 #[tokio::test]
