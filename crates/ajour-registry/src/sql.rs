@@ -552,17 +552,24 @@ impl Registry for SqlRegistry {
         section: &str,
         merge: RecordingMerge<'_>,
     ) -> Result<bool, RegistryError> {
-        let Key::Device(app, device) = key else {
-            return self
-                .merge_status_section(key, section, &|stored| merge(stored).map(|(value, _)| value))
-                .await;
+        // Only the status column is read and written: status writes are the registry's most
+        // frequent ones, and the spec and metadata need not travel for them.
+        let (table, key_clause, next_param, expected_param) = match key {
+            Key::App(_) => ("applications", "name = $1", 2, 4),
+            Key::Device(..) => ("devices", "name = $1 AND application = $2", 3, 5),
         };
+        let select = format!("SELECT status, resource_version FROM {table} WHERE {key_clause}");
+        let update = format!(
+            "UPDATE {table} SET status = ${next_param}, resource_version = ${} WHERE {key_clause} AND resource_version = ${expected_param}",
+            next_param + 1
+        );
+        let (app, name) = key_parts(key);
         for _ in 0..STATUS_WRITE_ATTEMPTS {
             // One transaction: the status and what the history tells of its change land together
-            // or not at all. On PostgreSQL the update holds the device's row until the commit, so
-            // the history of one device is written by one instance at a time. SQLite: take the
-            // write lock at the start (IMMEDIATE), as a transaction that read first and then
-            // wants to write while another writes fails at once instead of waiting.
+            // or not at all. On PostgreSQL the update holds the row until the commit, so the
+            // history of one device is written by one instance at a time. SQLite: take the write
+            // lock at the start (IMMEDIATE), as a transaction that read first and then wants to
+            // write while another writes fails at once instead of waiting.
             let (_writing, mut tx) = match self.postgres_url {
                 Some(_) => (None, self.pool.begin().await?),
                 None => {
@@ -570,35 +577,34 @@ impl Registry for SqlRegistry {
                     (writing, self.pool.begin_with("BEGIN IMMEDIATE").await?)
                 }
             };
-            let row = sqlx::query(
-                "SELECT status, resource_version FROM devices WHERE name = $1 AND application = $2",
-            )
-            .bind(device.as_str())
-            .bind(app.as_str())
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
+            let mut query = sqlx::query(&select).bind(name);
+            if let Some(app) = app {
+                query = query.bind(app);
+            }
+            let row = query
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
             let mut status: Map<String, Value> = from_text(&row, "status")?;
             let expected: String = row.try_get("resource_version")?;
             let Some((value, events)) = merge(status.get(section)) else {
                 return Ok(false);
             };
             status.insert(section.to_string(), value);
-            let updated = sqlx::query(
-                "UPDATE devices SET status = $3, resource_version = $4 \
-                 WHERE name = $1 AND application = $2 AND resource_version = $5",
-            )
-            .bind(device.as_str())
-            .bind(app.as_str())
-            .bind(to_text(&status)?)
-            .bind(uuid::Uuid::new_v4().to_string())
-            .bind(expected)
-            .execute(&mut *tx)
-            .await?;
+            let mut query = sqlx::query(&update).bind(name);
+            if let Some(app) = app {
+                query = query.bind(app);
+            }
+            let updated = query
+                .bind(to_text(&status)?)
+                .bind(uuid::Uuid::new_v4().to_string())
+                .bind(expected)
+                .execute(&mut *tx)
+                .await?;
             if updated.rows_affected() != 1 {
                 continue; // another writer came first: read again (the transaction rolls back)
             }
-            if !events.is_empty() {
+            if let (Key::Device(app, device), false) = (key, events.is_empty()) {
                 self.append_history(&mut tx, app, device, events).await?;
             }
             tx.commit().await?;
@@ -738,52 +744,10 @@ impl Registry for SqlRegistry {
         section: &str,
         merge: StatusMerge<'_>,
     ) -> Result<bool, RegistryError> {
-        // Only the status column is read and written: status writes are the registry's most
-        // frequent ones, and the spec and metadata need not travel for them.
-        let (table, key_clause) = match key {
-            Key::App(_) => ("applications", "name = $1"),
-            Key::Device(..) => ("devices", "name = $1 AND application = $2"),
-        };
-        let select = format!("SELECT status, resource_version FROM {table} WHERE {key_clause}");
-        let (next_param, expected_param) = match key {
-            Key::App(_) => (2, 4),
-            Key::Device(..) => (3, 5),
-        };
-        let update = format!(
-            "UPDATE {table} SET status = ${next_param}, resource_version = ${} WHERE {key_clause} AND resource_version = ${expected_param}",
-            next_param + 1
-        );
-        let (app, name) = key_parts(key);
-        for _ in 0..STATUS_WRITE_ATTEMPTS {
-            let mut query = sqlx::query(&select).bind(name);
-            if let Some(app) = app {
-                query = query.bind(app);
-            }
-            let row = query
-                .fetch_optional(&self.pool)
-                .await?
-                .ok_or_else(|| RegistryError::NotFound(key.to_string()))?;
-            let mut status: Map<String, Value> = from_text(&row, "status")?;
-            let expected: String = row.try_get("resource_version")?;
-            let Some(value) = merge(status.get(section)) else {
-                return Ok(false);
-            };
-            status.insert(section.to_string(), value);
-            let mut query = sqlx::query(&update).bind(name);
-            if let Some(app) = app {
-                query = query.bind(app);
-            }
-            let result = query
-                .bind(to_text(&status)?)
-                .bind(uuid::Uuid::new_v4().to_string())
-                .bind(expected)
-                .execute(&self.pool)
-                .await?;
-            if result.rows_affected() == 1 {
-                return Ok(true);
-            }
-        }
-        Err(RegistryError::Conflict)
+        self.merge_status_recording(key, section, &|stored| {
+            merge(stored).map(|value| (value, Vec::new()))
+        })
+        .await
     }
 }
 

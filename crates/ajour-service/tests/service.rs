@@ -92,6 +92,18 @@ async fn send(service: &UpdateService, key: &Key, status: &[u8]) -> &'static str
     device.handle_status(status).await.unwrap().kind
 }
 
+/// Send `status` as device `name` of the application, logging in with `password` (as the HTTP
+/// endpoint does), and return the command's kind.
+async fn logged_in(service: &UpdateService, name: &str, password: &str, status: &[u8]) -> &'static str {
+    let credentials = Credentials {
+        username: name,
+        password,
+        peer: None,
+    };
+    let device = service.device(&device(name), Some(credentials)).await.unwrap();
+    device.handle_status(status).await.unwrap().kind
+}
+
 fn stored(registry: &MemoryRegistry, key: &Key) -> FirmwareReport {
     FirmwareReport::from_json(&registry.status_section(key, "firmware").expect("a stored status")).unwrap()
 }
@@ -109,19 +121,8 @@ async fn the_context_is_read_once_per_status_and_reused_within_the_ttl() {
     );
     let before = registry.gets();
     for _ in 0..5 {
-        let device = uncached
-            .device(
-                &device("a"),
-                Some(Credentials {
-                    username: "a",
-                    password: "pw",
-                    peer: None,
-                }),
-            )
-            .await
-            .unwrap();
         assert_eq!(
-            device.handle_status(&status_at(Some(0))).await.unwrap().kind,
+            logged_in(&uncached, "a", "pw", &status_at(Some(0))).await,
             "write"
         );
     }
@@ -232,21 +233,7 @@ async fn credentials_are_checked_and_a_changed_password_voids_the_verified_one()
     // changed meanwhile.
     registry.set_down(true);
     assert_eq!(login("a", "a", "wrong").await, Err(AuthError::Denied));
-    let known = service
-        .device(
-            &device("a"),
-            Some(Credentials {
-                username: "a",
-                password: "pw",
-                peer: None,
-            }),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        known.handle_status(&status_at(Some(0))).await.unwrap().kind,
-        "wait"
-    );
+    assert_eq!(logged_in(&service, "a", "pw", &status_at(Some(0))).await, "wait");
     // Without credentials to check (Drogue mode), the same.
     assert_eq!(send(&service, &device("a"), &status_at(Some(0))).await, "wait");
     // One never read cannot be checked: not a denial, but unavailable (the HTTP endpoint

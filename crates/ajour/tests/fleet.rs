@@ -62,8 +62,9 @@ fn ajour(args: &[&str], url: Option<&str>, data_dir: &std::path::Path) -> std::p
     output
 }
 
-/// The highest update progress any device of the fleet shows, in percent.
-async fn furthest_progress(url: &str) -> f64 {
+/// The fleet's devices' `status.firmware` as the server at `url` shows them; none when it does
+/// not answer (it may be down on purpose).
+async fn fleet_reports(url: &str) -> Vec<ajour_types::FirmwareReport> {
     let devices: Value = match reqwest::Client::new()
         .get(format!("{url}/api/registry/v1alpha1/apps/fleet/devices"))
         .bearer_auth(TOKEN)
@@ -78,28 +79,25 @@ async fn furthest_progress(url: &str) -> f64 {
         .into_iter()
         .flatten()
         .filter_map(|d| ajour_types::FirmwareReport::from_json(&d["status"]["firmware"]).ok())
+        .collect()
+}
+
+/// The highest update progress any device of the fleet shows, in percent.
+async fn furthest_progress(url: &str) -> f64 {
+    fleet_reports(url)
+        .await
+        .into_iter()
         .filter_map(|report| report.status.percent())
         .fold(0.0, f64::max)
 }
 
 /// Whether every device of the fleet is shown in sync on `digest` by the server at `url`.
 async fn all_in_sync(url: &str, digest: &str) -> bool {
-    let Ok(response) = reqwest::Client::new()
-        .get(format!("{url}/api/registry/v1alpha1/apps/fleet/devices"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-    else {
-        return false;
-    };
-    let devices: Value = response.json().await.unwrap_or(Value::Null);
-    let devices = devices.as_array().map(Vec::as_slice).unwrap_or_default();
-    devices.len() == DEVICES as usize
-        && devices.iter().all(|device| {
-            ajour_types::FirmwareReport::from_json(&device["status"]["firmware"]).is_ok_and(|report| {
-                report.status.state == ajour_types::FirmwareState::InSync
-                    && report.status.target_digest.as_deref() == Some(digest)
-            })
+    let reports = fleet_reports(url).await;
+    reports.len() == DEVICES as usize
+        && reports.iter().all(|report| {
+            report.status.state == ajour_types::FirmwareState::InSync
+                && report.status.target_digest.as_deref() == Some(digest)
         })
 }
 
