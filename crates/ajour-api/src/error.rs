@@ -13,7 +13,22 @@ pub enum ApiError {
     BadRequest(String),
     /// What this server cannot do in its configuration; the message says why.
     NotImplemented(String),
+    /// Not now: the state of what the request is about does not allow it; the message says why.
+    Conflict(String),
     Registry(RegistryError),
+}
+
+impl From<ajour_service::RolloutError> for ApiError {
+    fn from(error: ajour_service::RolloutError) -> Self {
+        use ajour_service::RolloutError;
+        match error {
+            RolloutError::Invalid(message) => ApiError::BadRequest(message),
+            RolloutError::NotFound(what) => ApiError::Registry(RegistryError::NotFound(what)),
+            RolloutError::Conflict(message) => ApiError::Conflict(message),
+            RolloutError::Unavailable => ApiError::NotImplemented(RolloutError::Unavailable.to_string()),
+            RolloutError::Registry(error) => ApiError::Registry(error),
+        }
+    }
 }
 
 impl From<RegistryError> for ApiError {
@@ -36,6 +51,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
             ApiError::NotImplemented(message) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented", message),
+            ApiError::Conflict(message) => (StatusCode::CONFLICT, "Conflict", message),
             ApiError::Registry(error) => match error {
                 RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound", error.to_string()),
                 RegistryError::AlreadyExists(_) => (StatusCode::CONFLICT, "AlreadyExists", error.to_string()),

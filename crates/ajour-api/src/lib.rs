@@ -4,7 +4,8 @@
 //! password is accepted too, as Drogue's clients send it).
 //!
 //! Ajour's own resources are under `/api/dfu/v1alpha1`: a device's update history
-//! (`/apps/{app}/devices/{device}/history`).
+//! (`/apps/{app}/devices/{device}/history`) and an application's staged rollouts
+//! (`/apps/{app}/rollouts`).
 //!
 //! Writes go to the registry and then tell the update service to forget what it cached about the
 //! object, so a changed firmware spec reaches devices on their next status. Reads of a device show
@@ -14,6 +15,7 @@ mod auth;
 mod error;
 mod history;
 mod registry;
+mod rollouts;
 
 pub use auth::ApiToken;
 pub use error::ApiError;
@@ -36,6 +38,7 @@ pub struct ApiState {
 pub fn router(state: ApiState, token: ApiToken) -> Router {
     registry::routes()
         .merge(history::routes())
+        .merge(rollouts::routes())
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(token),

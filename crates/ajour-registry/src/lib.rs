@@ -13,6 +13,7 @@ pub mod credentials;
 mod error;
 mod metered;
 mod model;
+pub mod rollouts;
 #[cfg(feature = "sql")]
 mod schema;
 mod selector;
@@ -26,11 +27,12 @@ pub use credentials::{
 pub use error::RegistryError;
 pub use metered::MeteredRegistry;
 pub use model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
+pub use rollouts::{Admission, NewRollout, RolloutStore};
 #[cfg(feature = "sql")]
 pub use schema::{known_migrations, SchemaReport, SchemaVersion};
 pub use selector::LabelSelector;
 #[cfg(feature = "sql")]
-pub use sql::{SqlRegistry, SqlRegistryOptions};
+pub use sql::{BesideRegistry, SqlRegistry, SqlRegistryOptions};
 
 use ajour_types::{HistoryEvent, RecordedEvent};
 use async_trait::async_trait;

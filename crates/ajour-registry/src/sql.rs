@@ -15,6 +15,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+mod beside;
+mod rollouts;
+
+pub use beside::BesideRegistry;
+
+/// A transaction on the registry's database.
+type Tx<'c> = sqlx::Transaction<'c, sqlx::Any>;
+
 /// How often a status write is retried when other writers keep changing the object.
 const STATUS_WRITE_ATTEMPTS: usize = 10;
 
@@ -71,13 +79,26 @@ const COLUMNS: &str =
     "name, uid, creation_timestamp, generation, resource_version, labels, annotations, spec, status";
 
 impl SqlRegistry {
+    /// A transaction that will write. SQLite: take the write lock at the start (IMMEDIATE), as a
+    /// transaction that read first and then wants to write while another writes fails at once
+    /// instead of waiting; and hold the one-writer permit (returned) until it ends.
+    async fn begin_write(&self) -> Result<(Option<tokio::sync::SemaphorePermit<'_>>, Tx<'_>), RegistryError> {
+        Ok(match self.postgres_url {
+            Some(_) => (None, self.pool.begin().await?),
+            None => {
+                let writing = self.sqlite_writer.acquire().await.ok();
+                (writing, self.pool.begin_with("BEGIN IMMEDIATE").await?)
+            }
+        })
+    }
+
     /// Append `events` to the history of `device`, within the status write's transaction `tx`,
     /// then drop what the retention no longer keeps. Progress told already in the device's
     /// current update is not told again: a late write of another instance can move a device's
     /// shown progress back, and the next write past a milestone would tell it a second time.
     async fn append_history(
         &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        tx: &mut Tx<'_>,
         app: &AppName,
         device: &DeviceName,
         mut events: Vec<HistoryEvent>,
@@ -142,6 +163,84 @@ impl SqlRegistry {
         .bind(now.saturating_sub(max_age))
         .execute(&mut **tx)
         .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` entries of the history of `device` of `app`, newest first, whether or
+    /// not this database holds the device (beside another registry it does not).
+    pub(crate) async fn history_of(
+        &self,
+        app: &AppName,
+        device: &DeviceName,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, RegistryError> {
+        let rows = sqlx::query(
+            "SELECT at, event FROM device_history WHERE application = $1 AND device = $2 \
+             ORDER BY seq DESC LIMIT $3",
+        )
+        .bind(app.as_str())
+        .bind(device.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let at: i64 = row.try_get("at")?;
+                let text: String = row.try_get("event")?;
+                let event = serde_json::from_str(&text)
+                    .ok()
+                    .and_then(|value| HistoryEvent::from_json(&value))
+                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {device}@{app}: {text}")))?;
+                let time = chrono::DateTime::from_timestamp_millis(at)
+                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {device}@{app}: time {at}")))?;
+                Ok(RecordedEvent { time, event })
+            })
+            .collect()
+    }
+
+    /// Tell the history of `device` of `app` `events`, and move its place in a rollout, in one
+    /// transaction: what a status write does in this database, for a status written elsewhere.
+    pub(crate) async fn record(
+        &self,
+        app: &AppName,
+        device: &DeviceName,
+        mut events: Vec<HistoryEvent>,
+    ) -> Result<(), RegistryError> {
+        let (_writing, mut tx) = self.begin_write().await?;
+        Self::follow_rollout(&mut tx, app.as_str(), device.as_str(), &mut events).await?;
+        if !events.is_empty() {
+            self.append_history(&mut tx, app, device, events).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Delete what this database keeps of `key` beside its registry entry (its history and
+    /// rollout entries; an application's: of all its devices, and its rollouts).
+    pub(crate) async fn forget(&self, key: &Key) -> Result<(), RegistryError> {
+        let (_writing, mut tx) = self.begin_write().await?;
+        match key {
+            Key::App(app) => {
+                for table in ["device_history", "rollout_devices", "rollouts"] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE application = $1"))
+                        .bind(app.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            Key::Device(app, device) => {
+                for table in ["device_history", "rollout_devices"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE application = $1 AND device = $2"
+                    ))
+                    .bind(app.as_str())
+                    .bind(device.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -293,11 +392,7 @@ impl SqlRegistry {
 
     /// Announce a write to `key` to every instance listening ([`Registry::changes`]), when the
     /// transaction commits (PostgreSQL sends notifications on commit, and none on rollback).
-    async fn announce(
-        &self,
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-        key: &Key,
-    ) -> Result<(), RegistryError> {
+    async fn announce(&self, tx: &mut Tx<'_>, key: &Key) -> Result<(), RegistryError> {
         if self.postgres_url.is_none() {
             return Ok(());
         }
@@ -315,7 +410,7 @@ impl SqlRegistry {
 
     /// Record the `unique` user names of device `key` (replacing its old ones) within `tx`.
     async fn record_user_names(
-        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        tx: &mut Tx<'_>,
         key: &Key,
         spec: &Map<String, Value>,
     ) -> Result<(), RegistryError> {
@@ -503,7 +598,7 @@ impl Registry for SqlRegistry {
         let deleted = match key {
             Key::App(app) => {
                 let mut tx = self.pool.begin().await?;
-                for table in ["device_users", "device_history"] {
+                for table in ["device_users", "device_history", "rollout_devices", "rollouts"] {
                     sqlx::query(&format!("DELETE FROM {table} WHERE application = $1"))
                         .bind(app.as_str())
                         .execute(&mut *tx)
@@ -524,11 +619,15 @@ impl Registry for SqlRegistry {
             Key::Device(app, device) => {
                 let mut tx = self.pool.begin().await?;
                 Self::record_user_names(&mut tx, key, &Map::new()).await?;
-                sqlx::query("DELETE FROM device_history WHERE application = $1 AND device = $2")
+                for table in ["device_history", "rollout_devices"] {
+                    sqlx::query(&format!(
+                        "DELETE FROM {table} WHERE application = $1 AND device = $2"
+                    ))
                     .bind(app.as_str())
                     .bind(device.as_str())
                     .execute(&mut *tx)
                     .await?;
+                }
                 let deleted = sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
                     .bind(app.as_str())
                     .bind(device.as_str())
@@ -567,16 +666,8 @@ impl Registry for SqlRegistry {
         for _ in 0..STATUS_WRITE_ATTEMPTS {
             // One transaction: the status and what the history tells of its change land together
             // or not at all. On PostgreSQL the update holds the row until the commit, so the
-            // history of one device is written by one instance at a time. SQLite: take the write
-            // lock at the start (IMMEDIATE), as a transaction that read first and then wants to
-            // write while another writes fails at once instead of waiting.
-            let (_writing, mut tx) = match self.postgres_url {
-                Some(_) => (None, self.pool.begin().await?),
-                None => {
-                    let writing = self.sqlite_writer.acquire().await.ok();
-                    (writing, self.pool.begin_with("BEGIN IMMEDIATE").await?)
-                }
-            };
+            // history of one device is written by one instance at a time.
+            let (_writing, mut tx) = self.begin_write().await?;
             let mut query = sqlx::query(&select).bind(name);
             if let Some(app) = app {
                 query = query.bind(app);
@@ -604,8 +695,12 @@ impl Registry for SqlRegistry {
             if updated.rows_affected() != 1 {
                 continue; // another writer came first: read again (the transaction rolls back)
             }
-            if let (Key::Device(app, device), false) = (key, events.is_empty()) {
-                self.append_history(&mut tx, app, device, events).await?;
+            if let Key::Device(app, device) = key {
+                let mut events = events;
+                Self::follow_rollout(&mut tx, app.as_str(), device.as_str(), &mut events).await?;
+                if !events.is_empty() {
+                    self.append_history(&mut tx, app, device, events).await?;
+                }
             }
             tx.commit().await?;
             return Ok(true);
@@ -625,29 +720,7 @@ impl Registry for SqlRegistry {
         if exists.is_none() {
             return Err(RegistryError::NotFound(key.to_string()));
         }
-        let rows = sqlx::query(
-            "SELECT at, event FROM device_history WHERE application = $1 AND device = $2 \
-             ORDER BY seq DESC LIMIT $3",
-        )
-        .bind(app.as_str())
-        .bind(device.as_str())
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let at: i64 = row.try_get("at")?;
-                let text: String = row.try_get("event")?;
-                let event = serde_json::from_str(&text)
-                    .ok()
-                    .and_then(|value| HistoryEvent::from_json(&value))
-                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {key}: {text}")))?;
-                let time = chrono::DateTime::from_timestamp_millis(at)
-                    .ok_or_else(|| RegistryError::Corrupt(format!("history of {key}: time {at}")))?;
-                Ok(RecordedEvent { time, event })
-            })
-            .collect::<Result<Vec<_>, RegistryError>>()
-            .map(Some)
+        self.history_of(app, device, limit).await.map(Some)
     }
 
     async fn device_by_user(

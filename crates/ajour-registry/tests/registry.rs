@@ -566,3 +566,142 @@ async fn history_keeps_the_newest_entries_within_the_retention() {
         );
     }
 }
+
+/// Two registries on one database (two instances): devices started at the same moment through
+/// both never pass the rollout's concurrency limit; each step of a rollout is taken once; devices
+/// silent past a timeout fail, told in their history; a deleted device leaves its rollout.
+#[tokio::test]
+async fn rollouts_hold_their_limit_and_take_each_step_once_across_instances() {
+    use ajour_types::rollout::{Member, Phase, RolloutSpec, RolloutState};
+    for (backend, b) in backends().await {
+        let url = match &b._postgres {
+            Some(db) => db.url().to_string(),
+            None => SqlRegistry::sqlite_url(b._sqlite_dir.as_ref().unwrap().path()),
+        };
+        let other = Arc::new(
+            SqlRegistry::connect(&url, SqlRegistryOptions::default())
+                .await
+                .unwrap(),
+        );
+        let one = &b.registry;
+        let app = AppName::parse("fleet").unwrap();
+        one.create(
+            &app_key("fleet"),
+            resource(json!({"metadata": {"name": "fleet"}})),
+        )
+        .await
+        .unwrap();
+        let names: Vec<String> = (0..12).map(|i| format!("d{i}")).collect();
+        for name in &names {
+            one.create(
+                &device_key("fleet", name),
+                resource(json!({"metadata": {"name": name, "application": "fleet"}})),
+            )
+            .await
+            .unwrap();
+        }
+        let spec: RolloutSpec = serde_json::from_value(json!({
+            "firmware": {"file": {"name": "v2"}},
+            "waves": [{"percent": 100}],
+            "concurrency": 3
+        }))
+        .unwrap();
+        let now = 1_000_000;
+        let new = |members| NewRollout {
+            app: &app,
+            spec: &spec,
+            previous: None,
+            members,
+            now,
+        };
+        let rollout = one
+            .create_rollout(new(names.iter().map(|n| Member::pending(n, 0)).collect()))
+            .await
+            .unwrap();
+        let again = one.create_rollout(new(Vec::new())).await.unwrap_err();
+        assert!(
+            matches!(again, RegistryError::AlreadyExists(_)),
+            "{backend}: {again}"
+        );
+
+        // Twelve starts at once, through two more instances: three admitted.
+        let third = Arc::new(
+            SqlRegistry::connect(&url, SqlRegistryOptions::default())
+                .await
+                .unwrap(),
+        );
+        let mut starts = tokio::task::JoinSet::new();
+        for (i, name) in names.iter().enumerate() {
+            let store = if i % 2 == 0 { other.clone() } else { third.clone() };
+            let (id, name) = (rollout.id, name.clone());
+            starts.spawn(async move { store.start(id, &name, "2.0.0", Some(3), now).await.unwrap() });
+        }
+        let admissions = starts.join_all().await;
+        let started = admissions.iter().filter(|a| **a == Admission::Started).count();
+        assert_eq!(started, 3, "{backend}: {admissions:?}");
+        assert!(admissions
+            .iter()
+            .all(|a| matches!(a, Admission::Started | Admission::Full)));
+        let members = one.members(rollout.id).await.unwrap();
+        let updating: Vec<&Member> = members.iter().filter(|m| m.phase == Phase::Updating).collect();
+        assert_eq!(updating.len(), 3, "{backend}");
+        // Starting one of them again (a stale copy thought it pending) lets it go on.
+        let again = other
+            .start(rollout.id, &updating[0].device, "2.0.0", Some(3), now)
+            .await
+            .unwrap();
+        assert_eq!(again, Admission::Started, "{backend}");
+
+        // One step, tried by both instances at once: taken once.
+        let expected = rollout.progress.clone();
+        let mut next = expected.clone();
+        next.state = RolloutState::Paused;
+        next.reason = Some("test".into());
+        let (a, b2) = tokio::join!(
+            one.advance(rollout.id, &expected, &next, now),
+            other.advance(rollout.id, &expected, &next, now)
+        );
+        assert!(a.unwrap() ^ b2.unwrap(), "{backend}: exactly one wins");
+        let paused = one.rollout(&app, rollout.id).await.unwrap().unwrap();
+        assert_eq!(paused.progress, next, "{backend}");
+        // Paused: nobody starts.
+        let refused = one.start(rollout.id, "d11", "2.0.0", None, now).await.unwrap();
+        assert_eq!(refused, Admission::Refused, "{backend}");
+        // Resumed: the timeouts count from the resume, then expire the silent.
+        let mut resumed = next.clone();
+        resumed.state = RolloutState::Active;
+        resumed.reason = None;
+        assert!(one
+            .advance(rollout.id, &next, &resumed, now + 60_000)
+            .await
+            .unwrap());
+        let swap = std::time::Duration::from_secs(10);
+        let stall = std::time::Duration::from_secs(30);
+        assert_eq!(
+            one.expire(rollout.id, swap, stall, now + 60_000 + 29_000)
+                .await
+                .unwrap(),
+            0,
+            "{backend}"
+        );
+        assert_eq!(
+            one.expire(rollout.id, swap, stall, now + 60_000 + 31_000)
+                .await
+                .unwrap(),
+            3,
+            "{backend}"
+        );
+        let failed = &one.members(rollout.id).await.unwrap();
+        let failed: Vec<&Member> = failed.iter().filter(|m| m.phase == Phase::Failed).collect();
+        assert_eq!(failed.len(), 3);
+        assert_eq!(failed[0].reason.as_deref(), Some("no progress for 30 s"));
+        let key = device_key("fleet", &failed[0].device);
+        let history = one.history(&key, 10).await.unwrap().unwrap();
+        assert_eq!(history[0].event.kind, ajour_types::EventKind::Failed, "{backend}");
+        assert_eq!(history[0].event.rollout, Some(rollout.id));
+
+        one.delete(&key).await.unwrap();
+        let left = one.members(rollout.id).await.unwrap();
+        assert_eq!(left.len(), 11, "{backend}: the deleted device left the rollout");
+    }
+}

@@ -21,6 +21,13 @@ pub(crate) struct DeviceContext {
     pub credentials: DeviceCredentials,
     /// `device@app`, as firmware sources name the device (made once here, not per status).
     pub name: String,
+    /// Whether the firmware is the device's own `spec.firmware` (then no rollout applies to it).
+    pub own_firmware: bool,
+    /// The application's `spec.firmware` as stored: a rollout applies while it is the one the
+    /// rollout started from.
+    pub application_firmware: Option<serde_json::Value>,
+    /// The device's labels (rollouts select devices by them).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// From this many cached devices of one application, expired contexts are read again all at once:
@@ -302,6 +309,9 @@ fn resolve(key: &Key, device: &Resource, application: &Resource) -> DeviceContex
         firmware,
         credentials,
         name,
+        own_firmware: device.spec.contains_key("firmware"),
+        application_firmware: application.spec.get("firmware").cloned(),
+        labels: device.metadata.labels.clone(),
     }
 }
 

@@ -19,19 +19,23 @@
 mod auth;
 mod context;
 pub mod guard;
+pub mod rollouts;
 pub mod throttle;
 pub mod tracker;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
 pub use guard::GuardConfig;
+pub use rollouts::{Action as RolloutAction, RolloutDetails, RolloutError, RolloutSummary};
 
 use ajour_engine::{decide, wait, EngineConfig, FirmwareImage, Outcome, Target};
 use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
-use ajour_registry::{CredentialKeys, Key, Registry, RegistryError, Resource};
+use ajour_registry::{AppName, CredentialKeys, Key, Registry, RegistryError, Resource, RolloutStore};
 use ajour_store::{Asking, FetchError, FirmwareSource, Observation, Observed};
+use ajour_types::rollout::{Rollout, RolloutId, RolloutSpec};
 use ajour_types::FirmwareReport;
 use context::{ContextCache, DeviceContext};
+use rollouts::{Given, Rollouts};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -89,6 +93,8 @@ pub struct UpdateService {
     contexts: ContextCache,
     auth: auth::Authenticator,
     tracker: StatusTracker,
+    /// Staged rollouts, when the service was given a store for them ([`Self::with_rollouts`]).
+    rollouts: Option<Rollouts>,
 }
 
 impl UpdateService {
@@ -108,6 +114,72 @@ impl UpdateService {
             registry,
             firmware,
             config,
+            rollouts: None,
+        }
+    }
+
+    /// Give the service staged rollouts, kept in `store` (the registry's own database).
+    pub fn with_rollouts(mut self, store: Arc<dyn RolloutStore>) -> Self {
+        self.rollouts = Some(Rollouts::new(store));
+        self
+    }
+
+    fn rollouts(&self) -> Result<&Rollouts, RolloutError> {
+        self.rollouts.as_ref().ok_or(RolloutError::Unavailable)
+    }
+
+    /// Create a rollout of `app`'s devices to the firmware in `spec`.
+    pub async fn create_rollout(&self, app: &AppName, spec: RolloutSpec) -> Result<Rollout, RolloutError> {
+        let created = self.rollouts()?.create(self.registry.as_ref(), app, spec).await?;
+        self.contexts.invalidate(&Key::App(app.clone()));
+        Ok(created)
+    }
+
+    /// `app`'s rollouts, newest first, with their counts.
+    pub async fn list_rollouts(&self, app: &AppName) -> Result<Vec<RolloutSummary>, RolloutError> {
+        self.rollouts()?.list(app).await
+    }
+
+    /// Rollout `id` of `app` with its devices, and the application's devices outside it.
+    pub async fn rollout(&self, app: &AppName, id: RolloutId) -> Result<RolloutDetails, RolloutError> {
+        self.rollouts()?.get(self.registry.as_ref(), app, id).await
+    }
+
+    /// Pause, resume, cancel or approve rollout `id` of `app`.
+    pub async fn control_rollout(
+        &self,
+        app: &AppName,
+        id: RolloutId,
+        action: RolloutAction,
+    ) -> Result<RolloutSummary, RolloutError> {
+        self.rollouts()?.control(app, id, action).await
+    }
+
+    /// Move rollouts on every `tick` until `shutdown` resolves (see [`rollouts`]); at once when
+    /// this service keeps no rollouts.
+    pub async fn run_rollout_controller(
+        self: Arc<Self>,
+        tick: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let Some(rollouts) = &self.rollouts else { return };
+        let mut interval = tokio::time::interval(tick);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => match rollouts.tick(self.registry.as_ref()).await {
+                    // Their firmware is the rollouts' now: read it at once, not after the TTL.
+                    Ok(completed) => completed
+                        .into_iter()
+                        .for_each(|app| self.contexts.invalidate(&Key::App(app))),
+                    Err(error) => {
+                        error_total("rollouts");
+                        warn_throttled!(LOG_INTERVAL, %error, "rollout controller: registry unavailable");
+                    }
+                },
+                _ = &mut shutdown => break,
+            }
         }
     }
 
@@ -157,6 +229,28 @@ impl UpdateService {
         let mut from_start = status.clone();
         from_start.update = None;
         std::borrow::Cow::Owned(from_start)
+    }
+
+    /// Whether device `key` was sent the whole image `digest` of `target` and has not synced
+    /// since: this instance sent it Swap (`swaps`), or the registry says so (another instance
+    /// did; in a rollout, "whole" is written at once). Read from the registry only when this instance sent
+    /// no Swap: a device reporting nothing of the image does so once per update.
+    async fn was_sent_whole(&self, key: &Key, target: &str, digest: &str, swaps: u32) -> bool {
+        if swaps > 0 {
+            return true;
+        }
+        let Ok(Some(device)) = self.registry.get(key).await else {
+            return false;
+        };
+        device
+            .status
+            .get("firmware")
+            .and_then(|section| FirmwareReport::from_json(section).ok())
+            .is_some_and(|report| {
+                report.status.target == target
+                    && report.status.target_digest.as_deref() == Some(digest)
+                    && report.status.percent().is_some_and(|percent| percent >= 100.0)
+            })
     }
 
     /// The digest of the image the registry says the device was last sent toward `target`.
@@ -305,7 +399,33 @@ impl UpdateService {
             }
         };
         let current = String::from_utf8_lossy(&status.version).into_owned();
-        let spec = match &context.firmware {
+        // Who asks and what it runs: a source acting for the device elsewhere (Hawkbit) reports
+        // them; the file and OCI sources look at the spec alone.
+        let device = context.name.as_str();
+        let asking = Asking {
+            device,
+            current: &current,
+        };
+        let given = match &self.rollouts {
+            Some(rollouts) => match rollouts.given(key, context).await {
+                Ok(given) => given,
+                Err(error) => {
+                    error_total("registry");
+                    warn_throttled!(LOG_INTERVAL, %key, %error, "rollout store unavailable; device told to wait");
+                    return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+                }
+            },
+            None => Given::Context,
+        };
+        let given = self.admit(key, given, &asking).await;
+        let spec = match &given {
+            Given::Context => context.firmware.as_ref().map(Option::as_ref),
+            Given::Rollout { book, .. } => book.firmware.as_ref().map(Some),
+            Given::Previous(previous) => previous.as_ref().map(Option::as_ref),
+            // Mid-update in a paused rollout: it keeps what it has and asks again.
+            Given::Wait => return reply(&wait(correlation_id, self.config.engine.wait_poll).command),
+        };
+        let spec = match spec {
             Ok(Some(spec)) => spec,
             Ok(None) => return reply(&wait(correlation_id, self.config.unmanaged_poll).command),
             Err(reason) => {
@@ -313,13 +433,6 @@ impl UpdateService {
                     .record(key, FirmwareStatus::error(current, reason.clone()));
                 return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
             }
-        };
-        // Who asks and what it runs: a source acting for the device elsewhere (Hawkbit) reports
-        // them; the file and OCI sources look at the spec alone.
-        let device = context.name.as_str();
-        let asking = Asking {
-            device,
-            current: &current,
         };
         let image = match self.firmware.fetch_for(spec, &asking).await {
             Ok(image) => image,
@@ -371,10 +484,41 @@ impl UpdateService {
             self.tracker.record(key, failed);
             return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
         }
+        // In a rollout, one rollback fails the device (the rollout counts it, and gives it its
+        // previous firmware from then on): it was sent the whole image, and reports the version
+        // it ran holding nothing of the new one, which only a device that rebooted does.
+        if matches!(given, Given::Rollout { .. })
+            && status.version != target.as_bytes()
+            && status
+                .update
+                .as_ref()
+                .is_none_or(|u| u.offset == 0 || u.version != target.as_bytes())
+            && self.was_sent_whole(key, &target, digest, sent.swaps).await
+        {
+            let failed = FirmwareStatus {
+                state: FirmwareState::Failed {
+                    reason: ajour_types::rollout::rolled_back_reason(&target, &current),
+                },
+                current,
+                target,
+                target_digest: Some(digest.to_string()),
+            };
+            self.tracker.record(key, failed);
+            return reply(&wait(correlation_id, self.config.engine.wait_poll).command);
+        }
         let status = self
             .status_resuming_only_the_same_image(key, status, &image, sent.same_image)
             .await;
         let decision = decide(&status, Target::Ready(&image), &self.config.engine);
+        // A rollout's bandwidth budget: a block it cannot afford now is not sent; the device asks
+        // again in a second (the shortest wait the protocol has).
+        if let (Given::Rollout { book, .. }, Outcome::Writing { len, .. }, Some(rollouts)) =
+            (&given, decision.outcome, &self.rollouts)
+        {
+            if !rollouts.afford(book, len) {
+                return reply(&wait(correlation_id, 1).command);
+            }
+        }
         let state = match decision.outcome {
             Outcome::InSync => FirmwareState::InSync,
             Outcome::Writing { offset, len, size } => {
@@ -410,24 +554,60 @@ impl UpdateService {
             );
         }
         let starting = matches!(decision.outcome, Outcome::Writing { offset: 0, .. });
-        let write = self.tracker.record(
-            key,
-            FirmwareStatus {
-                current,
-                target,
-                target_digest: Some(digest.to_string()),
-                state,
-            },
-        );
+        // In a rollout, that a device has the whole image is written at once (else only as
+        // progress is): whichever instance the device comes back to must be able to tell that
+        // a device reporting its old version has rolled back.
+        let whole_in_rollout = matches!(given, Given::Rollout { .. })
+            && matches!(state, FirmwareState::Updating { percent } if percent >= 100.0);
+        let status = FirmwareStatus {
+            current,
+            target,
+            target_digest: Some(digest.to_string()),
+            state,
+        };
+        let write = match whole_in_rollout {
+            true => self.tracker.record_now(key, status),
+            false => self.tracker.record(key, status),
+        };
         // With a registry other instances share, the first block of an image waits until the
-        // registry names the image: the device's next status may reach another instance (several
-        // behind a load balancer), which can resume it only if the registry says what it was
-        // sent; else it starts the device again. Bounded: past it, or with the registry down, the
-        // block goes anyway (a restart there is a wasted block, never a spliced image).
-        if let (true, Some(write)) = (starting && self.registry.shared(), write) {
+        // registry names the image (and in a rollout, the block that completes it until the
+        // registry says the device has it whole): the device's next status may reach another
+        // instance (several behind a load balancer), which can resume it only if the registry
+        // says what it was sent (else it starts the device again), and tell a rollback only if
+        // the registry says it was sent the whole image. Bounded: past it, or with the registry
+        // down, the block goes anyway (a restart there is a wasted block, never a spliced image).
+        if let (true, Some(write)) = ((starting || whole_in_rollout) && self.registry.shared(), write) {
             let _ = tokio::time::timeout(FIRST_BLOCK_WRITE_WAIT, write).await;
         }
         reply(&decision.command)
+    }
+
+    /// A device a rollout may start now is started if the store admits it (the rollout is still
+    /// active and under its concurrency limit); otherwise it keeps its previous firmware. Its
+    /// target version is recorded with the start, so the image is fetched first (from the
+    /// source's cache, where the status's own fetch finds it again).
+    async fn admit(&self, key: &Key, given: Given, asking: &Asking<'_>) -> Given {
+        let (Given::Rollout { book, start: true }, Some(rollouts)) = (&given, &self.rollouts) else {
+            return given;
+        };
+        let Ok(spec) = &book.firmware else { return given };
+        let admitted = match self.firmware.fetch_for(spec, asking).await {
+            Ok(image) => rollouts.start(book, key, image.version()).await,
+            // The image cannot be had: the device is not started, and keeps its firmware.
+            Err(_) => Ok(false),
+        };
+        match admitted {
+            Ok(true) => Given::Rollout {
+                book: book.clone(),
+                start: false,
+            },
+            Ok(false) => rollouts.previous_of(book, key),
+            Err(error) => {
+                error_total("registry");
+                warn_throttled!(LOG_INTERVAL, %key, %error, "rollout store unavailable; device keeps its firmware");
+                rollouts.previous_of(book, key)
+            }
+        }
     }
 
     /// Forget what is cached about `key` (an application: all its devices), after a write.
@@ -522,7 +702,8 @@ pub fn overlay_pending(resource: &mut Resource, pending: serde_json::Value) {
     }
 }
 
-/// How long the first block of an image waits for the registry to record which image it is.
+/// How long the first block of an image (in a rollout, also the last) waits for the registry to
+/// record it.
 const FIRST_BLOCK_WRITE_WAIT: Duration = Duration::from_secs(1);
 
 /// Swaps sent for one image before a device that never comes back on its version is given up.

@@ -125,6 +125,21 @@ impl StatusTracker {
     /// Note the device's status; start writing it when its phase changed or the interval passed.
     /// The write runs beside the caller; its handle, for a caller that must know it landed.
     pub fn record(&self, key: &Key, status: FirmwareStatus) -> Option<tokio::task::JoinHandle<()>> {
+        self.record_then(key, status, false)
+    }
+
+    /// [`Self::record`], written at once as a change of phase would be, unless it is what was
+    /// recorded last.
+    pub fn record_now(&self, key: &Key, status: FirmwareStatus) -> Option<tokio::task::JoinHandle<()>> {
+        self.record_then(key, status, true)
+    }
+
+    fn record_then(
+        &self,
+        key: &Key,
+        status: FirmwareStatus,
+        now: bool,
+    ) -> Option<tokio::task::JoinHandle<()>> {
         let write_now = {
             let mut devices = self.inner.devices.lock().unwrap();
             let tracked = match devices.get_mut(key) {
@@ -134,10 +149,11 @@ impl StatusTracker {
             if tracked.latest.as_ref() == Some(&status) {
                 return None;
             }
-            let phase_changed = tracked
-                .latest
-                .as_ref()
-                .is_none_or(|latest| !latest.same_phase(&status));
+            let phase_changed = now
+                || tracked
+                    .latest
+                    .as_ref()
+                    .is_none_or(|latest| !latest.same_phase(&status));
             if status.state == FirmwareState::InSync {
                 tracked.swaps = None;
             }

@@ -1,5 +1,6 @@
 //! The device itself, whatever carries its statuses and commands.
 
+use crate::Fault;
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status, UpdateStatus};
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
@@ -22,13 +23,25 @@ impl From<StatusEncoding> for Encoding {
     }
 }
 
-/// How a simulated device ended.
+/// How a simulated device ended. Only a device that failed a check ends with an error instead:
+/// every outcome here is the device doing what it was set to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Updated from one version to another, checksum verified.
     Updated { from: String, to: String, bytes: usize },
     /// Already ran the version it should.
     InSync { version: String },
+    /// Given a target ([`crate::DeviceOptions::target`]), the device still ran `version`, not the
+    /// target, when its timeout found it waiting as its last command told it (a Wait, or a Sync
+    /// on `version`): the server had not updated it yet, as a device of a later wave of a rollout.
+    NotUpdated { version: String },
+    /// Played [`Fault::RollBack`]: sent the Swap to `to`, rolled back, and reported that it still
+    /// runs `version`.
+    RolledBack { version: String, to: String },
+    /// Played [`Fault::Silent`]: went quiet at the Swap to `to`.
+    Silent { to: String },
+    /// Played [`Fault::Stall`]: went quiet holding `offset` bytes of `to`.
+    Stalled { to: String, offset: u32 },
 }
 
 /// What a device does after a command.
@@ -49,6 +62,9 @@ pub enum Step {
 /// SHA-256 of the bytes it received, and after the swap it "reboots" into the new version and
 /// expects Sync. A command that echoes another correlation id than its status carried is refused
 /// too. Anything else is an error naming what was wrong.
+///
+/// A device may be set to play a [`Fault`] ([`Self::with_fault`]): then it fails its update as
+/// that fault says, still checking everything it is sent up to there.
 #[derive(Debug, Clone)]
 pub struct SimulatedDevice {
     start_version: String,
@@ -58,6 +74,10 @@ pub struct SimulatedDevice {
     written: Vec<u8>,
     writing: Option<String>,
     swapped: bool,
+    fault: Option<Fault>,
+    /// Played [`Fault::RollBack`] at the Swap to this version, and has not yet had the status
+    /// that shows it answered.
+    rolled_back_from_swap_to: Option<String>,
 }
 
 impl SimulatedDevice {
@@ -71,7 +91,22 @@ impl SimulatedDevice {
             written: Vec::new(),
             writing: None,
             swapped: false,
+            fault: None,
+            rolled_back_from_swap_to: None,
         }
+    }
+
+    /// The same device, playing `fault`.
+    pub fn with_fault(self, fault: Fault) -> Self {
+        Self {
+            fault: Some(fault),
+            ..self
+        }
+    }
+
+    /// The fault the device plays, if any.
+    pub fn fault(&self) -> Option<Fault> {
+        self.fault
     }
 
     /// A device running `version` that restarted part-way through writing version `writing`: it
@@ -133,6 +168,14 @@ impl SimulatedDevice {
                 self.correlation_id
             );
         }
+        if let Some(to) = self.rolled_back_from_swap_to.take() {
+            // The status after the rollback is what the server had to see; what it answers is
+            // the server's own business, to be checked on the server.
+            return Ok(Step::Done(Outcome::RolledBack {
+                version: self.version.clone(),
+                to,
+            }));
+        }
         match command {
             Command::Write {
                 version: v,
@@ -158,7 +201,15 @@ impl SimulatedDevice {
                     bail!("empty Write at offset {offset}: the update would never progress");
                 }
                 self.written.extend_from_slice(data);
-                Ok(Step::Continue)
+                match self.fault {
+                    Some(Fault::Stall { at }) if self.written.len() >= at as usize => {
+                        Ok(Step::Done(Outcome::Stalled {
+                            to: v,
+                            offset: self.written.len() as u32,
+                        }))
+                    }
+                    _ => Ok(Step::Continue),
+                }
             }
             Command::Swap {
                 version: v, checksum, ..
@@ -176,11 +227,35 @@ impl SimulatedDevice {
                         hex::encode(actual)
                     );
                 }
-                // Install and reboot into the new version.
-                self.version = v;
-                self.writing = None;
-                self.swapped = true;
-                Ok(Step::Continue)
+                match self.fault {
+                    Some(Fault::RollBack) => {
+                        // Rebooted, and the bootloader went back to the old image: nothing is
+                        // installed and no update is under way any more.
+                        self.writing = None;
+                        self.rolled_back_from_swap_to = Some(v);
+                        Ok(Step::Continue)
+                    }
+                    Some(Fault::Silent) => Ok(Step::Done(Outcome::Silent { to: v })),
+                    Some(Fault::Stall { at }) if self.written.len() >= at as usize => {
+                        // Resumed holding it all already: the Swap is its first command since.
+                        Ok(Step::Done(Outcome::Stalled {
+                            to: v,
+                            offset: self.written.len() as u32,
+                        }))
+                    }
+                    Some(Fault::Stall { at }) => bail!(
+                        "Swap to {v} holding {} bytes, before the {at} bytes the device was to stall at: \
+                         the image is smaller than the device was told",
+                        self.written.len()
+                    ),
+                    None => {
+                        // Install and reboot into the new version.
+                        self.version = v;
+                        self.writing = None;
+                        self.swapped = true;
+                        Ok(Step::Continue)
+                    }
+                }
             }
             Command::Sync { version: v, .. } => {
                 let v = String::from_utf8_lossy(v).into_owned();
@@ -278,6 +353,67 @@ mod tests {
         assert!(device.apply(wait(Some(6))).is_err());
         assert!(device.apply(wait(None)).is_err());
         assert_eq!(device.apply(wait(Some(7))).unwrap(), Step::Wait(5));
+    }
+
+    fn swap(checksum: &[u8]) -> Command<'_> {
+        Command::Swap {
+            version: b"2.0.0",
+            correlation_id: None,
+            checksum,
+        }
+    }
+
+    #[test]
+    fn a_device_playing_a_fault_still_refuses_a_wrong_swap_checksum() {
+        let wrong: [u8; 32] = Sha256::digest(b"abd").into();
+        for fault in [Fault::RollBack, Fault::Silent, Fault::Stall { at: 3 }] {
+            let mut device = SimulatedDevice::new("1.0.0", None).with_fault(fault);
+            // Resumed holding it all, so that even the stalling device gets to the Swap.
+            device = SimulatedDevice {
+                written: b"abc".to_vec(),
+                writing: Some("2.0.0".into()),
+                ..device
+            };
+            let error = device.apply(swap(&wrong)).unwrap_err();
+            assert!(error.to_string().contains("Swap checksum"), "{fault}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_device_that_rolls_back_reports_its_old_version_then_ends() {
+        let mut device = SimulatedDevice::new("1.0.0", None).with_fault(Fault::RollBack);
+        device.apply(write(0, b"abc")).unwrap();
+        let right: [u8; 32] = Sha256::digest(b"abc").into();
+        assert_eq!(device.apply(swap(&right)).unwrap(), Step::Continue);
+        let status = device.status();
+        assert_eq!((status.version.as_slice(), status.update), (&b"1.0.0"[..], None));
+        // Whatever the server answers: here, the update from the start again.
+        assert_eq!(
+            device.apply(write(0, b"abc")).unwrap(),
+            Step::Done(Outcome::RolledBack {
+                version: "1.0.0".into(),
+                to: "2.0.0".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_stalling_device_stops_at_the_write_that_gets_it_to_its_mark() {
+        let mut device = SimulatedDevice::new("1.0.0", None).with_fault(Fault::Stall { at: 4 });
+        assert_eq!(device.apply(write(0, b"abc")).unwrap(), Step::Continue);
+        assert_eq!(
+            device.apply(write(3, b"de")).unwrap(),
+            Step::Done(Outcome::Stalled {
+                to: "2.0.0".into(),
+                offset: 5
+            })
+        );
+        // Sent the Swap short of its mark: it was told a larger image than it got.
+        let mut device = SimulatedDevice::new("1.0.0", None).with_fault(Fault::Stall { at: 4 });
+        device.apply(write(0, b"abc")).unwrap();
+        let right: [u8; 32] = Sha256::digest(b"abc").into();
+        let error = device.apply(swap(&right)).unwrap_err();
+        assert!(error.to_string().contains("stall at"), "{error}");
     }
 
     #[test]

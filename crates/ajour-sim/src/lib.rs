@@ -9,11 +9,17 @@
 //! device loop (status, link, command, again, until Sync), reporting each round trip to an
 //! [`Observer`]; [`run_fleet`] runs many devices at once; [`simulate`] is `ajour simulate`.
 //!
+//! To rehearse a staged rollout, a device can play a [`Fault`] (its bootloader rolls the update
+//! back, it goes quiet at the Swap, or it stalls part-way through the download), spread over a
+//! fleet by [`assign_faults`]; and given a target version ([`DeviceOptions::target`]) a device
+//! not yet told to update waits for its turn, and ends [`Outcome::NotUpdated`] if it never comes.
+//!
 //! Nothing here decides anything: the server (or, in this crate's tests, `ajour_engine::decide`
 //! behind an in-memory link) does.
 
 mod device;
 mod drogue_mqtt;
+mod fault;
 mod fleet;
 mod http;
 mod link;
@@ -22,8 +28,9 @@ mod simulate;
 
 pub use device::{Outcome, SimulatedDevice, StatusEncoding, Step};
 pub use drogue_mqtt::{DrogueMqtt, DrogueMqttLink};
+pub use fault::{assign_faults, Fault};
 pub use fleet::{progress_bar, run_fleet, FleetOptions};
 pub use http::HttpLink;
 pub use link::{EncodedStatus, Link, LinkError};
 pub use run::{run_device, DeviceOptions, Ended, Observer};
-pub use simulate::{simulate, Simulation, Transport};
+pub use simulate::{simulate, simulate_over, DeviceOutcomes, Simulation, Transport};

@@ -1,11 +1,14 @@
-//! `ajour simulate`: a fleet of one kind of device, over one transport, each to Sync.
+//! `ajour simulate`: a fleet of one kind of device, over one transport, each to Sync (or to the
+//! fault it plays).
 
 use crate::{
-    run_device, run_fleet, DeviceOptions, DrogueMqtt, Ended, FleetOptions, HttpLink, Link, Outcome,
+    run_device, run_fleet, DeviceOptions, DrogueMqtt, Ended, Fault, FleetOptions, HttpLink, Link, Outcome,
     SimulatedDevice,
 };
 use ajour_client::mqtt::MqttConfig;
 use anyhow::Context;
+use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,17 +40,19 @@ pub struct Simulation {
     pub transport: Transport,
     /// Devices updating at the same time.
     pub concurrency: usize,
+    /// How every device behaves (its target version among it).
     pub device: DeviceOptions,
+    /// The fault each device named here plays ([`crate::assign_faults`] spreads shares of them
+    /// over a fleet); the others play none.
+    pub faults: HashMap<String, Fault>,
 }
 
-/// Run every device of `simulation` to Sync; each name with how it ended, in the order they
-/// finished. Only a failure to set up (no broker) is an error of the whole run.
-pub async fn simulate(simulation: &Simulation) -> anyhow::Result<Vec<(String, anyhow::Result<Outcome>)>> {
-    let fleet = FleetOptions {
-        concurrency: simulation.concurrency,
-        progress: "devices".into(),
-    };
-    let names = simulation.devices.clone();
+/// How each device of a simulation ended, by name, in the order they finished.
+pub type DeviceOutcomes = Vec<(String, anyhow::Result<Outcome>)>;
+
+/// Run every device of `simulation` to Sync (or to its fault); each name with how it ended, in the
+/// order they finished. Only a failure to set up (no broker) is an error of the whole run.
+pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes> {
     match &simulation.transport {
         Transport::Http { urls } => {
             anyhow::ensure!(!urls.is_empty(), "no server URL to simulate devices against");
@@ -57,17 +62,16 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<Vec<(String, an
                 .build()?;
             let endpoints = HttpLink::endpoints(urls);
             let first = std::sync::atomic::AtomicUsize::new(0);
-            run_fleet(names, &fleet, |name| {
+            simulate_over(simulation, |name| {
                 let first = first.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let link = HttpLink::spread(
+                HttpLink::spread(
                     http.clone(),
                     &endpoints,
                     first,
                     &simulation.app,
-                    &name,
+                    name,
                     &simulation.password,
-                );
-                to_sync(simulation, link)
+                )
             })
             .await
         }
@@ -80,20 +84,37 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<Vec<(String, an
                     .await
                     .with_context(|| format!("connecting to {}", broker.url))?,
             );
-            run_fleet(names, &fleet, |name| {
-                to_sync(simulation, mqtt.link(&name, *command_timeout))
-            })
-            .await
+            simulate_over(simulation, |name| mqtt.link(name, *command_timeout)).await
         }
     }
 }
 
-/// One device of the simulation over `link`, from its first status to Sync.
+/// [`simulate`] over links of the caller's own: `link(name)` is device `name`'s way to the
+/// server, and `simulation.transport` is not used (tests put an in-memory server behind it).
+pub async fn simulate_over<L: Link + 'static>(
+    simulation: &Simulation,
+    link: impl Fn(&str) -> L,
+) -> anyhow::Result<DeviceOutcomes> {
+    let fleet = FleetOptions {
+        concurrency: simulation.concurrency,
+        progress: "devices".into(),
+    };
+    run_fleet(simulation.devices.clone(), &fleet, |name| {
+        to_sync(simulation, &name, link(&name))
+    })
+    .await
+}
+
+/// Device `name` of the simulation over `link`, from its first status to Sync (or its fault).
 fn to_sync(
     simulation: &Simulation,
+    name: &str,
     mut link: impl Link + 'static,
-) -> impl std::future::Future<Output = anyhow::Result<Outcome>> + Send + 'static {
+) -> impl Future<Output = anyhow::Result<Outcome>> + Send + 'static {
     let mut device = SimulatedDevice::new(&simulation.version, simulation.mtu);
+    if let Some(fault) = simulation.faults.get(name) {
+        device = device.with_fault(*fault);
+    }
     let options = simulation.device.clone();
     async move {
         match run_device(&mut device, &mut link, &options, &mut ()).await? {

@@ -4,14 +4,15 @@
 //! Time is paused: waits and backoffs run to their end at once.
 
 use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
-use ajour_protocol::{decode_status, encode_command, Command};
+use ajour_protocol::{decode_status, encode_command, Command, Status};
 use ajour_sim::{
-    run_device, run_fleet, DeviceOptions, EncodedStatus, Ended, FleetOptions, Link, LinkError, Observer,
-    Outcome, SimulatedDevice, StatusEncoding, Step,
+    assign_faults, run_device, run_fleet, simulate_over, DeviceOptions, EncodedStatus, Ended, Fault,
+    FleetOptions, Link, LinkError, Observer, Outcome, SimulatedDevice, Simulation, StatusEncoding, Step,
+    Transport,
 };
 use bytes::Bytes;
 use proptest::prelude::*;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,6 +38,11 @@ struct EngineLink {
     correlation_ids: Vec<Option<u32>>,
     /// The image is not there for the first statuses: they are told to wait.
     unavailable_for: usize,
+    /// The first statuses are answered for this image instead, the target of an earlier wave of
+    /// a rollout: (how many statuses, the image).
+    earlier: Option<(usize, Arc<FirmwareImage>)>,
+    /// Every status received, as decoded.
+    statuses: Vec<Status>,
 }
 
 impl EngineLink {
@@ -52,6 +58,8 @@ impl EngineLink {
             decisions: Vec::new(),
             correlation_ids: Vec::new(),
             unavailable_for: 0,
+            earlier: None,
+            statuses: Vec::new(),
         }
     }
 }
@@ -79,10 +87,11 @@ impl Link for EngineLink {
         if !self.mtus.is_empty() {
             decoded.mtu = self.mtus[turn % self.mtus.len()];
         }
-        let target = if turn < self.unavailable_for {
-            Target::Unavailable
-        } else {
-            Target::Ready(&self.image)
+        self.statuses.push(decoded.clone());
+        let target = match &self.earlier {
+            Some((statuses, earlier)) if turn < *statuses => Target::Ready(earlier),
+            _ if turn < self.unavailable_for => Target::Unavailable,
+            _ => Target::Ready(&self.image),
         };
         let decision = decide(&decoded, target, &self.config);
         assert_eq!(decision.command.correlation_id(), decoded.correlation_id);
@@ -108,9 +117,21 @@ fn options() -> DeviceOptions {
     )
 }
 
+/// Devices with a target version: they end on it, or not updated at their timeout.
+fn options_with_target(target: &str, timeout: Duration) -> DeviceOptions {
+    DeviceOptions {
+        target: Some(target.into()),
+        ..DeviceOptions::new(StatusEncoding::Packed, Duration::from_secs(5), timeout)
+    }
+}
+
 fn image(len: usize) -> Arc<FirmwareImage> {
+    image_of(TO, len)
+}
+
+fn image_of(version: &str, len: usize) -> Arc<FirmwareImage> {
     let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-    Arc::new(FirmwareImage::new(TO, data).unwrap())
+    Arc::new(FirmwareImage::new(version, data).unwrap())
 }
 
 fn paused_runtime() -> tokio::runtime::Runtime {
@@ -429,4 +450,273 @@ async fn a_fleet_runs_every_device_once_at_most_concurrency_at_a_time() {
             other => panic!("{name}: {other:?}"),
         }
     }
+}
+
+fn writing(offset: u32, len: u32, size: u32) -> ajour_engine::Outcome {
+    ajour_engine::Outcome::Writing { offset, len, size }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_device_that_rolls_back_reports_its_old_version_after_the_swap_and_ends_rolled_back() {
+    let mut link = EngineLink::new(image(1000));
+    let mut device = SimulatedDevice::new(FROM, Some(256)).with_fault(Fault::RollBack);
+    let ended = run_device(&mut device, &mut link, &options(), &mut ())
+        .await
+        .unwrap();
+    assert_eq!(
+        ended,
+        Ended::Done(Outcome::RolledBack {
+            version: FROM.into(),
+            to: TO.into()
+        })
+    );
+    // The whole image and its Swap, then the status after the rollback, which the engine answers
+    // with the update from the start.
+    assert_eq!(
+        link.decisions,
+        [
+            writing(0, 256, 1000),
+            writing(256, 256, 1000),
+            writing(512, 256, 1000),
+            writing(768, 232, 1000),
+            ajour_engine::Outcome::Swapping,
+            writing(0, 256, 1000),
+        ]
+    );
+    let after = link.statuses.last().unwrap();
+    assert_eq!(
+        (after.version.as_slice(), &after.update),
+        (FROM.as_bytes(), &None)
+    );
+    assert_eq!(device.version(), FROM);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_device_sends_nothing_after_the_swap() {
+    let mut link = EngineLink::new(image(1000));
+    let mut device = SimulatedDevice::new(FROM, Some(256)).with_fault(Fault::Silent);
+    let ended = run_device(&mut device, &mut link, &options(), &mut ())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done(Outcome::Silent { to: TO.into() }));
+    assert_eq!(link.exchanges, 5, "4 Writes and the Swap: {:?}", link.decisions);
+    assert_eq!(link.decisions.last(), Some(&ajour_engine::Outcome::Swapping));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalling_device_sends_nothing_once_it_holds_half_the_image() {
+    let mut link = EngineLink::new(image(1000));
+    let mut device = SimulatedDevice::new(FROM, Some(256)).with_fault(Fault::Stall { at: 500 });
+    let ended = run_device(&mut device, &mut link, &options(), &mut ())
+        .await
+        .unwrap();
+    assert_eq!(
+        ended,
+        Ended::Done(Outcome::Stalled {
+            to: TO.into(),
+            offset: 512
+        })
+    );
+    assert_eq!(link.decisions, [writing(0, 256, 1000), writing(256, 256, 1000)]);
+    assert_eq!(device.written(), &image(1000).data()[..512]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_target_a_device_in_sync_on_another_version_waits_its_turn_and_ends_not_updated() {
+    let mut link = EngineLink::new(image_of(FROM, 1000));
+    link.config.sync_poll = Some(3600);
+    let mut device = SimulatedDevice::new(FROM, Some(256));
+    // Without a target, a Sync on any version ends the device.
+    let ended = run_device(&mut device, &mut link, &options(), &mut ())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done(Outcome::InSync { version: FROM.into() }));
+    assert_eq!(link.exchanges, 1);
+
+    let mut link = EngineLink::new(image_of(FROM, 1000));
+    link.config.sync_poll = Some(3600);
+    let mut counts = Counts::default();
+    let started = Instant::now();
+    let options = options_with_target(TO, Duration::from_secs(60));
+    let ended = run_device(&mut device, &mut link, &options, &mut counts)
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done(Outcome::NotUpdated { version: FROM.into() }));
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    // Statuses at 0, 5, .. 55 s: the Sync's poll of an hour honoured for at most 5 s.
+    assert_eq!((link.exchanges, counts.latencies), (12, 12));
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_target_a_device_updates_when_its_turn_comes() {
+    let mut link = EngineLink::new(image(1000));
+    link.earlier = Some((3, image_of(FROM, 1000)));
+    link.config.sync_poll = Some(2);
+    let mut device = SimulatedDevice::new(FROM, Some(256));
+    let started = Instant::now();
+    let options = options_with_target(TO, Duration::from_secs(300));
+    let ended = run_device(&mut device, &mut link, &options, &mut ())
+        .await
+        .unwrap();
+    assert_eq!(
+        ended,
+        Ended::Done(Outcome::Updated {
+            from: FROM.into(),
+            to: TO.into(),
+            bytes: 1000
+        })
+    );
+    // Three Syncs on the version it ran, 2 s apart; then 4 Writes, the Swap and the Sync.
+    assert_eq!(started.elapsed(), Duration::from_secs(6));
+    assert_eq!(link.exchanges, 3 + 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_target_a_device_updated_to_another_version_waits_for_the_target() {
+    let mut link = EngineLink::new(image(1000));
+    let mut device = SimulatedDevice::new(FROM, Some(512));
+    let options = options_with_target("10.0.0", Duration::from_secs(30));
+    let ended = run_device(&mut device, &mut link, &options, &mut ())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done(Outcome::NotUpdated { version: TO.into() }));
+    // 2 Writes and the Swap, then a status a second (no poll given) for 30 s.
+    assert_eq!(link.exchanges, 3 + 30);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_target_a_device_told_to_wait_ends_not_updated_and_without_one_fails() {
+    let waiting = || {
+        let mut link = EngineLink::new(image(1000));
+        link.unavailable_for = usize::MAX;
+        link
+    };
+    let mut device = SimulatedDevice::new(FROM, Some(256));
+    let options = options_with_target(TO, Duration::from_secs(60));
+    let ended = run_device(&mut device, &mut waiting(), &options, &mut ())
+        .await
+        .unwrap();
+    assert_eq!(ended, Ended::Done(Outcome::NotUpdated { version: FROM.into() }));
+
+    let options = DeviceOptions::new(
+        StatusEncoding::Packed,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    );
+    let error = run_device(&mut device, &mut waiting(), &options, &mut ())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no Sync within"), "{error:#}");
+}
+
+/// A link whose every round trip takes `latency`.
+struct Slow<L> {
+    latency: Duration,
+    inner: L,
+}
+
+impl<L: Link> Link for Slow<L> {
+    async fn exchange(&mut self, status: EncodedStatus) -> Result<Bytes, LinkError> {
+        tokio::time::sleep(self.latency).await;
+        self.inner.exchange(status).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_target_a_device_mid_download_at_the_timeout_fails() {
+    let mut link = Slow {
+        latency: Duration::from_secs(1),
+        inner: EngineLink::new(image(4096)),
+    };
+    let mut device = SimulatedDevice::new(FROM, Some(256));
+    let options = options_with_target(TO, Duration::from_millis(5500));
+    let error = run_device(&mut device, &mut link, &options, &mut ())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("no Sync within"), "{error:#}");
+    assert_eq!(device.written().len(), 5 * 256, "cut off in its sixth round trip");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_simulation_plays_the_faults_of_its_devices_and_leaves_a_later_wave_not_updated() {
+    let names: Vec<String> = (0..40).map(|i| format!("sim-{i}")).collect();
+    let faults = assign_faults(
+        &names,
+        &[
+            (Fault::RollBack, 10.0),
+            (Fault::Silent, 10.0),
+            (Fault::Stall { at: 500 }, 10.0),
+        ],
+    )
+    .unwrap();
+    // The later wave: five healthy devices, and one that would roll back if it were updated.
+    let mut later_wave: HashSet<&String> = names
+        .iter()
+        .filter(|n| !faults.contains_key(*n))
+        .take(5)
+        .collect();
+    later_wave.extend(names.iter().find(|n| faults.get(*n) == Some(&Fault::RollBack)));
+    let simulation = Simulation {
+        app: "app".into(),
+        devices: names.clone(),
+        password: "pw".into(),
+        version: FROM.into(),
+        mtu: Some(256),
+        transport: Transport::Http { urls: Vec::new() },
+        concurrency: names.len(),
+        device: options_with_target(TO, Duration::from_secs(60)),
+        faults: faults.clone(),
+    };
+    let (image, earlier) = (image(1000), image_of(FROM, 1000));
+    let results = simulate_over(&simulation, |name| {
+        let mut link = EngineLink::new(image.clone());
+        if later_wave.contains(&name.to_string()) {
+            link.earlier = Some((usize::MAX, earlier.clone()));
+        }
+        link
+    })
+    .await
+    .unwrap();
+    assert_eq!(results.len(), names.len());
+    let mut ended: HashMap<&str, usize> = HashMap::new();
+    for (name, result) in &results {
+        let outcome = result.as_ref().unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let expected = match faults.get(name) {
+            _ if later_wave.contains(name) => Outcome::NotUpdated { version: FROM.into() },
+            None => Outcome::Updated {
+                from: FROM.into(),
+                to: TO.into(),
+                bytes: 1000,
+            },
+            Some(Fault::RollBack) => Outcome::RolledBack {
+                version: FROM.into(),
+                to: TO.into(),
+            },
+            Some(Fault::Silent) => Outcome::Silent { to: TO.into() },
+            Some(Fault::Stall { .. }) => Outcome::Stalled {
+                to: TO.into(),
+                offset: 512,
+            },
+        };
+        assert_eq!(outcome, &expected, "{name}");
+        let kind = match outcome {
+            Outcome::Updated { .. } => "updated",
+            Outcome::NotUpdated { .. } => "not updated",
+            Outcome::RolledBack { .. } => "rolled back",
+            Outcome::Silent { .. } => "silent",
+            Outcome::Stalled { .. } => "stalled",
+            Outcome::InSync { .. } => "in sync",
+        };
+        *ended.entry(kind).or_default() += 1;
+    }
+    assert_eq!(
+        ended,
+        HashMap::from([
+            ("updated", 40 - 12 - 5),
+            ("not updated", 6),
+            ("rolled back", 3),
+            ("silent", 4),
+            ("stalled", 4),
+        ])
+    );
 }

@@ -21,17 +21,20 @@ pub enum EventKind {
     InSync,
     /// The device was given up (it never came back on the new version): `reason`.
     Failed,
+    /// The rollout that was updating it was cancelled before it had the whole image.
+    Cancelled,
     /// The firmware it should run could not be had: `reason`.
     Error,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 6] = [
+    pub const ALL: [EventKind; 7] = [
         EventKind::Started,
         EventKind::Progress,
         EventKind::Swapping,
         EventKind::InSync,
         EventKind::Failed,
+        EventKind::Cancelled,
         EventKind::Error,
     ];
 
@@ -42,6 +45,7 @@ impl EventKind {
             EventKind::Swapping => "swapping",
             EventKind::InSync => "inSync",
             EventKind::Failed => "failed",
+            EventKind::Cancelled => "cancelled",
             EventKind::Error => "error",
         }
     }
@@ -66,8 +70,10 @@ pub struct HistoryEvent {
     pub digest: Option<String>,
     /// The milestone passed ([`EventKind::Progress`]).
     pub percent: Option<f64>,
-    /// Why ([`EventKind::Failed`], [`EventKind::Error`]).
+    /// Why ([`EventKind::Failed`], [`EventKind::Cancelled`], [`EventKind::Error`]).
     pub reason: Option<String>,
+    /// The rollout the update belonged to, if any (the registry adds it).
+    pub rollout: Option<i64>,
 }
 
 impl HistoryEvent {
@@ -79,11 +85,12 @@ impl HistoryEvent {
             digest: status.target_digest.clone(),
             percent: None,
             reason: None,
+            rollout: None,
         }
     }
 
     /// `{"kind": "started", "current": "1.0.0", "target": "2.0.0", "digest": "…"}`, with
-    /// `percent` and `reason` where they apply.
+    /// `percent`, `reason` and `rollout` where they apply.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
         object.insert("kind".into(), json!(self.kind.as_str()));
@@ -98,6 +105,9 @@ impl HistoryEvent {
         if let Some(reason) = &self.reason {
             object.insert("reason".into(), json!(reason));
         }
+        if let Some(rollout) = self.rollout {
+            object.insert("rollout".into(), json!(rollout));
+        }
         Value::Object(object)
     }
 
@@ -111,6 +121,7 @@ impl HistoryEvent {
             digest: text("digest"),
             percent: value.get("percent").and_then(Value::as_f64),
             reason: text("reason"),
+            rollout: value.get("rollout").and_then(Value::as_i64),
         })
     }
 }

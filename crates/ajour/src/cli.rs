@@ -58,6 +58,10 @@ pub enum Command {
     /// Manage firmware images.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
+    /// Roll new firmware out to an application's devices in waves, halted by itself when too
+    /// many fail.
+    #[command(subcommand)]
+    Rollout(crate::rollout_cli::RolloutCommand),
     /// Play one device, or a fleet, updating over the HTTP endpoint (or, with --via-mqtt, behind
     /// Drogue's MQTT integration).
     Simulate(SimulateArgs),
@@ -109,7 +113,8 @@ pub struct ServeArgs {
     pub listen: String,
     /// Registry database, `postgres://user[:pass]@host[:port]/db` or `sqlite://path?mode=rwc`
     /// (default: SQLite in the data directory); migrations run on start, once whichever instance
-    /// starts first, unless --no-migrate.
+    /// starts first, unless --no-migrate. In Drogue mode, Ajour's own database beside Drogue's
+    /// registry: devices' histories and rollouts.
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
     /// Do not change the database's schema on start: start only if it is current, else exit
@@ -125,6 +130,11 @@ pub struct ServeArgs {
           default_value_t = ServerConfig::default().history.max_age.as_secs() / SECONDS_PER_DAY,
           value_parser = clap::value_parser!(u64).range(1..=36_500))]
     pub history_max_age_days: u64,
+    /// How often rollouts move on (devices past their timeouts failed, waves started, halts):
+    /// milliseconds between two rounds of the rollout controller.
+    #[arg(long, value_name = "MS", default_value_t = ServerConfig::default().rollout_tick.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub rollout_tick_ms: u64,
     /// The bearer token the REST API requires (default: the one saved in the data directory, or a
     /// new one, saved there and printed once).
     #[arg(long, value_name = "TOKEN")]
@@ -328,6 +338,7 @@ impl ServeArgs {
             max_events: self.history_max_events,
             max_age: Duration::from_secs(self.history_max_age_days * SECONDS_PER_DAY),
         };
+        config.rollout_tick = Duration::from_millis(self.rollout_tick_ms);
         config.api_token = self.api_token.clone();
         config.service.engine.default_mtu = self.default_mtu;
         config.service.engine.max_mtu = self.max_mtu;
@@ -390,7 +401,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    fn client(&self) -> anyhow::Result<ApiClient> {
+    pub(crate) fn client(&self) -> anyhow::Result<ApiClient> {
         let token = match &self.token {
             Some(token) => token.clone(),
             None => {
@@ -421,7 +432,7 @@ pub struct FirmwareChoice {
 }
 
 impl FirmwareChoice {
-    fn to_spec(&self) -> Option<Value> {
+    pub(crate) fn to_spec(&self) -> Option<Value> {
         if let Some(name) = &self.file {
             return Some(json!({"file": {"name": name}}));
         }
@@ -570,6 +581,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args).await,
         Command::App(command) => app(command).await,
         Command::Device(command) => device(command).await,
+        Command::Rollout(command) => crate::rollout_cli::run(command).await,
         Command::Firmware(FirmwareCommand::Add {
             name,
             version,
@@ -663,10 +675,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::say!("Data directory: {}", config.data_dir.display());
     if let Some(drogue) = &config.drogue {
         crate::say!(
-            "Drogue mode: registry {}, MQTT integration {} (client id {})",
+            "Drogue mode: registry {}, MQTT integration {} (client id {}); histories and rollouts in {}",
             server::redact(&drogue.registry.url),
             server::redact(&drogue.integration.mqtt.url),
-            drogue.integration.mqtt.client_id
+            drogue.integration.mqtt.client_id,
+            server::redact(
+                &config
+                    .database_url
+                    .clone()
+                    .unwrap_or_else(|| ajour_registry::SqlRegistry::sqlite_url(&config.data_dir))
+            )
         );
     }
     let shutdown = running.shutdown_handle();

@@ -47,6 +47,17 @@ impl ApiClient {
     /// GET `path` under Ajour's own API (`/api/dfu/v1alpha1`, beside the registry's) with the
     /// query `query`.
     pub async fn get_dfu(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+        self.dfu(Method::GET, path, query, None).await
+    }
+
+    /// `method` on `path` under Ajour's own API (`/api/dfu/v1alpha1`) with `query` and `body`.
+    pub async fn dfu(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let mut url = self.client.url(&[]);
         let registry = url.path().trim_end_matches('/').to_string();
         let base = registry
@@ -56,8 +67,10 @@ impl ApiClient {
         if let Ok(mut segments) = url.path_segments_mut() {
             segments.extend(path.split('/'));
         }
-        url.query_pairs_mut().extend_pairs(query);
-        self.send_to(Method::GET, url, path, None).await
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        self.send_to(method, url, path, body).await
     }
 
     async fn send_to(

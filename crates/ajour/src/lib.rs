@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod drogue_cli;
 pub mod oci_cli;
+pub mod rollout_cli;
 pub mod server;
 pub mod simulate;
 

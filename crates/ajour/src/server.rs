@@ -5,7 +5,8 @@
 use ajour_api::{ApiState, ApiToken};
 use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
 use ajour_registry::{
-    CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry, SqlRegistry, SqlRegistryOptions,
+    BesideRegistry, CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry, RolloutStore,
+    SqlRegistry, SqlRegistryOptions,
 };
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
@@ -38,6 +39,8 @@ pub struct ServerConfig {
     pub migrate: bool,
     /// How much of each device's update history the database keeps.
     pub history: HistoryRetention,
+    /// How often the rollout controller moves rollouts on.
+    pub rollout_tick: Duration,
     /// The API token; default: the one saved in the data directory, or a new one.
     pub api_token: Option<String>,
     pub service: ServiceConfig,
@@ -64,6 +67,7 @@ impl ServerConfig {
             database_url: None,
             migrate: true,
             history: HistoryRetention::default(),
+            rollout_tick: Duration::from_secs(1),
             api_token: None,
             service: ServiceConfig::default(),
             firmware_recheck: Duration::from_secs(1),
@@ -141,31 +145,38 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let (token, token_generated) = api_token(&config)?;
     let mut service_config = config.service.clone();
 
-    let registry: Arc<dyn Registry> = match &config.drogue {
-        Some(drogue) => Arc::new(
-            ajour_drogue::DrogueRegistry::new(&drogue.registry).context("configuring Drogue's registry")?,
-        ),
-        None => {
-            let database_url = config
-                .database_url
-                .clone()
-                .unwrap_or_else(|| SqlRegistry::sqlite_url(&config.data_dir));
-            let keys = credential_keys(&config, &database_url)?;
-            service_config.credential_keys = keys.clone();
-            let registry = SqlRegistry::connect(
-                &database_url,
-                SqlRegistryOptions {
-                    credential_keys: keys,
-                    migrate: config.migrate,
-                    history: config.history,
-                    ..Default::default()
-                },
-            )
-            .await
-            .with_context(|| format!("opening the registry at {}", redact(&database_url)))?;
-            Arc::new(registry)
-        }
+    // Ajour's own database: the registry itself, or (Drogue mode) beside Drogue's registry for
+    // the devices' histories and the rollouts.
+    let database_url = config
+        .database_url
+        .clone()
+        .unwrap_or_else(|| SqlRegistry::sqlite_url(&config.data_dir));
+    let mut options = SqlRegistryOptions {
+        migrate: config.migrate,
+        history: config.history,
+        ..Default::default()
     };
+    if config.drogue.is_none() {
+        // Only Ajour's own registry stores device passwords (sealed with the secret).
+        options.credential_keys = credential_keys(&config, &database_url)?;
+        service_config.credential_keys = options.credential_keys.clone();
+    }
+    let database = Arc::new(
+        SqlRegistry::connect(&database_url, options)
+            .await
+            .with_context(|| format!("opening the database at {}", redact(&database_url)))?,
+    );
+    let registry: Arc<dyn Registry> = match &config.drogue {
+        Some(drogue) => Arc::new(BesideRegistry::new(
+            Arc::new(
+                ajour_drogue::DrogueRegistry::new(&drogue.registry)
+                    .context("configuring Drogue's registry")?,
+            ),
+            database.clone(),
+        )),
+        None => database.clone(),
+    };
+    let rollout_store: Arc<dyn RolloutStore> = database;
     let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry));
 
     let hawkbit = match &config.hawkbit {
@@ -189,7 +200,8 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         },
         hawkbit: hawkbit.clone().map(|source| source as Arc<dyn FirmwareSource>),
     });
-    let service = Arc::new(UpdateService::new(registry.clone(), firmware, service_config));
+    let service =
+        Arc::new(UpdateService::new(registry.clone(), firmware, service_config).with_rollouts(rollout_store));
 
     let integration = match &config.drogue {
         Some(drogue) => Some(
@@ -233,6 +245,14 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let writer = tokio::spawn(service.clone().run_status_writer(async move {
         let _ = writer_stopped.await;
     }));
+    let mut controller_stopped = shutdown.subscribe();
+    let controller = tokio::spawn(
+        service
+            .clone()
+            .run_rollout_controller(config.rollout_tick, async move {
+                let _ = controller_stopped.wait_for(|s| *s).await;
+            }),
+    );
     let limits = config.connections;
     let slots = connection_slots.clone();
     let task = tokio::spawn(async move {
@@ -249,6 +269,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         if let Some(following) = following {
             following.abort();
         }
+        controller.await.context("rollout controller")?;
         Ok(())
     });
     Ok(RunningServer {

@@ -3,10 +3,15 @@
 //! as `embedded-update` devices do, and check what they were sent: every Write's offset and the
 //! Swap's checksum. A failure is reported with the device's name; the command exits non-zero
 //! when any device fails.
+//!
+//! To rehearse a staged rollout, shares of the fleet play faults (`--fail-rollback`,
+//! `--fail-silent`, `--fail-stall`), and with `--target` devices wait for their turn and end "not
+//! updated" if it does not come by their timeout. Neither a played fault nor "not updated" is a
+//! failure: only a device that failed a check is.
 
 use crate::drogue_cli::MqttVersionArg;
 use ajour_client::mqtt::MqttConfig;
-use ajour_sim::{DeviceOptions, Outcome, Simulation, Transport};
+use ajour_sim::{assign_faults, DeviceOptions, Fault, Outcome, Simulation, Transport};
 use anyhow::bail;
 use clap::Args;
 use std::time::{Duration, Instant};
@@ -49,9 +54,33 @@ pub struct SimulateArgs {
     /// Longest wait honoured when told to Wait, in seconds (the server's poll may be longer).
     #[arg(long, default_value_t = 5)]
     pub max_wait: u64,
-    /// Give up on a device after this many seconds.
+    /// Give up on a device after this many seconds (with --target, one still waiting its turn
+    /// then ends "not updated").
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// The version the devices are to end on, as in a staged rollout: a device told it is in sync
+    /// on another version, or told to wait, reports again as told until it runs this version,
+    /// or ends "not updated" (not a failure) when --timeout finds it still waiting its turn. A
+    /// device mid-download at its timeout fails. Without it, a device in sync on any version is
+    /// done.
+    #[arg(long, value_name = "VERSION")]
+    pub target: Option<String>,
+    /// Percent of the devices whose bootloader rolls the update back: at the Swap they reboot into
+    /// the version they ran, report it once more, and end "rolled back".
+    #[arg(long, value_name = "PCT", default_value_t = 0.0, value_parser = percent)]
+    pub fail_rollback: f64,
+    /// Percent of the devices that go quiet at the Swap: they send nothing more.
+    #[arg(long, value_name = "PCT", default_value_t = 0.0, value_parser = percent)]
+    pub fail_silent: f64,
+    /// Percent of the devices that stall part-way: once they hold half the image, they send
+    /// nothing more. Needs --image-size. The three shares add up to at most 100; which devices
+    /// play which fault is fixed by their names, spread over the fleet.
+    #[arg(long, value_name = "PCT", default_value_t = 0.0, value_parser = percent)]
+    pub fail_stall: f64,
+    /// Size in bytes of the image the devices are updated to: stalling devices (--fail-stall) stop
+    /// once they hold half of it. A device learns the size only at the Swap, too late to stall.
+    #[arg(long, value_name = "BYTES")]
+    pub image_size: Option<u32>,
     /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
     #[command(flatten)]
     pub mqtt: MqttSimArgs,
@@ -93,8 +122,33 @@ impl Default for MqttSimArgs {
     }
 }
 
+/// A percentage of the devices: a number from 0 to 100.
+fn percent(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(percent) if (0.0..=100.0).contains(&percent) => Ok(percent),
+        _ => Err(format!("{value:?} is not a percentage from 0 to 100")),
+    }
+}
+
 impl SimulateArgs {
-    fn simulation(&self) -> Simulation {
+    /// Each fault with the share of the devices that play it, in the order they are handed out.
+    fn fault_shares(&self) -> anyhow::Result<Vec<(Fault, f64)>> {
+        let mut shares = vec![
+            (Fault::RollBack, self.fail_rollback),
+            (Fault::Silent, self.fail_silent),
+        ];
+        match self.image_size {
+            Some(size) => shares.push((Fault::Stall { at: size / 2 }, self.fail_stall)),
+            None if self.fail_stall > 0.0 => bail!(
+                "--fail-stall needs --image-size: a stalling device stops once it holds half the \
+                 image, and a device learns the image's size only at the Swap"
+            ),
+            None => {}
+        }
+        Ok(shares)
+    }
+
+    fn simulation(&self) -> anyhow::Result<Simulation> {
         let transport = match &self.mqtt.via_mqtt {
             Some(url) => {
                 let mut broker = MqttConfig::new(url, "ajour-simulator");
@@ -110,52 +164,117 @@ impl SimulateArgs {
                 urls: self.url.clone(),
             },
         };
-        Simulation {
+        let devices: Vec<String> = match self.count {
+            Some(n) => (0..n).map(|i| format!("{}-{i}", self.device)).collect(),
+            None => vec![self.device.clone()],
+        };
+        let faults = assign_faults(&devices, &self.fault_shares()?)?;
+        Ok(Simulation {
             app: self.app.clone(),
-            devices: match self.count {
-                Some(n) => (0..n).map(|i| format!("{}-{i}", self.device)).collect(),
-                None => vec![self.device.clone()],
-            },
+            devices,
             password: self.password.clone(),
             version: self.version.clone(),
             mtu: self.mtu,
             transport,
             concurrency: self.concurrency,
-            device: DeviceOptions::new(
-                self.encoding,
-                Duration::from_secs(self.max_wait),
-                Duration::from_secs(self.timeout),
-            ),
-        }
+            device: DeviceOptions {
+                target: self.target.clone(),
+                ..DeviceOptions::new(
+                    self.encoding,
+                    Duration::from_secs(self.max_wait),
+                    Duration::from_secs(self.timeout),
+                )
+            },
+            faults,
+        })
+    }
+
+    /// Whether any share of the devices is to play a fault.
+    fn plays_faults(&self) -> bool {
+        self.fail_rollback > 0.0 || self.fail_silent > 0.0 || self.fail_stall > 0.0
     }
 }
 
+/// How many devices ended each way.
+#[derive(Debug, Default)]
+struct Tally {
+    updated: usize,
+    in_sync: usize,
+    not_updated: usize,
+    rolled_back: usize,
+    silent: usize,
+    stalled: usize,
+    /// Bytes received by the devices that updated.
+    bytes: usize,
+}
+
 pub async fn run(args: SimulateArgs) -> anyhow::Result<()> {
-    let simulation = args.simulation();
+    let simulation = args.simulation()?;
+    if args.plays_faults() {
+        let playing = |fault: fn(&Fault) -> bool| simulation.faults.values().filter(|f| fault(f)).count();
+        crate::say!(
+            "{} devices play rollback, {} silent, {} stall",
+            playing(|f| *f == Fault::RollBack),
+            playing(|f| *f == Fault::Silent),
+            playing(|f| matches!(f, Fault::Stall { .. })),
+        );
+    }
     let single = simulation.devices.len() == 1;
     let started = Instant::now();
     let results = ajour_sim::simulate(&simulation).await?;
-    let (mut updated, mut in_sync, mut failed, mut bytes) = (0, 0, Vec::new(), 0usize);
+    let (mut tally, mut failed) = (Tally::default(), Vec::new());
     for (name, outcome) in results {
-        match outcome {
-            Ok(Outcome::Updated { from, to, bytes: n }) => {
-                updated += 1;
-                bytes += n;
-                if single {
-                    crate::say!("{name}: updated {from} -> {to} ({n} bytes, checksum verified)");
-                }
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                failed.push((name, error));
+                continue;
             }
-            Ok(Outcome::InSync { version }) => {
-                in_sync += 1;
-                if single {
-                    crate::say!("{name}: in sync at {version}");
-                }
+        };
+        let said = match outcome {
+            Outcome::Updated { from, to, bytes } => {
+                tally.updated += 1;
+                tally.bytes += bytes;
+                format!("updated {from} -> {to} ({bytes} bytes, checksum verified)")
             }
-            Err(error) => failed.push((name, error)),
+            Outcome::InSync { version } => {
+                tally.in_sync += 1;
+                format!("in sync at {version}")
+            }
+            Outcome::NotUpdated { version } => {
+                tally.not_updated += 1;
+                let target = args.target.as_deref().unwrap_or_default();
+                format!("not updated to {target}: runs {version} at its timeout")
+            }
+            Outcome::RolledBack { version, to } => {
+                tally.rolled_back += 1;
+                format!("rolled back to {version} after the swap to {to} (played)")
+            }
+            Outcome::Silent { to } => {
+                tally.silent += 1;
+                format!("silent after the swap to {to} (played)")
+            }
+            Outcome::Stalled { to, offset } => {
+                tally.stalled += 1;
+                format!("stalled holding {offset} bytes of {to} (played)")
+            }
+        };
+        if single {
+            crate::say!("{name}: {said}");
         }
     }
+    let Tally {
+        updated,
+        in_sync,
+        not_updated,
+        rolled_back,
+        silent,
+        stalled,
+        bytes,
+    } = tally;
     crate::say!(
-        "{} device(s): {updated} updated, {in_sync} already in sync, {} failed; {bytes} bytes in {:.1}s",
+        "{} device(s): {updated} updated, {in_sync} already in sync, {not_updated} not updated, \
+         {rolled_back} rolled back, {silent} silent, {stalled} stalled, {} failed; {bytes} bytes in {:.1}s",
         simulation.devices.len(),
         failed.len(),
         started.elapsed().as_secs_f64()

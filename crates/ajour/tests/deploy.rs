@@ -163,7 +163,9 @@ fn overlays_validate_against_the_kubernetes_schemas() {
             *kinds.entry(d["kind"].as_str().unwrap()).or_default() += 1;
             kinds
         });
-        let secrets = if overlay == "standalone" { 3 } else { 2 };
+        // Standalone: API token, database, credential secret; Drogue: API token, Drogue token,
+        // database.
+        let secrets = 3;
         let expected = BTreeMap::from([
             ("ConfigMap", 1),
             ("Deployment", 1),

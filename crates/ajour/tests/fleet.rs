@@ -273,7 +273,7 @@ impl Fleet {
         );
         assert!(
             stdout.contains(&format!(
-                "{DEVICES} device(s): {DEVICES} updated, 0 already in sync, 0 failed"
+                "{DEVICES} device(s): {DEVICES} updated, 0 already in sync, 0 not updated, 0 rolled back, 0 silent, 0 stalled, 0 failed"
             )),
             "{stdout}"
         );

@@ -268,3 +268,178 @@ async fn a_device_history_is_read_through_the_api() {
         server.stop().await;
     }
 }
+
+/// `/api/dfu/v1alpha1/apps/{app}/rollouts`: what makes no sense is refused with a status and a
+/// message, never half-created; the rollout then works (created, read, controlled).
+#[tokio::test]
+async fn rollout_requests_that_make_no_sense_are_refused() {
+    for backend in BACKENDS {
+        let server = TestServer::start(backend).await;
+        server.add_firmware("v2", "2.0.0", &firmware_bytes(1000, 3));
+        server
+            .create_app("app", Some(json!({"file": {"name": "v1"}})))
+            .await;
+        server.create_device("app", "d", "pw", None).await;
+        server
+            .create_device("app", "own", "pw", Some(json!({"file": {"name": "v2"}})))
+            .await;
+        let send = |method: reqwest::Method, path: &str, token: &str, body: Option<&str>| {
+            let mut request = server
+                .http
+                .request(method, format!("{}/api/dfu/v1alpha1/{path}", server.url))
+                .bearer_auth(token);
+            if let Some(body) = body {
+                request = request.body(body.to_string());
+            }
+            request.send()
+        };
+        let post = reqwest::Method::POST;
+        let good = r#"{"firmware": {"file": {"name": "v2"}}, "waves": [{"count": 1}, {"percent": 100}]}"#;
+        let oversize = format!(
+            r#"{{"firmware": {{"file": {{"name": "{}"}}}}, "waves": []}}"#,
+            "x".repeat(2 << 20)
+        );
+        for (path, token, body, status) in [
+            ("apps/app/rollouts", "wrong", Some(good), StatusCode::UNAUTHORIZED),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some("{"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(r#"{"firmware": {"file": {"name": "v2"}}, "waves": []}"#),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(r#"{"firmware": {"file": {"name": "v2"}}, "waves": [{"percent": 0}]}"#),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(r#"{"firmware": {"disk": {}}, "waves": [{"percent": 100}]}"#),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(r#"{"firmware": {"file": {"name": "v2"}}, "waves": [{"selector": "a in (b)"}]}"#),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(r#"{"firmware": {"file": {"name": "v1"}}, "waves": [{"percent": 100}]}"#),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts",
+                server.token.as_str(),
+                Some(oversize.as_str()),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                "apps/nobody/rollouts",
+                server.token.as_str(),
+                Some(good),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                "apps/..%2F..%2Fetc/rollouts",
+                server.token.as_str(),
+                Some(good),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts/1/explode",
+                server.token.as_str(),
+                None,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts/x/pause",
+                server.token.as_str(),
+                None,
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                "apps/app/rollouts/99/pause",
+                server.token.as_str(),
+                None,
+                StatusCode::NOT_FOUND,
+            ),
+        ] {
+            let response = send(post.clone(), path, token, body).await.unwrap();
+            assert_eq!(
+                response.status(),
+                status,
+                "{backend:?} {path} {:?}",
+                body.map(|b| &b[..b.len().min(80)])
+            );
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert!(body["message"].is_string(), "{path}: {body}");
+        }
+        let listed: serde_json::Value = send(reqwest::Method::GET, "apps/app/rollouts", &server.token, None)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            listed,
+            json!([]),
+            "{backend:?}: nothing was created by the refused requests"
+        );
+
+        let response = send(post.clone(), "apps/app/rollouts", &server.token, Some(good))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let created: serde_json::Value = response.json().await.unwrap();
+        let id = created["id"].as_i64().unwrap();
+        // The device with its own firmware is outside the rollout.
+        assert_eq!(
+            created["waves"],
+            json!([
+                {"total": 1, "pending": 1, "updating": 0, "succeeded": 0, "failed": 0},
+                {"total": 0, "pending": 0, "updating": 0, "succeeded": 0, "failed": 0}
+            ])
+        );
+        for (action, status) in [
+            ("resume", StatusCode::CONFLICT),
+            ("approve", StatusCode::CONFLICT),
+            ("pause", StatusCode::OK),
+            ("pause", StatusCode::CONFLICT),
+            ("cancel", StatusCode::OK),
+            ("cancel", StatusCode::CONFLICT),
+        ] {
+            let path = format!("apps/app/rollouts/{id}/{action}");
+            let response = send(post.clone(), &path, &server.token, None).await.unwrap();
+            assert_eq!(response.status(), status, "{backend:?} {action}");
+        }
+        let one: serde_json::Value = send(
+            reqwest::Method::GET,
+            &format!("apps/app/rollouts/{id}"),
+            &server.token,
+            None,
+        )
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        assert_eq!(one["state"], "cancelled");
+        assert_eq!(one["devices"][0]["device"], "d");
+        assert_eq!(
+            one["outside"],
+            json!([{"device": "own", "reason": "its own firmware"}]),
+            "{backend:?}"
+        );
+        server.stop().await;
+    }
+}

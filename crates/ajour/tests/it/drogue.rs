@@ -855,8 +855,9 @@ async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_fin
             (statuses, statuses),
             "{backend:?}:\n{metrics}"
         );
-        // Drogue's registry keeps no history of updates: asking for one says so.
-        let response = instance
+        // The device's history, kept in Ajour's own database beside Drogue's registry, tells
+        // its update through the outage once: started, then in sync.
+        let history: Value = instance
             .http
             .get(format!(
                 "{}/api/dfu/v1alpha1/apps/fleet/devices/sim-0/history",
@@ -865,15 +866,117 @@ async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_fin
             .bearer_auth(&instance.token)
             .send()
             .await
+            .unwrap()
+            .json()
+            .await
             .unwrap();
-        let status = response.status();
+        let kinds: Vec<&str> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .filter_map(|e| e["kind"].as_str())
+            .filter(|kind| matches!(*kind, "started" | "inSync"))
+            .collect();
+        assert_eq!(kinds.last(), Some(&"inSync"), "{backend:?}: {history:#}");
         assert_eq!(
-            status,
-            reqwest::StatusCode::NOT_IMPLEMENTED,
-            "{}",
-            response.text().await.unwrap()
+            kinds.iter().filter(|k| **k == "started").count(),
+            1,
+            "{backend:?}: {history:#}"
         );
         drop(instance);
         registry.stop().await;
     }
+}
+
+/// Drogue mode keeps the devices' histories and the rollouts in Ajour's own database beside
+/// Drogue's registry: a two-wave rollout created through the instance's API completes over the
+/// MQTT integration, the application's firmware in Drogue's registry becomes the rollout's, and
+/// each device's history tells its update with the rollout's id.
+#[tokio::test]
+async fn in_drogue_mode_rollouts_and_histories_live_in_ajours_own_database() {
+    const DEVICES: u32 = 6;
+    let new = firmware_bytes(4_000, 5);
+    let broker = Mosquitto::start().expect("starting Mosquitto");
+    let registry = registry_with_fleet(Backend::Sqlite, "fleet", DEVICES).await;
+    let mut instance = Instance::start_with_firmware(
+        &registry,
+        &[
+            "--drogue-mqtt-url",
+            &broker.url(),
+            "--application",
+            "fleet",
+            "--rollout-tick-ms",
+            "100",
+        ],
+        &[
+            ("fw", "1.0.0", firmware_bytes(4_000, 4)),
+            ("fw-2", "2.0.0", new.clone()),
+        ],
+    )
+    .await;
+    instance.subscribed(1).await;
+    let (url, token) = {
+        let running = instance.running.as_ref().unwrap();
+        (format!("http://{}", running.addr), running.token.clone())
+    };
+    let api = reqwest::Client::new();
+    let created: Value = api
+        .post(format!("{url}/api/dfu/v1alpha1/apps/fleet/rollouts"))
+        .bearer_auth(&token)
+        .json(&json!({"firmware": {"file": {"name": "fw-2"}}, "waves": [{"percent": 50}, {"percent": 100}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_i64().unwrap_or_else(|| panic!("{created}"));
+    assert_eq!(created["waves"][0]["total"], 3, "{created}");
+
+    let mut simulation = fleet(
+        "fleet",
+        DEVICES,
+        via_drogue(&broker.url(), Duration::from_secs(2)),
+    );
+    simulation.device.target = Some("2.0.0".into());
+    assert_all_updated(&simulate(&simulation).await, "2.0.0", new.len());
+    let rollout_url = format!("{url}/api/dfu/v1alpha1/apps/fleet/rollouts/{id}");
+    eventually(Duration::from_secs(10), "the rollout completed", || async {
+        let rollout: Value = api
+            .get(&rollout_url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        rollout["state"] == "completed"
+    })
+    .await;
+    let (_, app) = registry.api_send(reqwest::Method::GET, "apps/fleet", None).await;
+    assert_eq!(app["spec"]["firmware"], json!({"file": {"name": "fw-2"}}));
+    for i in 0..DEVICES {
+        let history: Value = api
+            .get(format!(
+                "{url}/api/dfu/v1alpha1/apps/fleet/devices/sim-{i}/history"
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let started: Vec<&Value> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "started" && e["target"] == "2.0.0")
+            .collect();
+        assert_eq!(started.len(), 1, "sim-{i}: {history:#}");
+        assert_eq!(started[0]["rollout"], id, "sim-{i}: {history:#}");
+    }
+    instance.stop().await;
 }

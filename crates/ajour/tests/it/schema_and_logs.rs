@@ -223,7 +223,7 @@ async fn a_schema_newer_than_the_binary_is_refused_at_start_saying_what_to_do() 
         for extra in [&[][..], &["--no-migrate"][..]] {
             let refused = refused_to_serve(&target, extra).await;
             assert!(
-                refused.contains("error: opening the registry at ") && refused.contains(&message),
+                refused.contains("error: opening the database at ") && refused.contains(&message),
                 "{backend:?} {extra:?}: {refused}"
             );
         }

@@ -355,6 +355,7 @@ pub fn fleet(app: &str, devices: u32, transport: Transport) -> Simulation {
             Duration::from_secs(1),
             Duration::from_secs(120),
         ),
+        faults: Default::default(),
     }
 }
 
