@@ -161,15 +161,25 @@ impl Credentials {
 
 /// One application with the firmware, and N devices, with `credentials`, or none (devices behind
 /// Drogue, which authenticated them already).
-pub async fn provision(url: &str, devices: u32, credentials: Option<Credentials>) -> anyhow::Result<()> {
+pub async fn provision(
+    url: &str,
+    devices: u32,
+    credentials: Option<Credentials>,
+    rollout: bool,
+) -> anyhow::Result<()> {
     let mut config = RegistryClientConfig::new(url);
     config.token = Some(API_TOKEN.into());
     config.timeout = Duration::from_secs(30);
     let client = Arc::new(RegistryClient::new(&config)?);
+    let firmware = json!({"file": {"name": "bench-fw"}});
+    let spec = match rollout {
+        true => json!({}),
+        false => json!({"firmware": firmware}),
+    };
     create(
         &client,
         &["apps"],
-        &json!({"metadata": {"name": APP}, "spec": {"firmware": {"file": {"name": "bench-fw"}}}}),
+        &json!({"metadata": {"name": APP}, "spec": spec}),
     )
     .await?;
     let device = match credentials {
@@ -191,6 +201,22 @@ pub async fn provision(url: &str, devices: u32, credentials: Option<Credentials>
     .await?;
     for (name, result) in created {
         result.with_context(|| format!("registering {name}"))?;
+    }
+    if rollout {
+        let rollouts = format!(
+            "{}/api/dfu/v1alpha1/apps/{APP}/rollouts",
+            url.trim_end_matches('/')
+        );
+        let url = reqwest::Url::parse(&rollouts)?;
+        let body = json!({"firmware": firmware, "waves": [{"percent": 100}]});
+        let answer = client
+            .send(reqwest::Method::POST, url.clone(), Some(&body))
+            .await
+            .map_err(|e| anyhow!("POST {url}: {e}"))?;
+        if !answer.status.is_success() {
+            let (_, message) = answer.error();
+            bail!("POST {url}: {}: {message}", answer.status);
+        }
     }
     Ok(())
 }

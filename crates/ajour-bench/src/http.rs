@@ -36,6 +36,12 @@ pub struct HttpBenchArgs {
     /// (`1st p50`, `1st p99`) shows whether they delay a device logging in for the first time.
     #[arg(long, default_value_t = 0)]
     pub guessers: usize,
+    /// Give the devices their firmware through a staged rollout (`POST
+    /// /api/dfu/v1alpha1/apps/{app}/rollouts`, one wave of every device, as docs/rollouts.md
+    /// shows) instead of the application's firmware: each device is then started by the rollout
+    /// (one transaction) and every status asks the rollout what it is given.
+    #[arg(long)]
+    pub rollout: bool,
     /// After the first rollout, restart `ajour serve` (SIGTERM, then start it on the same data)
     /// and measure the same devices updating again from the start (row `restart`).
     #[arg(long)]
@@ -94,7 +100,13 @@ async fn run_ajour(args: &HttpBenchArgs) -> anyhow::Result<Vec<LoadReport>> {
             .collect()
     };
     let servers = start()?;
-    provision(&servers[0].url, args.fleet.devices, Some(args.credentials)).await?;
+    provision(
+        &servers[0].url,
+        args.fleet.devices,
+        Some(args.credentials),
+        args.rollout,
+    )
+    .await?;
     let mut reports = vec![drive_ajour(&servers, args, "ajour").await?];
     if args.restart {
         for server in servers {

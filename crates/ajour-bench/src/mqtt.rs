@@ -146,7 +146,7 @@ async fn run_ajour(
         .context("temp dir path")?
         .to_string();
     let registry = ServerProcess::start(&ajour, &serve_flags(&registry_dir))?;
-    provision(&registry.url, args.fleet.devices, None).await?;
+    provision(&registry.url, args.fleet.devices, None, false).await?;
 
     // The server under test reads firmware from its own sources, named by the registry's spec.
     let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;

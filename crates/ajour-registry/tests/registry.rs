@@ -644,6 +644,12 @@ async fn rollouts_hold_their_limit_and_take_each_step_once_across_instances() {
             .all(|a| matches!(a, Admission::Started | Admission::Full)));
         let members = one.members(rollout.id).await.unwrap();
         let updating: Vec<&Member> = members.iter().filter(|m| m.phase == Phase::Updating).collect();
+        let pending = members
+            .iter()
+            .find(|m| m.phase == Phase::Pending)
+            .unwrap()
+            .device
+            .clone();
         assert_eq!(updating.len(), 3, "{backend}");
         // Starting one of them again (a stale copy thought it pending) lets it go on.
         let again = other
@@ -665,7 +671,7 @@ async fn rollouts_hold_their_limit_and_take_each_step_once_across_instances() {
         let paused = one.rollout(&app, rollout.id).await.unwrap().unwrap();
         assert_eq!(paused.progress, next, "{backend}");
         // Paused: nobody starts.
-        let refused = one.start(rollout.id, "d11", "2.0.0", None, now).await.unwrap();
+        let refused = one.start(rollout.id, &pending, "2.0.0", None, now).await.unwrap();
         assert_eq!(refused, Admission::Refused, "{backend}");
         // Resumed: the timeouts count from the resume, then expire the silent.
         let mut resumed = next.clone();
@@ -699,6 +705,19 @@ async fn rollouts_hold_their_limit_and_take_each_step_once_across_instances() {
         let history = one.history(&key, 10).await.unwrap().unwrap();
         assert_eq!(history[0].event.kind, ajour_types::EventKind::Failed, "{backend}");
         assert_eq!(history[0].event.rollout, Some(rollout.id));
+        // Without a limit: a pending device starts (asked twice, once), a failed one does not.
+        for _ in 0..2 {
+            let unlimited = other
+                .start(rollout.id, &pending, "2.0.0", None, now)
+                .await
+                .unwrap();
+            assert_eq!(unlimited, Admission::Started, "{backend}");
+        }
+        let failed_again = other
+            .start(rollout.id, &failed[0].device, "2.0.0", None, now)
+            .await
+            .unwrap();
+        assert_eq!(failed_again, Admission::Refused, "{backend}");
 
         one.delete(&key).await.unwrap();
         let left = one.members(rollout.id).await.unwrap();

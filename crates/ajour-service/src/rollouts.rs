@@ -24,6 +24,7 @@ use ajour_types::rollout::{
 use chrono::Timelike;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -70,6 +71,9 @@ pub(crate) struct Book {
     selector: Option<LabelSelector>,
     /// By device name; starts by this instance are noted here at once.
     members: Mutex<HashMap<String, Member>>,
+    /// Of `members`, how many are updating (asked for every status of a pending device: counted
+    /// once, not per status).
+    in_flight: AtomicU32,
 }
 
 /// What a device of an application with a rollout is given.
@@ -90,7 +94,12 @@ pub(crate) struct Rollouts {
     /// Each rollout's bandwidth budget on this instance (kept apart from the books, which are
     /// read again every tick).
     budgets: Mutex<HashMap<RolloutId, Budget>>,
+    /// Rounds of [`Self::refresh`] so far.
+    refreshes: AtomicU64,
 }
+
+/// A completed or cancelled rollout's devices are read again every this many rounds.
+const FINISHED_READ_EVERY: u64 = 10;
 
 fn now_millis() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -112,6 +121,7 @@ impl Book {
                 .selector
                 .as_deref()
                 .and_then(|s| LabelSelector::parse(s).ok()),
+            in_flight: AtomicU32::new(members.iter().filter(|m| m.phase.in_flight()).count() as u32),
             members: Mutex::new(members.into_iter().map(|m| (m.device.clone(), m)).collect()),
             rollout,
         }
@@ -128,10 +138,6 @@ impl Book {
             _ => from_before,
         }
     }
-
-    fn in_flight(members: &HashMap<String, Member>) -> u32 {
-        members.values().filter(|m| m.phase.in_flight()).count() as u32
-    }
 }
 
 impl Rollouts {
@@ -140,6 +146,7 @@ impl Rollouts {
             store,
             books: RwLock::default(),
             budgets: Mutex::default(),
+            refreshes: AtomicU64::new(0),
         }
     }
 
@@ -166,7 +173,8 @@ impl Rollouts {
         let choice = {
             let members = book.members.lock().unwrap();
             let member = members.get(device.as_str());
-            rollout::choose(&book.rollout, member, matches, Book::in_flight(&members), hour)
+            let in_flight = book.in_flight.load(Ordering::Relaxed);
+            rollout::choose(&book.rollout, member, matches, in_flight, hour)
         };
         Ok(match choice {
             Choice::Outside => Given::Context,
@@ -242,6 +250,9 @@ impl Rollouts {
             .await?;
         if admission == Admission::Started {
             if let Some(member) = book.members.lock().unwrap().get_mut(device.as_str()) {
+                if !member.phase.in_flight() {
+                    book.in_flight.fetch_add(1, Ordering::Relaxed);
+                }
                 member.phase = Phase::Updating;
                 member.target = Some(target.to_string());
                 member.started_at = Some(now);
@@ -544,14 +555,28 @@ impl Rollouts {
 
     /// Read every application's newest rollout and its devices again.
     pub async fn refresh(&self) -> Result<(), RegistryError> {
+        let round = self.refreshes.fetch_add(1, Ordering::Relaxed);
         let mut books = HashMap::new();
         for rollout in self.store.latest_rollouts().await? {
             let Ok(app) = AppName::parse(&rollout.app) else {
                 continue;
             };
-            let members = self.store.members(rollout.id).await?;
-            record_metrics(&rollout, &members);
-            books.insert(app, Arc::new(Book::new(rollout, members)));
+            // A completed or cancelled rollout's devices change only as the last of its updates
+            // end: read them again now and then, not every round (a fleet of them would be read
+            // every second for ever).
+            let finished = !rollout.progress.state.is_open();
+            let unchanged = self.book(&app).filter(|book| {
+                book.rollout == rollout && finished && !round.is_multiple_of(FINISHED_READ_EVERY)
+            });
+            let book = match unchanged {
+                Some(book) => book,
+                None => {
+                    let members = self.store.members(rollout.id).await?;
+                    record_metrics(&rollout, &members);
+                    Arc::new(Book::new(rollout, members))
+                }
+            };
+            books.insert(app, book);
         }
         let ids: std::collections::HashSet<RolloutId> = books.values().map(|b| b.rollout.id).collect();
         self.budgets.lock().unwrap().retain(|id, _| ids.contains(id));

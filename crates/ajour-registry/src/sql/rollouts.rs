@@ -151,6 +151,50 @@ impl SqlRegistry {
             .unwrap_or_default())
     }
 
+    /// [`RolloutStore::start`] without a concurrency limit: nothing to count, so one statement
+    /// starts the device if it is pending, its wave open and the rollout active, without the
+    /// rollout's lock (1,000 devices starting at once queue for SQLite's one writer otherwise).
+    async fn start_unlimited(
+        &self,
+        id: RolloutId,
+        device: &str,
+        target: &str,
+        now: i64,
+    ) -> Result<Admission, RegistryError> {
+        let (_writing, mut tx) = self.begin_write().await?;
+        let started = sqlx::query(
+            "UPDATE rollout_devices SET phase = 'updating', target = $3, started_at = $4, progress_at = $4 \
+             WHERE rollout_id = $1 AND device = $2 AND phase = 'pending' \
+             AND wave <= (SELECT wave FROM rollouts WHERE id = $1 AND state = 'active')",
+        )
+        .bind(id)
+        .bind(device)
+        .bind(target)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let admission = if started == 1 {
+            Admission::Started
+        } else {
+            let phase: Option<String> =
+                sqlx::query("SELECT phase FROM rollout_devices WHERE rollout_id = $1 AND device = $2")
+                    .bind(id)
+                    .bind(device)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|row| row.try_get("phase"))
+                    .transpose()?;
+            // Started already (by another instance, or before a stale copy said otherwise).
+            match phase.as_deref().and_then(Phase::parse) {
+                Some(Phase::Updating | Phase::Swapping | Phase::Succeeded) => Admission::Started,
+                _ => Admission::Refused,
+            }
+        };
+        tx.commit().await?;
+        Ok(admission)
+    }
+
     /// Tell the history of each device of rollout `id` in `phases` (from `rows`) `kind`.
     async fn tell_members(
         &self,
@@ -349,6 +393,9 @@ impl RolloutStore for SqlRegistry {
         limit: Option<u32>,
         now: i64,
     ) -> Result<Admission, RegistryError> {
+        if limit.is_none() {
+            return self.start_unlimited(id, device, target, now).await;
+        }
         let (_writing, mut tx) = self.begin_write().await?;
         // Lock the rollout's row (PostgreSQL; SQLite's write lock is held already): the count
         // below and the start are one step for every instance.
