@@ -219,28 +219,28 @@ impl SqlRegistry {
     /// rollout entries; an application's: of all its devices, and its rollouts).
     pub(crate) async fn forget(&self, key: &Key) -> Result<(), RegistryError> {
         let (_writing, mut tx) = self.begin_write().await?;
-        match key {
-            Key::App(app) => {
-                for table in ["device_history", "rollout_devices", "rollouts"] {
-                    sqlx::query(&format!("DELETE FROM {table} WHERE application = $1"))
-                        .bind(app.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-            Key::Device(app, device) => {
-                for table in ["device_history", "rollout_devices"] {
-                    sqlx::query(&format!(
-                        "DELETE FROM {table} WHERE application = $1 AND device = $2"
-                    ))
-                    .bind(app.as_str())
-                    .bind(device.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
-        }
+        Self::forget_in(&mut tx, key).await?;
         tx.commit().await?;
+        Ok(())
+    }
+
+    /// [`Self::forget`] within `tx`.
+    async fn forget_in(tx: &mut Tx<'_>, key: &Key) -> Result<(), RegistryError> {
+        let (app, device, tables): (_, _, &[&str]) = match key {
+            Key::App(app) => (app, None, &["device_history", "rollout_devices", "rollouts"]),
+            Key::Device(app, device) => (app, Some(device), &["device_history", "rollout_devices"]),
+        };
+        for table in tables {
+            let query = match device {
+                Some(_) => format!("DELETE FROM {table} WHERE application = $1 AND device = $2"),
+                None => format!("DELETE FROM {table} WHERE application = $1"),
+            };
+            let mut delete = sqlx::query(&query).bind(app.as_str());
+            if let Some(device) = device {
+                delete = delete.bind(device.as_str());
+            }
+            delete.execute(&mut **tx).await?;
+        }
         Ok(())
     }
 
@@ -598,12 +598,11 @@ impl Registry for SqlRegistry {
         let deleted = match key {
             Key::App(app) => {
                 let mut tx = self.pool.begin().await?;
-                for table in ["device_users", "device_history", "rollout_devices", "rollouts"] {
-                    sqlx::query(&format!("DELETE FROM {table} WHERE application = $1"))
-                        .bind(app.as_str())
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                sqlx::query("DELETE FROM device_users WHERE application = $1")
+                    .bind(app.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+                Self::forget_in(&mut tx, key).await?;
                 sqlx::query("DELETE FROM devices WHERE application = $1")
                     .bind(app.as_str())
                     .execute(&mut *tx)
@@ -619,15 +618,7 @@ impl Registry for SqlRegistry {
             Key::Device(app, device) => {
                 let mut tx = self.pool.begin().await?;
                 Self::record_user_names(&mut tx, key, &Map::new()).await?;
-                for table in ["device_history", "rollout_devices"] {
-                    sqlx::query(&format!(
-                        "DELETE FROM {table} WHERE application = $1 AND device = $2"
-                    ))
-                    .bind(app.as_str())
-                    .bind(device.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                Self::forget_in(&mut tx, key).await?;
                 let deleted = sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
                     .bind(app.as_str())
                     .bind(device.as_str())
