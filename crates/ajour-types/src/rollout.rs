@@ -28,6 +28,9 @@ pub type RolloutId = i64;
 /// The most waves a rollout may have.
 pub const MAX_WAVES: usize = 20;
 
+/// The longest soak and failure timeout a rollout may ask for: 30 days, in seconds.
+pub const MAX_SECONDS: u64 = 30 * 24 * 3600;
+
 /// What a rollout is asked to do, as the API takes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -199,6 +202,11 @@ impl RolloutSpec {
             if !(0.0..=100.0).contains(&wave.success_threshold) {
                 return invalid(format!("wave {n}: successThreshold must be from 0 to 100"));
             }
+            if wave.soak_seconds > MAX_SECONDS {
+                return invalid(format!(
+                    "wave {n}: soakSeconds must be at most {MAX_SECONDS} (30 days)"
+                ));
+            }
         }
         if let Some(rate) = self.failure.max_failure_rate {
             if !(rate > 0.0 && rate <= 100.0) {
@@ -208,8 +216,14 @@ impl RolloutSpec {
         if self.failure.max_failures == Some(0) {
             return invalid("failure.maxFailures must be at least 1".into());
         }
-        if self.failure.swap_timeout_seconds == 0 || self.failure.stall_timeout_seconds == 0 {
-            return invalid("failure timeouts must be at least one second".into());
+        let timeouts = [
+            self.failure.swap_timeout_seconds,
+            self.failure.stall_timeout_seconds,
+        ];
+        if timeouts.iter().any(|t| !(1..=MAX_SECONDS).contains(t)) {
+            return invalid(format!(
+                "failure timeouts must be from 1 to {MAX_SECONDS} seconds (30 days)"
+            ));
         }
         if self.bandwidth_bytes_per_second == Some(0) {
             return invalid("bandwidthBytesPerSecond must be at least 1 (or left out: no limit)".into());

@@ -33,8 +33,10 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn selector_matches(selector: &str, labels: &BTreeMap<String, String>) -> bool {
-    let (k, v) = selector.split_once('=').unwrap();
-    labels.get(k).map(String::as_str) == Some(v)
+    match selector.split_once('=') {
+        Some((k, v)) => labels.get(k).map(String::as_str) == Some(v),
+        None => labels.contains_key(selector),
+    }
 }
 
 #[test]
@@ -344,4 +346,88 @@ fn a_budget_holds_its_rate_and_lets_every_block_size_through() {
     assert!(budget.take(1000, 4000, 4000));
     // Time going back (another clock) takes nothing and gives nothing.
     assert!(!budget.take(1000, 1, 3000));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn wave() -> impl Strategy<Value = WaveSpec> {
+        let devices = prop_oneof![
+            (0.0f64..150.0).prop_map(|p| (Some(p), None, None)),
+            (0u32..40).prop_map(|c| (None, Some(c), None)),
+            prop_oneof![Just("ring=canary"), Just("ring=late"), Just("x")].prop_map(|s| (
+                None,
+                None,
+                Some(s.to_string())
+            )),
+        ];
+        (devices, 0u64..100, 0.0f64..120.0, any::<bool>()).prop_map(
+            |((percent, count, selector), soak_seconds, success_threshold, manual)| WaveSpec {
+                percent,
+                count,
+                selector,
+                soak_seconds,
+                success_threshold,
+                approval: if manual { Approval::Manual } else { Approval::Auto },
+            },
+        )
+    }
+
+    proptest! {
+        /// Whatever spec validates, every device is in exactly one wave, a share wave takes no
+        /// more than its share, and planning over any counts never panics nor skips a wave.
+        #[test]
+        fn every_device_is_in_exactly_one_wave_and_plans_move_one_wave_at_a_time(
+            waves in proptest::collection::vec(wave(), 0..6),
+            devices in 0usize..60,
+            seed in any::<u64>(),
+            counts in proptest::collection::vec((0u32..20, 0u32..20, 0u32..20, 0u32..20), 6),
+            now in 0i64..1_000_000_000,
+        ) {
+            let spec = RolloutSpec {
+                waves,
+                ..spec(json!([]))
+            };
+            prop_assume!(spec.validate(|_| Ok(())).is_ok());
+            let names: Vec<String> = (0..devices).map(|i| format!("d{i}")).collect();
+            let canary = labels(&[("ring", "canary")]);
+            let none = labels(&[]);
+            let candidates: Vec<Candidate> = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| Candidate { name, labels: if i % 3 == 0 { &canary } else { &none } })
+                .collect();
+            let assigned = spec.assign(&candidates, seed, selector_matches);
+            prop_assert_eq!(assigned.len(), devices);
+            let mut seen: Vec<&str> = assigned.iter().map(|(n, _)| n.as_str()).collect();
+            seen.sort();
+            seen.dedup();
+            prop_assert_eq!(seen.len(), devices);
+            for (n, wave) in spec.waves.iter().enumerate().take(spec.waves.len() - 1) {
+                let taken = assigned.iter().filter(|(_, w)| *w as usize == n).count();
+                if let Some(count) = wave.count {
+                    prop_assert!(taken <= count as usize);
+                }
+                if let Some(percent) = wave.percent {
+                    prop_assert!(taken <= (percent * devices as f64 / 100.0).ceil() as usize);
+                }
+            }
+            let counts: Vec<WaveCounts> = counts
+                .into_iter()
+                .map(|(pending, updating, succeeded, failed)| WaveCounts { pending, updating, succeeded, failed })
+                .collect();
+            let mut progress = Progress::new(0);
+            for wave in 0..spec.waves.len() as u32 {
+                progress.wave = wave;
+                let r = rollout(spec.clone(), progress.clone());
+                if let Some(step) = plan(&r, &counts, now) {
+                    let next = apply(&progress, &step, now);
+                    prop_assert!(next.wave == progress.wave || next.wave == progress.wave + 1);
+                    prop_assert!((next.wave as usize) < spec.waves.len());
+                }
+                progress.wave_succeeded_at = Some(now / 2);
+            }
+        }
+    }
 }
