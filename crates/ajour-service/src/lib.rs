@@ -233,33 +233,26 @@ impl UpdateService {
 
     /// Whether device `key` was sent the whole image `digest` of `target` and has not synced
     /// since: this instance sent it Swap (`swaps`), or the registry says so (another instance
-    /// did; in a rollout, "whole" is written at once). Read from the registry only when this instance sent
-    /// no Swap: a device reporting nothing of the image does so once per update.
+    /// did; in a rollout, "whole" is written at once). Read from the registry only when this
+    /// instance sent no Swap: a device reporting nothing of the image does so once per update.
     async fn was_sent_whole(&self, key: &Key, target: &str, digest: &str, swaps: u32) -> bool {
-        if swaps > 0 {
-            return true;
-        }
-        let Ok(Some(device)) = self.registry.get(key).await else {
-            return false;
-        };
-        device
-            .status
-            .get("firmware")
-            .and_then(|section| FirmwareReport::from_json(section).ok())
-            .is_some_and(|report| {
-                report.status.target == target
-                    && report.status.target_digest.as_deref() == Some(digest)
-                    && report.status.percent().is_some_and(|percent| percent >= 100.0)
+        swaps > 0
+            || self.stored_status(key, target).await.is_some_and(|stored| {
+                stored.target_digest.as_deref() == Some(digest)
+                    && stored.percent().is_some_and(|percent| percent >= 100.0)
             })
     }
 
     /// The digest of the image the registry says the device was last sent toward `target`.
     async fn stored_target_digest(&self, key: &Key, target: &str) -> Option<String> {
+        self.stored_status(key, target).await?.target_digest
+    }
+
+    /// The device's `status.firmware` as the registry has it, when it is about `target`.
+    async fn stored_status(&self, key: &Key, target: &str) -> Option<FirmwareStatus> {
         let device = self.registry.get(key).await.ok()??;
         let report = FirmwareReport::from_json(device.status.get("firmware")?).ok()?;
-        (report.status.target == target)
-            .then_some(report.status.target_digest)
-            .flatten()
+        (report.status.target == target).then_some(report.status)
     }
 
     /// The device `key`, its context read once for the status at hand. With `credentials` (what

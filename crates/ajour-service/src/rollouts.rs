@@ -18,8 +18,8 @@ use ajour_registry::{
 };
 use ajour_store::FirmwareSpec;
 use ajour_types::rollout::{
-    self, apply, awaiting_approval, plan, Budget, Candidate, Choice, Member, Phase, Rollout, RolloutId,
-    RolloutSpec, RolloutState, Step, WaveCounts,
+    self, apply, awaiting_approval, plan, Budget, Candidate, Choice, Member, Phase, Progress, Rollout,
+    RolloutId, RolloutSpec, RolloutState, Step, WaveCounts,
 };
 use chrono::Timelike;
 use serde_json::Value;
@@ -94,7 +94,7 @@ pub(crate) struct Rollouts {
     /// Each rollout's bandwidth budget on this instance (kept apart from the books, which are
     /// read again every tick).
     budgets: Mutex<HashMap<RolloutId, Budget>>,
-    /// Rounds of [`Self::refresh`] so far.
+    /// Rounds of [`Self::tick`] and [`Self::refresh`] so far.
     refreshes: AtomicU64,
 }
 
@@ -460,50 +460,63 @@ impl Rollouts {
         )))
     }
 
-    /// One round of the controller: fail devices past their timeouts, read every application's
-    /// newest rollout and its devices again, and move each active one on as [`plan`] says.
-    /// Returns the applications whose firmware it changed (a rollout completed).
+    /// One round of the controller: fail devices past their timeouts, move each open rollout on
+    /// as [`plan`] says, and keep what was read (every application's newest rollout and its
+    /// devices) for the statuses until the next round. Returns the applications whose firmware
+    /// it changed (a rollout completed).
     pub async fn tick(&self, registry: &dyn Registry) -> Result<Vec<AppName>, RegistryError> {
         let now = now_millis();
+        let round = self.refreshes.fetch_add(1, Ordering::Relaxed);
         let mut completed = Vec::new();
-        for rollout in self.store.latest_rollouts().await? {
+        let mut books = HashMap::new();
+        for mut rollout in self.store.latest_rollouts().await? {
             let Ok(app) = AppName::parse(&rollout.app) else {
                 continue;
             };
-            // Only while active: in a pause nobody makes progress, by design.
-            if rollout.progress.state == RolloutState::Active {
-                let policy = &rollout.spec.failure;
-                let expired = self
-                    .store
-                    .expire(
-                        rollout.id,
-                        Duration::from_secs(policy.swap_timeout_seconds),
-                        Duration::from_secs(policy.stall_timeout_seconds),
-                        now,
-                    )
-                    .await?;
-                if expired > 0 {
-                    metrics::counter!("ajour_rollout_timeouts_total").increment(expired);
+            let mut members = None;
+            if rollout.progress.state.is_open() {
+                // Only while active: in a pause nobody makes progress, by design.
+                if rollout.progress.state == RolloutState::Active {
+                    let policy = &rollout.spec.failure;
+                    let expired = self
+                        .store
+                        .expire(
+                            rollout.id,
+                            Duration::from_secs(policy.swap_timeout_seconds),
+                            Duration::from_secs(policy.stall_timeout_seconds),
+                            now,
+                        )
+                        .await?;
+                    if expired > 0 {
+                        metrics::counter!("ajour_rollout_timeouts_total").increment(expired);
+                    }
                 }
+                let read = self.store.members(rollout.id).await?;
+                if let Some(next) = self.step(registry, &app, &rollout, &read, now).await? {
+                    if next.state == RolloutState::Completed {
+                        completed.push(app.clone());
+                    }
+                    rollout.progress = next;
+                }
+                members = Some(read);
             }
-            if rollout.progress.state.is_open()
-                && self.step(registry, &app, &rollout, now).await? == Some(Step::Complete)
-            {
-                completed.push(app);
-            }
+            let book = self.book_of(&app, rollout, members, round).await?;
+            books.insert(app, book);
         }
-        self.refresh().await?;
+        self.install(books);
         Ok(completed)
     }
 
-    /// Take the next step of `rollout`, if any; the step this instance took.
+    /// Take the next step of `rollout`, whose devices are `members`, if any; the rollout's
+    /// progress after it, when this instance took it.
     async fn step(
         &self,
         registry: &dyn Registry,
         app: &AppName,
         rollout: &Rollout,
+        members: &[Member],
         now: i64,
-    ) -> Result<Option<Step>, RegistryError> {
+    ) -> Result<Option<Progress>, RegistryError> {
         let Some(application) = registry.get(&Key::App(app.clone())).await? else {
             return Ok(None);
         };
@@ -514,13 +527,13 @@ impl Rollouts {
             next.state = RolloutState::Cancelled;
             next.reason =
                 Some("superseded: the application's firmware was changed outside the rollout".into());
-            if self.store.advance(rollout.id, progress, &next, now).await? {
-                tracing::warn!(%app, rollout = rollout.id, "rollout cancelled: the application's firmware was changed by hand");
+            if !self.store.advance(rollout.id, progress, &next, now).await? {
+                return Ok(None);
             }
-            return Ok(None);
+            tracing::warn!(%app, rollout = rollout.id, "rollout cancelled: the application's firmware was changed by hand");
+            return Ok(Some(next));
         }
-        let members = self.store.members(rollout.id).await?;
-        let counts = WaveCounts::of(rollout.spec.waves.len(), &members);
+        let counts = WaveCounts::of(rollout.spec.waves.len(), members);
         let Some(step) = plan(rollout, &counts, now) else {
             return Ok(None);
         };
@@ -550,10 +563,11 @@ impl Rollouts {
             }
             Step::Complete => tracing::info!(%app, rollout = rollout.id, "rollout completed"),
         }
-        Ok(Some(step))
+        Ok(Some(next))
     }
 
-    /// Read every application's newest rollout and its devices again.
+    /// Read every application's newest rollout and its devices again (after a change through
+    /// the API, not to wait for the next round).
     pub async fn refresh(&self) -> Result<(), RegistryError> {
         let round = self.refreshes.fetch_add(1, Ordering::Relaxed);
         let mut books = HashMap::new();
@@ -561,27 +575,46 @@ impl Rollouts {
             let Ok(app) = AppName::parse(&rollout.app) else {
                 continue;
             };
-            // A completed or cancelled rollout's devices change only as the last of its updates
-            // end: read them again now and then, not every round (a fleet of them would be read
-            // every second for ever).
-            let finished = !rollout.progress.state.is_open();
-            let unchanged = self.book(&app).filter(|book| {
-                book.rollout == rollout && finished && !round.is_multiple_of(FINISHED_READ_EVERY)
-            });
-            let book = match unchanged {
-                Some(book) => book,
-                None => {
-                    let members = self.store.members(rollout.id).await?;
-                    record_metrics(&rollout, &members);
-                    Arc::new(Book::new(rollout, members))
-                }
-            };
+            let book = self.book_of(&app, rollout, None, round).await?;
             books.insert(app, book);
         }
+        self.install(books);
+        Ok(())
+    }
+
+    /// `rollout` of `app` with its devices: `members` when they were read this round; else read
+    /// now, except that a completed or cancelled rollout's devices, which change only as the last
+    /// of its updates end, are read again only every [`FINISHED_READ_EVERY`] rounds (a fleet of
+    /// them would be read every second for ever).
+    async fn book_of(
+        &self,
+        app: &AppName,
+        rollout: Rollout,
+        members: Option<Vec<Member>>,
+        round: u64,
+    ) -> Result<Arc<Book>, RegistryError> {
+        let members = match members {
+            Some(members) => members,
+            None => {
+                let finished = !rollout.progress.state.is_open();
+                let unchanged = self.book(app).filter(|book| {
+                    book.rollout == rollout && finished && !round.is_multiple_of(FINISHED_READ_EVERY)
+                });
+                if let Some(book) = unchanged {
+                    return Ok(book);
+                }
+                self.store.members(rollout.id).await?
+            }
+        };
+        record_metrics(&rollout, &members);
+        Ok(Arc::new(Book::new(rollout, members)))
+    }
+
+    /// Answer statuses from `books` from now on; forget the budgets of rollouts no longer newest.
+    fn install(&self, books: HashMap<AppName, Arc<Book>>) {
         let ids: std::collections::HashSet<RolloutId> = books.values().map(|b| b.rollout.id).collect();
         self.budgets.lock().unwrap().retain(|id, _| ids.contains(id));
         *self.books.write().unwrap() = books;
-        Ok(())
     }
 }
 

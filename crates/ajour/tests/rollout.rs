@@ -116,6 +116,12 @@ impl Servers {
         }
     }
 
+    /// `ajour rollout create APP --firmware-file v2 FLAGS`; the rollout's id.
+    fn create_rollout(&self, app: &str, flags: &[&str]) -> u64 {
+        let args = [&["rollout", "create", app, "--firmware-file", "v2"], flags].concat();
+        created_id(&self.cli(&args).unwrap())
+    }
+
     /// Application `app` on firmware v1 with `count` devices `app-0` … that run 1.0.0 (each
     /// reports once, so it is in sync before any rollout).
     async fn fleet(&self, app: &str, count: u32) -> Vec<String> {
@@ -614,17 +620,7 @@ async fn outside_its_maintenance_window_no_device_starts() {
         .unwrap();
     let hour = (since_epoch.as_secs() / 3600) % 24;
     let later = format!("{}-{}", (hour + 2) % 24, (hour + 3) % 24);
-    let created = servers
-        .cli(&[
-            "rollout",
-            "create",
-            "window",
-            "--firmware-file",
-            "v2",
-            "--window",
-            &later,
-        ])
-        .unwrap();
+    let created = servers.create_rollout("window", &["--window", &later]);
     let outcomes = servers
         .simulate("window", &devices, Some("2.0.0"), HashMap::new(), 3)
         .await;
@@ -635,21 +631,12 @@ async fn outside_its_maintenance_window_no_device_starts() {
         );
         assert!(times(&servers.history("window", device).await, "started").is_empty());
     }
-    let id = created_id(&created).to_string();
-    servers.cli(&["rollout", "cancel", "window", &id]).unwrap();
+    servers
+        .cli(&["rollout", "cancel", "window", &created.to_string()])
+        .unwrap();
     // From an hour ago to two hours from now: the test cannot leave it.
     let now = format!("{}-{}", (hour + 23) % 24, (hour + 2) % 24);
-    servers
-        .cli(&[
-            "rollout",
-            "create",
-            "window",
-            "--firmware-file",
-            "v2",
-            "--window",
-            &now,
-        ])
-        .unwrap();
+    servers.create_rollout("window", &["--window", &now]);
     let outcomes = servers
         .simulate("window", &devices, Some("2.0.0"), HashMap::new(), 60)
         .await;

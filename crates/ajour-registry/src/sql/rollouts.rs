@@ -20,6 +20,15 @@ const MEMBER_COLUMNS: &str =
 /// Rows per INSERT when a rollout's devices are stored.
 const INSERT_BATCH: usize = 200;
 
+/// A device in `phase` was started already (by another instance, or by this one before a stale
+/// copy of the rollout said otherwise): asked to start again, it goes on.
+fn started_already(phase: &str) -> bool {
+    matches!(
+        Phase::parse(phase),
+        Some(Phase::Updating | Phase::Swapping | Phase::Succeeded)
+    )
+}
+
 fn corrupt(what: &str, error: impl std::fmt::Display) -> RegistryError {
     RegistryError::Corrupt(format!("{what}: {error}"))
 }
@@ -185,9 +194,8 @@ impl SqlRegistry {
                     .await?
                     .map(|row| row.try_get("phase"))
                     .transpose()?;
-            // Started already (by another instance, or before a stale copy said otherwise).
-            match phase.as_deref().and_then(Phase::parse) {
-                Some(Phase::Updating | Phase::Swapping | Phase::Succeeded) => Admission::Started,
+            match phase {
+                Some(phase) if started_already(&phase) => Admission::Started,
                 _ => Admission::Refused,
             }
         };
@@ -420,12 +428,7 @@ impl RolloutStore for SqlRegistry {
         };
         let phase: String = member.try_get("phase")?;
         let wave: i64 = member.try_get("wave")?;
-        // Started already (by another instance, or by this one before a stale copy of the
-        // rollout said otherwise): it goes on.
-        if matches!(
-            Phase::parse(&phase),
-            Some(Phase::Updating | Phase::Swapping | Phase::Succeeded)
-        ) {
+        if started_already(&phase) {
             return Ok(Admission::Started);
         }
         if state != RolloutState::Active.as_str() || phase != Phase::Pending.as_str() || wave > open_wave {
