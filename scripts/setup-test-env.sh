@@ -50,6 +50,15 @@ if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$requirements" ] ||
     echo "$requirements" >"$venv/.requirements"
 fi
 
+# Drogue's CLI, the real one, that crates/ajour/tests/it/drg.rs drives against `ajour serve`:
+# built from crates.io at the version Drogue users have (a few minutes, once; kept in
+# ~/.cargo/bin). $DRG names another build to test instead.
+drg_version=0.11.0
+if [ -z "${DRG:-}" ] && ! "${CARGO_HOME:-$HOME/.cargo}/bin/drg" --version 2>/dev/null | grep -q " $drg_version\$"; then
+    echo "setup: building drg $drg_version from crates.io (cargo install, a few minutes)"
+    cargo install --quiet --locked drg --version "$drg_version"
+fi
+
 if [ -n "${AJOUR_TEST_POSTGRES_URL:-}" ]; then
     psql -q -w "$AJOUR_TEST_POSTGRES_URL" -c 'select 1' >/dev/null ||
         { echo "setup: PostgreSQL at AJOUR_TEST_POSTGRES_URL is not reachable" >&2; exit 1; }

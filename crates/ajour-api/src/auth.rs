@@ -1,14 +1,24 @@
-//! The API token check.
+//! Who is calling, and whether they may: the bootstrap token and users' access tokens, and the
+//! check of a caller's role on an application (the rules are `ajour_types::access`'s).
+//!
+//! Credentials are accepted as `Authorization: Bearer <token>` and as Basic `user:token`, as
+//! Drogue's tools send them. The bootstrap token (`ajour serve`'s `api-token`) is the server's
+//! administrator, with any user name in Basic; a user's access token (`ajr_<prefix>_<secret>`,
+//! made through `/api/tokens/v1alpha1`) is that user, and with Basic only with their own name.
 
-use crate::ApiError;
+use crate::{ApiError, ApiState};
+use ajour_registry::{AccessStore, AppName, StoredToken};
+use ajour_types::access::Need;
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use rand::distributions::{Alphanumeric, DistString};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
-/// The secret that grants use of the API.
+/// The bootstrap token: the server's administrator, for first setup and automation.
 #[derive(Clone)]
 pub struct ApiToken(String);
 
@@ -28,28 +38,154 @@ impl std::fmt::Debug for ApiToken {
     }
 }
 
-pub(crate) async fn require_token(
-    State(token): State<Arc<ApiToken>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(presented_token);
-    match presented {
-        Some(presented) if token.matches(&presented) => next.run(request).await,
-        Some(_) => ApiError::Unauthorized("invalid token").into_response(),
-        None => ApiError::Unauthorized("missing token: send 'Authorization: Bearer <token>'").into_response(),
+/// Who a request comes from, put into its extensions by [`authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The holder of the bootstrap token: everything, every application.
+    Administrator,
+    /// A user, by one of their access tokens.
+    User(String),
+}
+
+impl Caller {
+    /// The user's name; `None` for the administrator.
+    pub fn user(&self) -> Option<&str> {
+        match self {
+            Caller::Administrator => None,
+            Caller::User(name) => Some(name),
+        }
+    }
+
+    /// How the caller is named in messages and events.
+    pub fn name(&self) -> &str {
+        self.user().unwrap_or("administrator")
     }
 }
 
-fn presented_token(header: &str) -> Option<String> {
-    let (scheme, value) = header.split_once(' ')?;
-    if scheme.eq_ignore_ascii_case("bearer") {
-        return Some(value.trim().to_string());
+pub(crate) struct Gate {
+    pub bootstrap: ApiToken,
+    pub access: Arc<dyn AccessStore>,
+}
+
+/// The middleware: find the caller or answer 401.
+pub(crate) async fn authenticate(
+    State(gate): State<Arc<Gate>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let Some(header) = header else {
+        return ApiError::Unauthorized(
+            "missing credentials: send 'Authorization: Bearer <token>' or Basic user:token",
+        )
+        .into_response();
+    };
+    match identify(&gate, &header).await {
+        Ok(Some(caller)) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Ok(None) => ApiError::Unauthorized("invalid token").into_response(),
+        Err(error) => error.into_response(),
     }
-    // Drogue's tools send the token as the password of Basic credentials.
-    ajour_types::basic_auth::parse(header).map(|(_, token)| token)
+}
+
+async fn identify(gate: &Gate, header: &str) -> Result<Option<Caller>, ApiError> {
+    let (user, token) = match header.split_once(' ') {
+        Some((scheme, value)) if scheme.eq_ignore_ascii_case("bearer") => (None, value.trim().to_string()),
+        _ => match ajour_types::basic_auth::parse(header) {
+            Some((user, token)) => (Some(user), token),
+            None => return Ok(None),
+        },
+    };
+    if gate.bootstrap.matches(&token) {
+        return Ok(Some(Caller::Administrator));
+    }
+    let Some(prefix) = token_prefix(&token) else {
+        return Ok(None);
+    };
+    let Some(stored) = gate.access.token(prefix).await? else {
+        return Ok(None);
+    };
+    let hash_matches: bool = stored.hash.as_bytes().ct_eq(hash(&token).as_bytes()).into();
+    let user_matches = user.is_none_or(|user| user == stored.user);
+    Ok((hash_matches && user_matches).then_some(Caller::User(stored.user)))
+}
+
+/// What user access tokens start with.
+const TOKEN_SCHEME: &str = "ajr_";
+const PREFIX_LEN: usize = 8;
+const SECRET_LEN: usize = 32;
+
+/// The public prefix of a user access token: `ajr_<prefix>_<secret>`.
+fn token_prefix(token: &str) -> Option<&str> {
+    let (prefix, secret) = token.strip_prefix(TOKEN_SCHEME)?.split_once('_')?;
+    (prefix.len() == PREFIX_LEN && secret.len() == SECRET_LEN).then_some(prefix)
+}
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random access token for `user` (shown once) and what is stored of it.
+pub(crate) fn new_token(user: &str, description: Option<String>) -> (String, StoredToken) {
+    let mut rng = rand::thread_rng();
+    // Lower-case prefixes: they are typed back to delete a token.
+    let prefix = Alphanumeric
+        .sample_string(&mut rng, PREFIX_LEN)
+        .to_ascii_lowercase();
+    let secret = Alphanumeric.sample_string(&mut rng, SECRET_LEN);
+    let token = format!("{TOKEN_SCHEME}{prefix}_{secret}");
+    let stored = StoredToken {
+        prefix,
+        user: user.to_string(),
+        hash: hash(&token),
+        description,
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    (token, stored)
+}
+
+/// Whether `caller` may do what needs `need` to application `app`. A user who is neither its
+/// owner nor a member gets "not found", the answer for an application that does not exist, so
+/// names are not found out by trying them.
+pub(crate) async fn require(
+    state: &ApiState,
+    caller: &Caller,
+    app: &AppName,
+    need: Need,
+) -> Result<(), ApiError> {
+    let Caller::User(user) = caller else {
+        return Ok(());
+    };
+    let access = state.access.app_access(app).await?;
+    match access.as_ref().and_then(|access| access.role_of(user)) {
+        None => Err(ajour_registry::RegistryError::NotFound(format!("application '{app}'")).into()),
+        Some(role) if role.allows(need) => Ok(()),
+        Some(role) => Err(ApiError::Forbidden(format!(
+            "{user} is {} of application '{app}': this needs {}",
+            role.as_str(),
+            need.describe()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_found_by_their_prefix_only_when_well_formed() {
+        let (token, stored) = new_token("alice", None);
+        assert_eq!(token_prefix(&token), Some(stored.prefix.as_str()));
+        assert_eq!(stored.hash, hash(&token));
+        assert_ne!(new_token("alice", None).0, token);
+        for bad in ["", "ajr_", "ajr_abc_def", "drg_abcdefgh_x", "ajr_abcdefgh"] {
+            assert_eq!(token_prefix(bad), None, "{bad:?}");
+        }
+    }
 }

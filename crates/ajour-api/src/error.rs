@@ -10,6 +10,8 @@ use serde_json::json;
 #[derive(Debug)]
 pub enum ApiError {
     Unauthorized(&'static str),
+    /// The caller is known but their role does not allow this; the message says what it needs.
+    Forbidden(String),
     BadRequest(String),
     /// What this server cannot do in its configuration; the message says why.
     NotImplemented(String),
@@ -49,6 +51,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(message) => {
                 (StatusCode::UNAUTHORIZED, "Unauthorized", message.to_string())
             }
+            ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, "Forbidden", message),
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "BadRequest", message),
             ApiError::NotImplemented(message) => (StatusCode::NOT_IMPLEMENTED, "NotImplemented", message),
             ApiError::Conflict(message) => (StatusCode::CONFLICT, "Conflict", message),

@@ -1,11 +1,13 @@
 //! `/api/dfu/v1alpha1/apps/{app}/devices/{device}/history`: a device's update history, newest
 //! first, as the registry keeps it (see `ajour_types::history`).
 
+use crate::auth::{require, Caller};
 use crate::{ApiError, ApiState};
 use ajour_registry::{AppName, DeviceName, Key};
+use ajour_types::access::Need;
 use axum::extract::{Path, Query, State};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::Value;
 
 const BASE: &str = "/api/dfu/v1alpha1";
@@ -29,10 +31,13 @@ struct HistoryParams {
 
 async fn history(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((app, device)): Path<(String, String)>,
     Query(params): Query<HistoryParams>,
 ) -> Result<Json<Vec<Value>>, ApiError> {
-    let key = Key::Device(AppName::parse(&app)?, DeviceName::parse(&device)?);
+    let app = AppName::parse(&app)?;
+    let key = Key::Device(app.clone(), DeviceName::parse(&device)?);
+    require(&state, &caller, &app, Need::Read).await?;
     let limit = params.limit.unwrap_or(DEFAULT_LIMIT);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::BadRequest(format!(

@@ -1,7 +1,9 @@
 //! Ajour's REST API: the device registry at `/api/registry/v1alpha1`, compatible with Drogue
 //! Cloud's (same paths, object shape, optimistic locking and status codes), so Drogue's tooling
-//! works against it. Every request needs `Authorization: Bearer <token>` (Basic with the token as
-//! password is accepted too, as Drogue's clients send it).
+//! works against it. Every request needs a token: the server's bootstrap token, or a user's
+//! access token (`/api/tokens/v1alpha1`), as `Authorization: Bearer <token>` or Basic
+//! `user:token` as Drogue's clients send it. A user reaches the applications they own or are a
+//! member of (`/api/admin/v1alpha1/apps/{app}/members`), as their role allows (see [`auth`]).
 //!
 //! Ajour's own resources are under `/api/dfu/v1alpha1`: a device's update history
 //! (`/apps/{app}/devices/{device}/history`) and an application's staged rollouts
@@ -12,15 +14,23 @@
 //! its latest progress, including progress not yet written to the database.
 
 mod auth;
+// Drogue's discovery documents, for `drg` (docs/drogue-tools.md).
+mod discovery;
 mod error;
 mod history;
+mod members;
 mod registry;
 mod rollouts;
+// Drogue's integration APIs: the live stream (`drg stream`), the command endpoint (501).
+mod stream;
+mod tokens;
 
-pub use auth::ApiToken;
+pub use auth::{ApiToken, Caller};
 pub use error::ApiError;
+// For `drg`: where the server is, as its discovery documents name it.
+pub use discovery::{parse_public_url, PublicUrl};
 
-use ajour_registry::Registry;
+use ajour_registry::{AccessStore, Registry};
 use ajour_service::UpdateService;
 use axum::Router;
 use std::sync::Arc;
@@ -32,18 +42,36 @@ pub const MAX_BODY: usize = 1024 * 1024;
 pub struct ApiState {
     pub registry: Arc<dyn Registry>,
     pub service: Arc<UpdateService>,
+    /// Users' access tokens and applications' owners and members.
+    pub access: Arc<dyn AccessStore>,
+    /// The base URL the discovery documents name (`--public-url`, else each request's `Host`).
+    pub public_url: PublicUrl,
 }
 
-/// The API's routes, behind the token check.
+/// The API's routes, behind the credentials check.
 pub fn router(state: ApiState, token: ApiToken) -> Router {
+    let gate = Arc::new(auth::Gate {
+        bootstrap: token,
+        access: state.access.clone(),
+    });
     registry::routes()
         .merge(history::routes())
         .merge(rollouts::routes())
+        .merge(tokens::routes())
+        .merge(members::routes())
+        .merge(discovery::routes())
+        .merge(stream::routes())
         .with_state(state)
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::new(token),
-            auth::require_token,
-        ))
+        .layer(axum::middleware::from_fn_with_state(gate, auth::authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(error::as_json))
+}
+
+/// The routes anyone may call, outside the credentials check: Drogue's discovery documents
+/// (`/.well-known/drogue-endpoints`, `/.well-known/drogue-version`, the OpenID Connect document
+/// `drg login` reads), served beside [`router`].
+pub fn public_router(state: ApiState) -> Router {
+    discovery::public_routes()
+        .with_state(state)
         .layer(axum::middleware::map_response(error::as_json))
 }

@@ -1,13 +1,15 @@
 //! `/api/registry/v1alpha1`: applications and their devices.
 
+use crate::auth::{require, Caller};
 use crate::{ApiError, ApiState};
 use ajour_registry::{AppName, DeviceName, Key, ListParams, RegistryError, Resource, Scope};
+use ajour_types::access::Need;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 
 const BASE: &str = "/api/registry/v1alpha1";
 
@@ -139,61 +141,157 @@ async fn delete(state: &ApiState, key: Key) -> ApiResult {
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn list_apps(State(state): State<ApiState>, Query(params): Query<ListParams>) -> ApiResult {
-    list(&state, Scope::Apps, params).await
+/// The applications the caller sees: a user, those they own or are a member of.
+async fn list_apps(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Query(params): Query<ListParams>,
+) -> ApiResult {
+    let Caller::User(user) = &caller else {
+        return list(&state, Scope::Apps, params).await;
+    };
+    let visible = state.access.apps_of(user).await?;
+    // Paged after filtering, so a page holds only what the user sees.
+    let all = ListParams {
+        labels: params.labels,
+        limit: None,
+        offset: None,
+    };
+    let items = state.registry.list(&Scope::Apps, &all).await?;
+    let items: Vec<_> = items
+        .into_iter()
+        .filter(|item| visible.contains(&item.metadata.name))
+        .skip(params.offset.unwrap_or(0))
+        .take(params.limit.unwrap_or(usize::MAX))
+        .collect();
+    Ok(Json(items).into_response())
 }
 
-async fn create_app(State(state): State<ApiState>, body: Bytes) -> ApiResult {
+/// Any caller may create an application; a user who does owns it.
+async fn create_app(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult {
     let name = parse_body(&body)?.metadata.name;
     let key = app_key(&name)?;
-    create(&state, key, body, format!("{BASE}/apps/{name}")).await
+    let app = AppName::parse(&name)?;
+    let response = create(&state, key.clone(), body, format!("{BASE}/apps/{name}")).await?;
+    if let Err(error) = state.access.claim_app(&app, caller.user()).await {
+        // An application nobody owns would be out of its creator's reach: take it back.
+        let _ = state.registry.delete(&key).await;
+        state.service.invalidate(&key);
+        return Err(error.into());
+    }
+    Ok(response)
 }
 
-async fn get_app(State(state): State<ApiState>, Path(app): Path<String>) -> ApiResult {
-    get_one(&state, app_key(&app)?).await
+async fn get_app(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> ApiResult {
+    let key = app_key(&app)?;
+    require(&state, &caller, &AppName::parse(&app)?, Need::Read).await?;
+    get_one(&state, key).await
 }
 
-async fn update_app(State(state): State<ApiState>, Path(app): Path<String>, body: Bytes) -> ApiResult {
-    update(&state, app_key(&app)?, body).await
+async fn update_app(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let key = app_key(&app)?;
+    require(&state, &caller, &AppName::parse(&app)?, Need::Write).await?;
+    update(&state, key, body).await
 }
 
-async fn delete_app(State(state): State<ApiState>, Path(app): Path<String>) -> ApiResult {
-    delete(&state, app_key(&app)?).await
+async fn delete_app(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> ApiResult {
+    let key = app_key(&app)?;
+    let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Admin).await?;
+    let response = delete(&state, key).await?;
+    state.access.forget_app(&app).await?;
+    Ok(response)
 }
 
 async fn list_devices(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(app): Path<String>,
     Query(params): Query<ListParams>,
 ) -> ApiResult {
     let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Read).await?;
     if state.registry.get(&Key::App(app.clone())).await?.is_none() {
         return Err(ajour_registry::RegistryError::NotFound(format!("application '{app}'")).into());
     }
     list(&state, Scope::Devices(app), params).await
 }
 
-async fn create_device(State(state): State<ApiState>, Path(app): Path<String>, body: Bytes) -> ApiResult {
+/// The key of a device after checking that `caller` may do what needs `need` to its application.
+async fn allowed_device(
+    state: &ApiState,
+    caller: &Caller,
+    app: &str,
+    device: &str,
+    need: Need,
+) -> Result<Key, ApiError> {
+    let key = device_key(app, device)?;
+    require(state, caller, &AppName::parse(app)?, need).await?;
+    Ok(key)
+}
+
+async fn create_device(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+    body: Bytes,
+) -> ApiResult {
     let name = parse_body(&body)?.metadata.name;
-    let key = device_key(&app, &name)?;
+    let key = allowed_device(&state, &caller, &app, &name, Need::Write).await?;
     create(&state, key, body, format!("{BASE}/apps/{app}/devices/{name}")).await
 }
 
-async fn get_device(State(state): State<ApiState>, Path((app, device)): Path<(String, String)>) -> ApiResult {
-    get_one(&state, device_key(&app, &device)?).await
+async fn get_device(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path((app, device)): Path<(String, String)>,
+) -> ApiResult {
+    get_one(
+        &state,
+        allowed_device(&state, &caller, &app, &device, Need::Read).await?,
+    )
+    .await
 }
 
 async fn update_device(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((app, device)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult {
-    update(&state, device_key(&app, &device)?, body).await
+    update(
+        &state,
+        allowed_device(&state, &caller, &app, &device, Need::Write).await?,
+        body,
+    )
+    .await
 }
 
 async fn delete_device(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((app, device)): Path<(String, String)>,
 ) -> ApiResult {
-    delete(&state, device_key(&app, &device)?).await
+    delete(
+        &state,
+        allowed_device(&state, &caller, &app, &device, Need::Write).await?,
+    )
+    .await
 }

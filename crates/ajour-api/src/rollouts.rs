@@ -8,15 +8,17 @@
 //! - `POST .../rollouts/{id}/pause|resume|cancel|approve` steers it; 409 when its state does not
 //!   allow that (the message says why).
 
+use crate::auth::{require, Caller};
 use crate::{ApiError, ApiState};
 use ajour_registry::AppName;
 use ajour_service::{RolloutAction, RolloutSummary};
+use ajour_types::access::Need;
 use ajour_types::rollout::{Member, RolloutSpec};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::{json, Value};
 
 const BASE: &str = "/api/dfu/v1alpha1";
@@ -78,10 +80,12 @@ fn member_json(member: &Member) -> Value {
 
 async fn create(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path(app): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Write).await?;
     let spec: RolloutSpec =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("rollout spec: {e}")))?;
     let created = state.service.create_rollout(&app, spec).await?;
@@ -89,17 +93,24 @@ async fn create(
     Ok((StatusCode::CREATED, Json(summary_json(&details.summary))))
 }
 
-async fn list(State(state): State<ApiState>, Path(app): Path<String>) -> Result<Json<Vec<Value>>, ApiError> {
+async fn list(
+    State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
+    Path(app): Path<String>,
+) -> Result<Json<Vec<Value>>, ApiError> {
     let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Read).await?;
     let summaries = state.service.list_rollouts(&app).await?;
     Ok(Json(summaries.iter().map(summary_json).collect()))
 }
 
 async fn one(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((app, id)): Path<(String, i64)>,
 ) -> Result<Json<Value>, ApiError> {
     let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Read).await?;
     let details = state.service.rollout(&app, id).await?;
     let mut body = summary_json(&details.summary);
     body["devices"] = details.members.iter().map(member_json).collect();
@@ -113,9 +124,11 @@ async fn one(
 
 async fn control(
     State(state): State<ApiState>,
+    Extension(caller): Extension<Caller>,
     Path((app, id, action)): Path<(String, i64, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let app = AppName::parse(&app)?;
+    require(&state, &caller, &app, Need::Write).await?;
     let action = RolloutAction::parse(&action).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "unknown action '{action}': pause, resume, cancel or approve"

@@ -2,7 +2,7 @@
 //! layer decides.
 
 use ajour_api::{router, ApiState, ApiToken, MAX_BODY};
-use ajour_registry::Registry;
+use ajour_registry::{Registry, SqlRegistry};
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_testkit::MemoryRegistry;
 use ajour_types::{AppName, DeviceName, Key};
@@ -14,13 +14,31 @@ use tower::ServiceExt;
 
 const TOKEN: &str = "test-token";
 
-fn api(registry: Arc<MemoryRegistry>) -> axum::Router {
+/// The API on `registry`, with its access store on a SQLite file in the returned directory.
+async fn api(registry: Arc<MemoryRegistry>) -> (axum::Router, tempfile::TempDir) {
     let service = Arc::new(UpdateService::new(
         registry.clone(),
         Arc::new(ajour_store::Firmware::default()),
         ServiceConfig::default(),
     ));
-    router(ApiState { registry, service }, ApiToken::new(TOKEN))
+    let dir = tempfile::tempdir().unwrap();
+    let access = Arc::new(
+        SqlRegistry::connect(&SqlRegistry::sqlite_url(dir.path()), Default::default())
+            .await
+            .unwrap(),
+    );
+    (
+        router(
+            ApiState {
+                registry,
+                service,
+                access,
+                public_url: Default::default(),
+            },
+            ApiToken::new(TOKEN),
+        ),
+        dir,
+    )
 }
 
 async fn call(api: &axum::Router, method: Method, path: &str, body: Vec<u8>) -> (StatusCode, String, Value) {
@@ -55,7 +73,7 @@ fn device() -> Key {
 #[tokio::test]
 async fn a_put_without_status_keeps_the_stored_status_and_one_with_it_replaces_it() {
     let registry = Arc::new(MemoryRegistry::new());
-    let api = api(registry.clone());
+    let (api, _dir) = api(registry.clone()).await;
     let create = |path: &'static str, body: Value| {
         let api = api.clone();
         async move {
@@ -113,7 +131,7 @@ async fn a_put_without_status_keeps_the_stored_status_and_one_with_it_replaces_i
 
 #[tokio::test]
 async fn every_error_is_json_in_drogues_shape() {
-    let api = api(Arc::new(MemoryRegistry::new()));
+    let (api, _dir) = api(Arc::new(MemoryRegistry::new())).await;
     let too_large = vec![b' '; MAX_BODY + 1];
     for (method, path, body, expected, error) in [
         (

@@ -46,6 +46,8 @@ impl RegistryApi {
             ApiState {
                 registry: stored.clone(),
                 service,
+                access: stored.clone(),
+                public_url: Default::default(),
             },
             ApiToken::new(TOKEN),
         );

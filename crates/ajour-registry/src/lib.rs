@@ -9,6 +9,7 @@
 //!
 //! It knows nothing of firmware or devices' update state beyond the JSON sections it stores.
 
+pub mod access;
 pub mod credentials;
 mod error;
 mod metered;
@@ -20,6 +21,7 @@ mod selector;
 #[cfg(feature = "sql")]
 mod sql;
 
+pub use access::{AccessStore, StoredToken};
 pub use credentials::{
     seal_plain_passwords, unique_user_names, CredentialKey, CredentialKeys, DerivedVerifier,
     DeviceCredentials, FastCheck, KeyError, SlowCheck, VERIFIERS_SECTION,

@@ -724,3 +724,99 @@ async fn rollouts_hold_their_limit_and_take_each_step_once_across_instances() {
         assert_eq!(left.len(), 11, "{backend}: the deleted device left the rollout");
     }
 }
+
+fn token(prefix: &str, user: &str) -> StoredToken {
+    StoredToken {
+        prefix: prefix.into(),
+        user: user.into(),
+        hash: format!("hash-of-{prefix}"),
+        description: Some(format!("{user}'s")),
+        created: format!("2026-12-07T00:00:0{}Z", prefix.len() % 10),
+    }
+}
+
+#[tokio::test]
+async fn access_tokens_owners_members_and_transfers() {
+    use ajour_types::access::Role;
+    use std::collections::BTreeMap;
+    for (name, backend) in backends().await {
+        let r = &backend.registry;
+        // Tokens: found by prefix, listed per user, deleted only by their user.
+        r.add_token(&token("aaaa1111", "alice")).await.unwrap();
+        r.add_token(&token("bbbb2222", "bob")).await.unwrap();
+        assert!(
+            matches!(
+                r.add_token(&token("aaaa1111", "bob")).await,
+                Err(RegistryError::AlreadyExists(_))
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            r.token("aaaa1111").await.unwrap(),
+            Some(token("aaaa1111", "alice")),
+            "{name}"
+        );
+        assert_eq!(
+            r.tokens("alice").await.unwrap(),
+            vec![token("aaaa1111", "alice")],
+            "{name}"
+        );
+        assert!(!r.delete_token("bob", "aaaa1111").await.unwrap(), "{name}");
+        assert!(r.delete_token("alice", "aaaa1111").await.unwrap(), "{name}");
+        assert_eq!(r.token("aaaa1111").await.unwrap(), None, "{name}");
+
+        // Owners and members.
+        let app = AppName::parse("fleet").unwrap();
+        assert_eq!(r.app_access(&app).await.unwrap(), None, "{name}");
+        r.claim_app(&app, Some("alice")).await.unwrap();
+        let access = r.app_access(&app).await.unwrap().unwrap();
+        assert_eq!(access.owner.as_deref(), Some("alice"), "{name}");
+        let members = BTreeMap::from([
+            ("bob".to_string(), Role::Reader),
+            ("carol".to_string(), Role::Manager),
+        ]);
+        r.set_members(&app, &members, Some(&access.revision))
+            .await
+            .unwrap();
+        // A stale revision is a conflict and changes nothing.
+        assert!(
+            matches!(
+                r.set_members(&app, &BTreeMap::new(), Some(&access.revision))
+                    .await,
+                Err(RegistryError::Conflict)
+            ),
+            "{name}"
+        );
+        let access = r.app_access(&app).await.unwrap().unwrap();
+        assert_eq!(access.members, members, "{name}");
+        assert_eq!(
+            r.apps_of("bob").await.unwrap().into_iter().collect::<Vec<_>>(),
+            vec!["fleet".to_string()],
+            "{name}"
+        );
+        assert!(r.apps_of("mallory").await.unwrap().is_empty(), "{name}");
+
+        // A transfer is accepted only by the user it was offered to.
+        r.offer_app(&app, Some("bob")).await.unwrap();
+        assert!(!r.accept_app(&app, "carol").await.unwrap(), "{name}");
+        assert!(r.accept_app(&app, "bob").await.unwrap(), "{name}");
+        let access = r.app_access(&app).await.unwrap().unwrap();
+        assert_eq!(access.owner.as_deref(), Some("bob"), "{name}");
+        assert_eq!(access.transfer_to, None, "{name}");
+        assert_eq!(access.role_of("bob"), Some(Role::Admin), "{name}");
+        assert!(!access.members.contains_key("bob"), "{name}");
+
+        // An application created again under the same name starts with no members.
+        r.claim_app(&app, Some("dave")).await.unwrap();
+        let access = r.app_access(&app).await.unwrap().unwrap();
+        assert!(access.members.is_empty(), "{name}");
+        r.forget_app(&app).await.unwrap();
+        assert_eq!(r.app_access(&app).await.unwrap(), None, "{name}");
+        assert!(r.apps_of("dave").await.unwrap().is_empty(), "{name}");
+
+        // An application without a row (made with the bootstrap token) gets one, ownerless.
+        let other = AppName::parse("ownerless").unwrap();
+        r.set_members(&other, &members, None).await.unwrap();
+        assert_eq!(r.app_access(&other).await.unwrap().unwrap().owner, None, "{name}");
+    }
+}

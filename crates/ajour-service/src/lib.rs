@@ -22,6 +22,7 @@ pub mod guard;
 pub mod rollouts;
 pub mod throttle;
 pub mod tracker;
+pub mod traffic;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
@@ -95,6 +96,8 @@ pub struct UpdateService {
     tracker: StatusTracker,
     /// Staged rollouts, when the service was given a store for them ([`Self::with_rollouts`]).
     rollouts: Option<Rollouts>,
+    /// Who watches which application's traffic live ([`traffic`]).
+    traffic: Arc<traffic::Traffic>,
 }
 
 impl UpdateService {
@@ -115,7 +118,13 @@ impl UpdateService {
             firmware,
             config,
             rollouts: None,
+            traffic: Arc::new(traffic::Traffic::new()),
         }
+    }
+
+    /// The live traffic of applications: every status handled and its command, for watchers.
+    pub fn traffic(&self) -> &Arc<traffic::Traffic> {
+        &self.traffic
     }
 
     /// Give the service staged rollouts, kept in `store` (the registry's own database).
@@ -742,6 +751,11 @@ impl Device<'_> {
         };
         let reply = self.service.decide_for(&self.key, &self.context, &status).await;
         metrics::counter!("ajour_commands_sent_total", "kind" => reply.kind).increment(1);
+        // Every transport passes here: watchers of the application see the status and its
+        // answer (nothing is built unless someone watches it).
+        if let Key::Device(app, device) = &self.key {
+            self.service.traffic.publish(app, device, &status, &reply.command);
+        }
         Ok(reply)
     }
 }

@@ -278,7 +278,11 @@ async fn serve_connection(
                 clock: clock.clone(),
             }),
             service,
-        );
+        )
+        // WebSocket handshakes (the API's live stream): once a connection is upgraded, hyper
+        // hands it to the handler and this task ends, so it no longer counts under the cap nor
+        // runs these timeouts: the stream keeps its own (`ajour-api/src/stream.rs`).
+        .with_upgrades();
     tokio::pin!(connection);
     let mut drain_seen = false;
     loop {

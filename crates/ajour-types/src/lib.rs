@@ -1,12 +1,13 @@
 //! The vocabulary every part of Ajour shares, with no I/O and no database: who a device is
 //! ([`AppName`], [`DeviceName`], [`Key`]), how it presents itself ([`basic_auth`]), and where it
 //! is with its firmware ([`FirmwareStatus`], read from and rendered to Drogue's `status.firmware`
-//! JSON in [`firmware`] and nowhere else), what its history tells ([`history`]), and the rules of staged rollouts ([`rollout`]).
+//! JSON in [`firmware`] and nowhere else), what its history tells ([`history`]), the rules of staged rollouts ([`rollout`]), and who may do what to an application ([`access`]).
 //!
 //! Transports, the registry backends, the update service and the CLI all speak these types, so a
 //! name that passed [`AppName::parse`] is valid everywhere and a status means the same thing to
 //! the server that wrote it and the tool that reads it.
 
+pub mod access;
 pub mod basic_auth;
 pub mod firmware;
 pub mod history;

@@ -62,6 +62,9 @@ pub enum Command {
     /// many fail.
     #[command(subcommand)]
     Rollout(crate::rollout_cli::RolloutCommand),
+    /// Manage users' access tokens (for `drg` and scripts; see docs/drogue-tools.md).
+    #[command(subcommand)]
+    Token(crate::token_cli::TokenCommand),
     /// Play one device, or a fleet, updating over the HTTP endpoint (or, with --via-mqtt, behind
     /// Drogue's MQTT integration).
     Simulate(SimulateArgs),
@@ -111,6 +114,12 @@ pub struct ServeArgs {
     /// listening on http://...`).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// The base URL clients reach this server at, as Drogue's tools are told it
+    /// (`/.well-known/drogue-endpoints`, see docs/drogue-tools.md): `https://...` behind a TLS
+    /// proxy, with a path when the proxy serves Ajour under one (default: `http://` and the
+    /// request's Host header).
+    #[arg(long, value_name = "URL", value_parser = ajour_api::parse_public_url)]
+    pub public_url: Option<String>,
     /// Registry database, `postgres://user[:pass]@host[:port]/db` or `sqlite://path?mode=rwc`
     /// (default: SQLite in the data directory); migrations run on start, once whichever instance
     /// starts first, unless --no-migrate. In Drogue mode, Ajour's own database beside Drogue's
@@ -368,6 +377,7 @@ impl ServeArgs {
         };
         config.oci = self.oci.config();
         config.hawkbit = self.hawkbit.config();
+        config.public_url = self.public_url.clone();
         config
     }
 
@@ -582,6 +592,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(command) => app(command).await,
         Command::Device(command) => device(command).await,
         Command::Rollout(command) => crate::rollout_cli::run(command).await,
+        Command::Token(command) => crate::token_cli::run(command).await,
         Command::Firmware(FirmwareCommand::Add {
             name,
             version,

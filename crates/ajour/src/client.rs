@@ -58,14 +58,27 @@ impl ApiClient {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        self.call(DFU_API_PATH, method, path, query, body).await
+    }
+
+    /// `method` on `path` under the API at `api` (`api/tokens/v1alpha1`, say) beside the
+    /// registry's, with `query` and `body`.
+    pub async fn call(
+        &self,
+        api: &str,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
         let mut url = self.client.url(&[]);
         let registry = url.path().trim_end_matches('/').to_string();
         let base = registry
             .strip_suffix(ajour_client::registry::API_PATH)
             .unwrap_or(&registry);
-        url.set_path(&format!("{base}{DFU_API_PATH}"));
+        url.set_path(&format!("{base}{api}"));
         if let Ok(mut segments) = url.path_segments_mut() {
-            segments.extend(path.split('/'));
+            segments.extend(path.split('/').filter(|s| !s.is_empty()));
         }
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);

@@ -13,6 +13,7 @@ pub mod oci_cli;
 pub mod rollout_cli;
 pub mod server;
 pub mod simulate;
+pub mod token_cli;
 
 /// `println!` for command output that a closed pipe (`ajour device list | head`) ends quietly
 /// instead of with a panic.

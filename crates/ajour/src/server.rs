@@ -5,8 +5,8 @@
 use ajour_api::{ApiState, ApiToken};
 use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
 use ajour_registry::{
-    BesideRegistry, CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry, RolloutStore,
-    SqlRegistry, SqlRegistryOptions,
+    AccessStore, BesideRegistry, CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry,
+    RolloutStore, SqlRegistry, SqlRegistryOptions,
 };
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
@@ -58,6 +58,9 @@ pub struct ServerConfig {
     pub hawkbit: Option<HawkbitConfig>,
     /// How HTTP connections are timed, capped and drained.
     pub connections: ConnectionLimits,
+    /// The base URL Drogue's tools are told to use (`--public-url`); default: `http://` and each
+    /// request's `Host`.
+    pub public_url: Option<String>,
 }
 
 impl ServerConfig {
@@ -77,6 +80,7 @@ impl ServerConfig {
             oci: None,
             hawkbit: None,
             connections: ConnectionLimits::default(),
+            public_url: None,
         }
     }
 
@@ -176,6 +180,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         )),
         None => database.clone(),
     };
+    let access: Arc<dyn AccessStore> = database.clone();
     let rollout_store: Arc<dyn RolloutStore> = database;
     let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry));
 
@@ -213,6 +218,14 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let drogue = integration.as_ref().map(|i| i.stats());
 
     let metrics = metrics_handle();
+    let api_state = ApiState {
+        registry: registry.clone(),
+        service: service.clone(),
+        access,
+        public_url: ajour_api::PublicUrl::new(config.public_url.as_deref(), listener.local_addr()?)
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("--public-url")?,
+    };
     let ready_registry = registry.clone();
     let app = axum::Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
@@ -225,13 +238,8 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             axum::routing::get(move || std::future::ready(metrics.render())),
         )
         .merge(ajour_transport::http::router(service.clone()))
-        .merge(ajour_api::router(
-            ApiState {
-                registry,
-                service: service.clone(),
-            },
-            ApiToken::new(token.clone()),
-        ))
+        .merge(ajour_api::router(api_state.clone(), ApiToken::new(token.clone())))
+        .merge(ajour_api::public_router(api_state))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
     let addr = listener.local_addr()?;
@@ -255,9 +263,12 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     );
     let limits = config.connections;
     let slots = connection_slots.clone();
+    let traffic = service.traffic().clone();
     let task = tokio::spawn(async move {
         let stop = async move {
             let _ = stopped.wait_for(|s| *s).await;
+            // Live streams end now, with a close frame, rather than at the drain's end.
+            traffic.close();
         };
         connections::serve(listener, app, limits, slots, stop).await;
         if let Some(integration) = integration {

@@ -12,7 +12,7 @@
 //! - paused: no device starts; resumed: every device updates.
 
 use ajour_sim::{DeviceOptions, Fault, Outcome, Simulation, StatusEncoding, Transport};
-use ajour_testkit::{ServerProcess, TestDatabase};
+use ajour_testkit::{eventually, Metrics, ServerProcess, TestDatabase};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::process::Command;
@@ -308,6 +308,17 @@ async fn waves_complete_in_order(servers: &Servers) {
         .unwrap_err();
     assert!(again.contains("409") && again.contains("is open"), "{again}");
 
+    // Every instance holds the rollout before a device asks: one that has not read it yet answers
+    // as if there were none (docs/rollouts.md), and each device's history would tell two starts.
+    for url in servers.urls() {
+        let labels = [("app", "healthy"), ("state", "active")];
+        eventually(
+            Duration::from_secs(20),
+            "every instance to hold the rollout",
+            || async { Metrics::of(&url).await.value("ajour_rollout_state", &labels) == 1.0 },
+        )
+        .await;
+    }
     let fleet = servers.simulate("healthy", &devices, Some("2.0.0"), HashMap::new(), 120);
     let approve = async {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -10,6 +10,8 @@ mod auth;
 mod bad_input;
 mod binary;
 mod devices;
+mod discovery;
+mod drg;
 mod drogue;
 mod hawkbit;
 mod oci;
