@@ -28,6 +28,8 @@ pub(crate) struct DeviceContext {
     pub application_firmware: Option<serde_json::Value>,
     /// The device's labels (rollouts select devices by them).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// The devices that may act for this one (Drogue's `spec.gatewaySelector.matchNames`).
+    pub gateways: Vec<String>,
 }
 
 /// From this many cached devices of one application, expired contexts are read again all at once:
@@ -312,6 +314,18 @@ fn resolve(key: &Key, device: &Resource, application: &Resource) -> DeviceContex
         own_firmware: device.spec.contains_key("firmware"),
         application_firmware: application.spec.get("firmware").cloned(),
         labels: device.metadata.labels.clone(),
+        gateways: device
+            .spec
+            .get("gatewaySelector")
+            .and_then(|selector| selector.get("matchNames"))
+            .and_then(serde_json::Value::as_array)
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 

@@ -26,6 +26,27 @@ pub mod traffic;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
+
+/// Why a gateway may not act for a device ([`UpdateService::device_via`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// The device does not name the gateway (or does not exist: deliberately the same answer).
+    #[error("device '{device}' does not name '{gateway}' in spec.gatewaySelector.matchNames")]
+    NotListed { gateway: String, device: String },
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl GatewayError {
+    /// A refusal, counted.
+    fn refused(gateway: String, device: &str) -> Self {
+        metrics::counter!("ajour_gateway_refusals_total").increment(1);
+        GatewayError::NotListed {
+            gateway,
+            device: device.to_string(),
+        }
+    }
+}
 pub use guard::GuardConfig;
 pub use rollouts::{Action as RolloutAction, RolloutDetails, RolloutError, RolloutSummary};
 
@@ -34,7 +55,7 @@ use ajour_protocol::{decode_status, encode_command, DecodeError, Status};
 use ajour_registry::{AppName, CredentialKeys, Key, Registry, RegistryError, Resource, RolloutStore};
 use ajour_store::{Asking, FetchError, FirmwareSource, Observation, Observed};
 use ajour_types::rollout::{Rollout, RolloutId, RolloutSpec};
-use ajour_types::FirmwareReport;
+use ajour_types::{DeviceName, FirmwareReport};
 use context::{ContextCache, DeviceContext};
 use rollouts::{Given, Rollouts};
 use std::collections::HashMap;
@@ -282,6 +303,7 @@ impl UpdateService {
                 service: self,
                 key: key.clone(),
                 context,
+                gateway: None,
             });
         };
         let started = tokio::time::Instant::now();
@@ -295,6 +317,7 @@ impl UpdateService {
                     service: self,
                     key,
                     context: context.map(Some),
+                    gateway: None,
                 })
             }
             Err((AuthError::Denied, device)) => {
@@ -305,6 +328,42 @@ impl UpdateService {
             }
             Err((error, _)) => Err(error),
         }
+    }
+
+    /// Device `target` of the gateway's application, for `gateway` (a device logged in with its
+    /// own credentials) acting for it, as Drogue's `as=`: allowed when the target names the
+    /// gateway in `spec.gatewaySelector.matchNames`. An unknown target is refused as one that does
+    /// not name the gateway, so device names cannot be found out by trying them. With the
+    /// registry down, a target read before is checked as last read, and is told to wait.
+    pub async fn device_via(&self, gateway: &Device<'_>, target: &str) -> Result<Device<'_>, GatewayError> {
+        let Key::Device(app, gateway_name) = gateway.key() else {
+            return Err(GatewayError::refused(gateway.key().to_string(), target));
+        };
+        let Ok(target_name) = DeviceName::parse(target) else {
+            return Err(GatewayError::refused(gateway_name.to_string(), target));
+        };
+        let key = Key::Device(app.clone(), target_name);
+        let names_gateway = |context: &DeviceContext| {
+            key == *gateway.key() || context.gateways.iter().any(|g| g == gateway_name.as_str())
+        };
+        let (allowed, context) = match self.contexts.get(self.registry.as_ref(), &key).await {
+            Ok(Some(context)) => (names_gateway(&context), Ok(Some(context))),
+            Ok(None) => (false, Ok(None)),
+            Err(error) => match self.contexts.last_read(&key) {
+                Some(context) => (names_gateway(&context), Err(error)),
+                None => return Err(GatewayError::Unavailable(error.to_string())),
+            },
+        };
+        if !allowed {
+            return Err(GatewayError::refused(gateway_name.to_string(), target));
+        }
+        let gateway = (key != *gateway.key()).then(|| gateway_name.clone());
+        Ok(Device {
+            service: self,
+            key,
+            context,
+            gateway,
+        })
     }
 
     /// Find the device `credentials` log in to and check them. A denial says which existing
@@ -728,6 +787,8 @@ pub struct Device<'s> {
     service: &'s UpdateService,
     key: Key,
     context: Result<Option<Arc<DeviceContext>>, RegistryError>,
+    /// The gateway sending this device's statuses ([`UpdateService::device_via`]), if any.
+    gateway: Option<DeviceName>,
 }
 
 impl Device<'_> {
@@ -754,7 +815,10 @@ impl Device<'_> {
         // Every transport passes here: watchers of the application see the status and its
         // answer (nothing is built unless someone watches it).
         if let Key::Device(app, device) = &self.key {
-            self.service.traffic.publish(app, device, &status, &reply.command);
+            let gateway = self.gateway.as_ref();
+            self.service
+                .traffic
+                .publish(app, device, gateway, &status, &reply.command);
         }
         Ok(reply)
     }

@@ -139,7 +139,15 @@ impl Traffic {
 
     /// Publish device `device` of `app` sending `status` and being answered with `command` (the
     /// encoded command). Never waits; does nothing unless someone watches `app`.
-    pub fn publish(&self, app: &AppName, device: &DeviceName, status: &Status, command: &[u8]) {
+    /// `gateway`: the device that sent the status for `device` (Drogue's `as=`), if not itself.
+    pub fn publish(
+        &self,
+        app: &AppName,
+        device: &DeviceName,
+        gateway: Option<&DeviceName>,
+        status: &Status,
+        command: &[u8],
+    ) {
         if self.subscribers.load(Ordering::Acquire) == 0 {
             return;
         }
@@ -154,7 +162,9 @@ impl Traffic {
         };
         let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let event = |kind: &str, data: Value| -> Arc<str> {
-            cloud_event(app, device, kind, &time, data).to_string().into()
+            cloud_event(app, device, gateway.unwrap_or(device), kind, &time, data)
+                .to_string()
+                .into()
         };
         // A send fails only when the last watcher left meanwhile: nobody to tell.
         let _ = sender.send(event(STATUS_EVENT_TYPE, status_data(status)));
@@ -211,9 +221,17 @@ impl Drop for Subscription {
 
 /// A structured CloudEvent as Drogue's WebSocket integration sent them: the standard attributes,
 /// Drogue's extensions (`application`, `device`, `sender`, `instance`), the data as JSON.
-/// `sender` is the device for the command too, so that `drg stream --device` (which filters on
-/// it) shows both sides of a device's conversation.
-fn cloud_event(app: &AppName, device: &DeviceName, kind: &str, time: &str, data: Value) -> Value {
+/// `sender` is who sent the status: the device, or the gateway that acts for it, as in Drogue; it
+/// is that for the command too, so that `drg stream --device` (which filters on it) shows both
+/// sides of a conversation.
+fn cloud_event(
+    app: &AppName,
+    device: &DeviceName,
+    sender: &DeviceName,
+    kind: &str,
+    time: &str,
+    data: Value,
+) -> Value {
     json!({
         "specversion": "1.0",
         "id": uuid::Uuid::new_v4().to_string(),
@@ -225,7 +243,7 @@ fn cloud_event(app: &AppName, device: &DeviceName, kind: &str, time: &str, data:
         "instance": INSTANCE,
         "application": app.as_str(),
         "device": device.as_str(),
-        "sender": device.as_str(),
+        "sender": sender.as_str(),
         "data": data,
     })
 }
@@ -333,9 +351,9 @@ mod tests {
     async fn a_watcher_gets_its_applications_statuses_and_commands_in_order() {
         let traffic = Arc::new(Traffic::new());
         let mut watcher = traffic.subscribe(&app("mine")).unwrap();
-        traffic.publish(&app("other"), &device(), &status(0), &write(0));
-        traffic.publish(&app("mine"), &device(), &status(0), &write(0));
-        traffic.publish(&app("mine"), &device(), &status(64), &write(64));
+        traffic.publish(&app("other"), &device(), None, &status(0), &write(0));
+        traffic.publish(&app("mine"), &device(), None, &status(0), &write(0));
+        traffic.publish(&app("mine"), &device(), None, &status(64), &write(64));
         let status_event = parse(watcher.next().await);
         assert_eq!(status_event["type"], STATUS_EVENT_TYPE);
         assert_eq!(status_event["source"], "drogue://mine/dev-1");
@@ -357,12 +375,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_gateways_statuses_name_it_as_the_sender() {
+        let traffic = Arc::new(Traffic::new());
+        let mut watcher = traffic.subscribe(&app("mine")).unwrap();
+        let bridge = DeviceName::parse("ble-bridge").unwrap();
+        traffic.publish(&app("mine"), &device(), Some(&bridge), &status(0), &write(0));
+        for event in [parse(watcher.next().await), parse(watcher.next().await)] {
+            assert_eq!(event["device"], "dev-1");
+            assert_eq!(event["sender"], "ble-bridge");
+        }
+    }
+
+    #[tokio::test]
     async fn a_watcher_that_falls_behind_is_told_what_it_missed_and_publishing_never_waits() {
         let traffic = Arc::new(Traffic::new());
         let mut watcher = traffic.subscribe(&app("mine")).unwrap();
         // Two events per publish: twice the capacity and ten more are lost but for the newest.
         for offset in 0..(CAPACITY as u32 + 5) {
-            traffic.publish(&app("mine"), &device(), &status(offset), &write(offset));
+            traffic.publish(&app("mine"), &device(), None, &status(offset), &write(offset));
         }
         assert_eq!(watcher.next().await, Next::Missed(CAPACITY as u64 + 10));
         assert!(matches!(watcher.next().await, Next::Event(_)));
@@ -381,7 +411,7 @@ mod tests {
         assert_eq!(traffic.subscribers.load(Ordering::Relaxed), 0);
 
         let mut watcher = traffic.subscribe(&app("mine")).unwrap();
-        traffic.publish(&app("mine"), &device(), &status(0), &write(0));
+        traffic.publish(&app("mine"), &device(), None, &status(0), &write(0));
         traffic.close();
         // What was published before is still delivered, then the end.
         assert!(matches!(watcher.next().await, Next::Event(_)));

@@ -21,6 +21,8 @@ pub struct HttpLink {
     /// The server the next status goes to (an index into `urls`, modulo its length).
     next: usize,
     authorization: String,
+    /// The device a gateway sends statuses for (`as=`); `None`: the device speaks for itself.
+    acting_for: Option<String>,
 }
 
 impl HttpLink {
@@ -56,7 +58,15 @@ impl HttpLink {
             urls: endpoints.clone(),
             next: first % endpoints.len(),
             authorization: ajour_types::basic_auth::encode(&format!("{device}@{app}"), password),
+            acting_for: None,
         }
+    }
+
+    /// This link's device is a gateway sending the statuses of `device` of its application
+    /// (Drogue's `as=`): it logs in as itself, the statuses and commands are `device`'s.
+    pub fn acting_for(mut self, device: &str) -> Self {
+        self.acting_for = Some(device.to_string());
+        self
     }
 }
 
@@ -69,6 +79,9 @@ impl Link for HttpLink {
             .post(url)
             .header(AUTHORIZATION, &self.authorization)
             .body(status.bytes);
+        if let Some(device) = &self.acting_for {
+            request = request.query(&[("as", device)]);
+        }
         // drgdfu sends the named form with no content type.
         if status.encoding == StatusEncoding::Packed {
             request = request.header(CONTENT_TYPE, "application/cbor");

@@ -1,7 +1,9 @@
 //! Drogue-compatible HTTP device endpoint.
 //!
-//! `POST /v1/{channel}[?ct=N][&application=APP]`, Basic auth `device@app:password` (or
-//! `device:password` with `?application=`). On channel `dfu` the body is a CBOR status and the
+//! `POST /v1/{channel}[?ct=N][&application=APP][&as=DEVICE]`, Basic auth `device@app:password`
+//! (or `device:password` with `?application=`). With `as=DEVICE`, the device logged in is a
+//! gateway (a BLE bridge, say) sending the status of `DEVICE` of its application, which must name
+//! it in `spec.gatewaySelector.matchNames`, as on Drogue's endpoint. On channel `dfu` the body is a CBOR status and the
 //! answer is `200` with header `command: dfu` and the CBOR command as body, at once: a command is
 //! always ready, so `ct` needs no waiting. Other channels are accepted with `202` and no body.
 //!
@@ -9,6 +11,7 @@
 //! |---|---|
 //! | no or malformed `Authorization` | 401 |
 //! | unknown device or wrong password | 403, after the same delay |
+//! | `as=` a device that does not name the gateway (or does not exist) | 403, saying so |
 //! | too many failed logins from this address or for this device | 429 with `Retry-After` |
 //! | body larger than a status can be | 413 |
 //! | body not arrived within the server's body timeout | 408 |
@@ -16,7 +19,7 @@
 //! | registry unreachable while authenticating | 503 |
 
 use ajour_protocol::MAX_STATUS_SIZE;
-use ajour_service::{error_total, AuthError, Credentials, UpdateService};
+use ajour_service::{error_total, AuthError, Credentials, GatewayError, UpdateService};
 use ajour_types::{basic_auth, Key};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -71,13 +74,6 @@ async fn publish(
         )
             .into_response();
     };
-    if query.as_device.is_some() {
-        return (
-            StatusCode::FORBIDDEN,
-            "publishing on behalf of another device (as=) is not supported by this endpoint\n",
-        )
-            .into_response();
-    }
     let key = match Key::from_device_user(&user, query.application.as_deref()) {
         Ok(Some(key)) => key,
         Ok(None) => {
@@ -102,16 +98,25 @@ async fn publish(
     // Everything logged from here on, down to the registry and the firmware source, names the
     // device and its application.
     let span = ajour_service::device_span(&key);
-    answer(&service, &key, presented, &channel, body)
-        .instrument(span)
-        .await
+    answer(
+        &service,
+        &key,
+        presented,
+        query.as_device.as_deref(),
+        &channel,
+        body,
+    )
+    .instrument(span)
+    .await
 }
 
-/// Log the device in and answer its status, in the device's span.
+/// Log the device in and answer its status (or, with `as_device`, the status the gateway sends
+/// for that device), in the device's span.
 async fn answer(
     service: &UpdateService,
     key: &Key,
     presented: Credentials<'_>,
+    as_device: Option<&str>,
     channel: &str,
     body: Body,
 ) -> Response {
@@ -136,7 +141,25 @@ async fn answer(
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
     };
-    // A `unique` user name logged in as the device it belongs to: the span names that device.
+    // A gateway acting for a device that names it (Drogue's `as=`): the status is the device's.
+    let gateway = device;
+    let device = match as_device {
+        None => gateway,
+        Some(target) => match service.device_via(&gateway, target).await {
+            Ok(device) => device,
+            Err(refusal @ GatewayError::NotListed { .. }) => {
+                error_total("gateway_denied");
+                return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
+            }
+            Err(GatewayError::Unavailable(reason)) => {
+                error_total("registry");
+                ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "gateway check unavailable");
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+        },
+    };
+    // A `unique` user name logged in as the device it belongs to, or a gateway acting for a
+    // device: the span names that device.
     if device.key() != key {
         if let Key::Device(_, name) = device.key() {
             tracing::Span::current().record("device", tracing::field::display(name.as_str()));

@@ -13,6 +13,7 @@ mod devices;
 mod discovery;
 mod drg;
 mod drogue;
+mod gateway;
 mod hawkbit;
 mod oci;
 mod ops;
