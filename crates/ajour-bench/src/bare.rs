@@ -1,9 +1,9 @@
 //! The bare endpoint: the least a server must do per block (decode the status, slice the image,
-//! encode the command), with no authentication, registry or status tracking. The load generator
-//! measures it in the same run as `ajour serve`, as the baseline.
+//! encode the command), with no authentication, registry or status tracking, and no code of
+//! Ajour's ([`crate::bare_wire`]). The load generator measures it in the same run as
+//! `ajour serve`, as the baseline.
 
-use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
-use ajour_protocol::{decode_status, encode_command};
+use crate::bare_wire::{answer, Image};
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -21,23 +21,18 @@ pub struct BareServerArgs {
 }
 
 pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
-    let image = Arc::new(FirmwareImage::new(
+    let image = Arc::new(Image::new(
         args.version,
         crate::fleet::bench_image(args.image_size),
-    )?);
-    let config = Arc::new(EngineConfig::default());
+    ));
     let app = axum::Router::new().route(
         "/v1/{channel}",
         axum::routing::post(move |body: Bytes| {
-            let (image, config) = (image.clone(), config.clone());
+            let image = image.clone();
             async move {
-                match decode_status(&body) {
-                    Ok(status) => {
-                        let command =
-                            encode_command(&decide(&status, Target::Ready(&image), &config).command);
-                        (StatusCode::OK, [("command", "dfu")], command).into_response()
-                    }
-                    Err(error) => (StatusCode::BAD_REQUEST, error.to_string()).into_response(),
+                match answer(&image, &body) {
+                    Some(command) => (StatusCode::OK, [("command", "dfu")], command).into_response(),
+                    None => (StatusCode::BAD_REQUEST, "not a status").into_response(),
                 }
             }
         }),

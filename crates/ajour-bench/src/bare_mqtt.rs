@@ -1,15 +1,14 @@
 //! The minimal MQTT server: the least a server behind Drogue's MQTT integration must do per
 //! block, as the baseline of `ajour-bench mqtt`. It shares no code with Ajour: rumqttc directly
 //! (MQTT 5, as the integration speaks by default), its own serde struct for the structured
-//! CloudEvent, its own decoding of the CBOR status (serde derive over `serde_cbor_2`, which reads
-//! both the packed and the named form), the block sliced from an image held in memory, and the
-//! command's CBOR bytes written by hand (the packed form of `../shared/docs/wire-protocol.md`; a
-//! unit test proves them equal to `ajour_protocol`'s).
+//! CloudEvent, and the baselines' own wire code ([`crate::bare_wire`]: the status decoded with
+//! `serde_cbor_2`, the command's bytes written by hand).
 //!
 //! Per message it decodes the event and the status, slices the image and publishes the command on
 //! `command/{app}/{device}/dfu` at QoS 1 (as the integration does), all on the connection's own
 //! task. Nothing else: no registry, no authentication, no status tracking, no metrics.
 
+use crate::bare_wire::{command, Image, Status};
 use anyhow::{bail, Context};
 use base64::Engine;
 use clap::Args;
@@ -17,7 +16,6 @@ use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, ClientError, Event, EventLoop, MqttOptions, Request};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -128,24 +126,6 @@ fn send(client: &AsyncClient, topic: String, command: Vec<u8>) {
     }
 }
 
-/// The image served: its version, bytes and SHA-256.
-struct Image {
-    version: String,
-    bytes: Vec<u8>,
-    checksum: [u8; 32],
-}
-
-impl Image {
-    fn new(version: String, bytes: Vec<u8>) -> Self {
-        let checksum = Sha256::digest(&bytes).into();
-        Self {
-            version,
-            bytes,
-            checksum,
-        }
-    }
-}
-
 /// What the structured CloudEvent carries that is needed here; everything else is skipped.
 #[derive(Deserialize)]
 struct CloudEvent<'a> {
@@ -158,27 +138,6 @@ struct CloudEvent<'a> {
     /// CBOR data (`application/cbor`, or octet-stream when the device gave no type).
     #[serde(borrow)]
     data_base64: Option<Cow<'a, str>>,
-}
-
-/// A device's status, in the packed form (integer keys) or the named one: serde's derived field
-/// visitor takes a field's index as readily as its name.
-#[derive(Debug, Deserialize, PartialEq)]
-struct Status<'a> {
-    #[serde(borrow, with = "serde_bytes")]
-    version: Cow<'a, [u8]>,
-    #[serde(default)]
-    mtu: Option<u32>,
-    #[serde(default)]
-    correlation_id: Option<u32>,
-    #[serde(default, borrow)]
-    update: Option<Update<'a>>,
-}
-
-#[derive(Debug, Deserialize, PartialEq)]
-struct Update<'a> {
-    #[serde(borrow, with = "serde_bytes")]
-    version: Cow<'a, [u8]>,
-    offset: u32,
 }
 
 /// The command topic and bytes answering the event `payload`; `None` when it is not a DFU status.
@@ -198,195 +157,15 @@ fn answer(image: &Image, app: &str, payload: &[u8], buffer: &mut Vec<u8>) -> Opt
     Some((format!("command/{app}/{device}/dfu"), command(image, &status)))
 }
 
-/// The rule: the target's version → Sync; else the next `min(mtu or 512, rest)` bytes from the
-/// reported offset when the device is writing this version (else from 0); past the end → Swap.
-fn command(image: &Image, status: &Status) -> Vec<u8> {
-    let version = image.version.as_bytes();
-    let cid = status.correlation_id;
-    if *status.version == *version {
-        return sync(version, cid);
-    }
-    let size = image.bytes.len();
-    let offset = match &status.update {
-        Some(update) if *update.version == *version && update.offset as usize <= size => {
-            update.offset as usize
-        }
-        _ => 0,
-    };
-    if offset >= size {
-        return swap(version, cid, &image.checksum);
-    }
-    let mtu = match status.mtu {
-        None | Some(0) => 512,
-        Some(mtu) => (mtu as usize).min(64 * 1024),
-    };
-    let end = size.min(offset + mtu);
-    write(version, cid, offset as u32, &image.bytes[offset..end])
-}
-
-// The packed CBOR form of the commands: a one-entry map {variant index: {field index: value}},
-// `null` for an absent option, byte strings for versions, data and checksums.
-
-fn sync(version: &[u8], cid: Option<u32>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + version.len());
-    out.extend([0xa1, 0x01, 0xa3, 0x00]);
-    bytes(&mut out, version);
-    out.push(0x01);
-    option(&mut out, cid);
-    out.extend([0x02, 0xf6]);
-    out
-}
-
-fn write(version: &[u8], cid: Option<u32>, offset: u32, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(32 + version.len() + data.len());
-    out.extend([0xa1, 0x02, 0xa4, 0x00]);
-    bytes(&mut out, version);
-    out.push(0x01);
-    option(&mut out, cid);
-    out.push(0x02);
-    head(&mut out, 0, offset.into());
-    out.push(0x03);
-    bytes(&mut out, data);
-    out
-}
-
-fn swap(version: &[u8], cid: Option<u32>, checksum: &[u8; 32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(48 + version.len());
-    out.extend([0xa1, 0x03, 0xa3, 0x00]);
-    bytes(&mut out, version);
-    out.push(0x01);
-    option(&mut out, cid);
-    out.push(0x02);
-    bytes(&mut out, checksum);
-    out
-}
-
-fn option(out: &mut Vec<u8>, value: Option<u32>) {
-    match value {
-        Some(value) => head(out, 0, value.into()),
-        None => out.push(0xf6),
-    }
-}
-
-fn bytes(out: &mut Vec<u8>, value: &[u8]) {
-    head(out, 2, value.len() as u64);
-    out.extend_from_slice(value);
-}
-
-/// A CBOR item head: major type and argument, in the shortest form.
-fn head(out: &mut Vec<u8>, major: u8, value: u64) {
-    let major = major << 5;
-    match value {
-        0..=23 => out.push(major | value as u8),
-        24..=0xff => out.extend([major | 24, value as u8]),
-        0x100..=0xffff => {
-            out.push(major | 25);
-            out.extend((value as u16).to_be_bytes());
-        }
-        0x1_0000..=0xffff_ffff => {
-            out.push(major | 26);
-            out.extend((value as u32).to_be_bytes());
-        }
-        _ => {
-            out.push(major | 27);
-            out.extend(value.to_be_bytes());
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    //! The baseline must send exactly what Ajour sends for the same status, or the comparison
-    //! means nothing: its hand-written bytes are checked against `ajour_protocol` and
-    //! `ajour_engine` here (and only here).
-
     use super::*;
-    use ajour_engine::{decide, EngineConfig, FirmwareImage, Target};
-    use ajour_protocol::{encode_command, encode_status, Encoding, UpdateStatus};
-
-    fn images(size: usize) -> (Image, FirmwareImage) {
-        let bytes = crate::fleet::bench_image(size);
-        (
-            Image::new("2.0.0".into(), bytes.clone()),
-            FirmwareImage::new("2.0.0", bytes).unwrap(),
-        )
-    }
-
-    fn statuses() -> Vec<ajour_protocol::Status> {
-        let mut statuses = Vec::new();
-        for cid in [
-            None,
-            Some(0),
-            Some(23),
-            Some(24),
-            Some(255),
-            Some(256),
-            Some(70_000),
-            Some(u32::MAX),
-        ] {
-            for mtu in [None, Some(0), Some(100), Some(512), Some(4096), Some(1 << 20)] {
-                let first = |version: &str| ajour_protocol::Status {
-                    version: version.as_bytes().to_vec(),
-                    mtu,
-                    correlation_id: cid,
-                    update: None,
-                };
-                statuses.push(first("1.0.0"));
-                statuses.push(first("2.0.0"));
-                for (version, offset) in [
-                    ("2.0.0", 0),
-                    ("2.0.0", 512),
-                    ("2.0.0", 70_000),
-                    ("2.0.0", 99_999),
-                    ("2.0.0", 100_000),
-                    ("2.0.0", 100_001),
-                    ("3.0.0", 512),
-                ] {
-                    let mut status = first("1.0.0");
-                    status.update = Some(UpdateStatus {
-                        version: version.as_bytes().to_vec(),
-                        offset,
-                    });
-                    statuses.push(status);
-                }
-            }
-        }
-        statuses
-    }
-
-    #[test]
-    fn commands_are_byte_for_byte_ajours() {
-        let (image, ajour_image) = images(100_000);
-        let config = EngineConfig::default();
-        let mut checked = 0;
-        for status in statuses() {
-            for encoding in [Encoding::Packed, Encoding::Named] {
-                let encoded = encode_status(&status, encoding);
-                let ours: Status = serde_cbor_2::from_slice(&encoded)
-                    .unwrap_or_else(|e| panic!("{status:?} ({encoding:?}): {e}"));
-                let expected = encode_command(&decide(&status, Target::Ready(&ajour_image), &config).command);
-                assert_eq!(command(&image, &ours), expected, "{status:?} ({encoding:?})");
-                checked += 1;
-            }
-        }
-        assert!(checked > 500);
-    }
-
-    #[test]
-    fn the_protocol_documents_example() {
-        // Write{version "0.1.1", cid null, offset 0, data "hello"}, from the wire-protocol notes.
-        assert_eq!(
-            write(b"0.1.1", None, 0, b"hello"),
-            [
-                0xa1, 0x02, 0xa4, 0x00, 0x45, b'0', b'.', b'1', b'.', b'1', 0x01, 0xf6, 0x02, 0x00, 0x03,
-                0x45, b'h', b'e', b'l', b'l', b'o'
-            ]
-        );
-    }
+    use crate::bare_wire::Image;
+    use ajour_protocol::{encode_status, Encoding};
 
     #[test]
     fn events_as_the_simulator_publishes_them_are_answered() {
-        let (image, _) = images(65536);
+        let image = Image::new("2.0.0".into(), crate::fleet::bench_image(65536));
         let status = ajour_protocol::Status {
             version: b"1.0.0".to_vec(),
             mtu: Some(512),

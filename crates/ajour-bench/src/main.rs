@@ -12,6 +12,7 @@
 
 mod bare;
 mod bare_mqtt;
+mod bare_wire;
 mod fleet;
 mod http;
 mod mqtt;
