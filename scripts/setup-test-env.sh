@@ -14,9 +14,10 @@ sudo=()
 # Debian packages the tests run as real peers: the PostgreSQL server (and its client), the MQTT
 # broker, the OCI registry and the OCI client that checks what Ajour pushed. umoci builds the
 # server's image without a container engine (scripts/build-image.sh, tests/image.rs), with the
-# CA bundle it puts in the image and strip; python3-venv for the deployment tests' tools below.
+# CA bundle it puts in the image and strip; python3-venv for the deployment tests' tools below;
+# libcoap3-bin for coap-client (as coap-client-notls), the CoAP peer of tests/it/coap.rs.
 packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo
-    umoci ca-certificates binutils python3-venv)
+    umoci ca-certificates binutils python3-venv libcoap3-bin)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -48,6 +48,8 @@ pub struct PublicUrl {
     configured: Option<Base>,
     /// `host:port` used when a request has no usable `Host` header: the listen address.
     fallback: String,
+    /// The CoAP endpoint's port, when it is on (`--coap-listen`): named at the public host.
+    coap_port: Option<u16>,
 }
 
 impl Default for PublicUrl {
@@ -56,6 +58,7 @@ impl Default for PublicUrl {
         Self {
             configured: None,
             fallback: "localhost".into(),
+            coap_port: None,
         }
     }
 }
@@ -67,7 +70,14 @@ impl PublicUrl {
         Ok(Self {
             configured: configured.map(Base::parse).transpose()?,
             fallback: listen.to_string(),
+            coap_port: None,
         })
+    }
+
+    /// The CoAP device endpoint is on, at `port` of the public host.
+    pub fn with_coap_port(mut self, port: u16) -> Self {
+        self.coap_port = Some(port);
+        self
     }
 
     /// The base a request is answered with.
@@ -152,6 +162,14 @@ impl Base {
         format!("{scheme}://{}{}{STREAM_PATH}", self.authority, self.path)
     }
 
+    /// The host alone, without the port (an IPv6 address keeps its brackets).
+    fn host(&self) -> &str {
+        match self.authority.find(']') {
+            Some(end) => &self.authority[..=end],
+            None => self.authority.split(':').next().unwrap_or_default(),
+        }
+    }
+
     fn issuer_url(&self) -> String {
         format!("{}{ISSUER_PATH}", self.url())
     }
@@ -208,11 +226,15 @@ fn public_endpoints(base: &Base) -> Value {
     })
 }
 
-/// All of the endpoints: the public ones, the device endpoint (devices `POST /v1/dfu` there, as
-/// to Drogue's HTTP endpoint) and the live stream. No MQTT or CoAP endpoint: Ajour serves none.
-fn all_endpoints(base: &Base) -> Value {
+/// All of the endpoints: the public ones, the device endpoints (devices `POST /v1/dfu` there, as
+/// to Drogue's HTTP endpoint; CoAP when it is on) and the live stream. No MQTT endpoint: Ajour
+/// serves none of its own.
+fn all_endpoints(base: &Base, coap_port: Option<u16>) -> Value {
     let mut endpoints = public_endpoints(base);
     endpoints["http"] = json!({"url": base.url()});
+    if let Some(port) = coap_port {
+        endpoints["coap"] = json!({"url": format!("coap://{}:{port}", base.host())});
+    }
     endpoints["websocket_integration"] = json!({"url": base.stream_url()});
     endpoints
 }
@@ -262,7 +284,8 @@ async fn no_oidc() -> ApiError {
 }
 
 async fn console_info(State(state): State<ApiState>, headers: HeaderMap) -> Json<Value> {
-    Json(all_endpoints(&state.public_url.base(&headers)))
+    let public = &state.public_url;
+    Json(all_endpoints(&public.base(&headers), public.coap_port))
 }
 
 #[cfg(test)]
@@ -340,7 +363,7 @@ mod tests {
             "0.0.0.0:8080".parse().unwrap(),
         )
         .unwrap();
-        let all = all_endpoints(&public.base(&HeaderMap::new()));
+        let all = all_endpoints(&public.base(&HeaderMap::new()), None);
         assert_eq!(
             all,
             json!({
@@ -353,6 +376,20 @@ mod tests {
                 "websocket_integration": {"url": "wss://ajour.example.com/x/api/stream/v1alpha1/apps/"},
             })
         );
+        // The CoAP endpoint, when on, at the public host and its own port.
+        for (host, coap) in [
+            ("Ajour.local:8080", "coap://ajour.local:5683"),
+            ("[::1]:8080", "coap://[::1]:5683"),
+            ("ajour.local", "coap://ajour.local:5683"),
+        ] {
+            let public = PublicUrl::new(None, "127.0.0.1:9999".parse().unwrap())
+                .unwrap()
+                .with_coap_port(5683);
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, host.parse().unwrap());
+            let all = all_endpoints(&public.base(&headers), public.coap_port);
+            assert_eq!(all["coap"], json!({"url": coap}), "{host}");
+        }
         let from_requests = PublicUrl::new(None, "127.0.0.1:9999".parse().unwrap()).unwrap();
         let mut headers = HeaderMap::new();
         assert_eq!(from_requests.base(&headers).url(), "http://127.0.0.1:9999");

@@ -7,12 +7,15 @@
 //! The same load is run against the *bare endpoint* (`ajour-bench bare-server`: decode, slice the
 //! image, encode; no auth, no registry) in the same run, as the baseline the targets compare to;
 //! `ajour-bench mqtt` does the same through the Drogue MQTT integration path and a Mosquitto
-//! broker, against a bare server behind the same broker (`ajour-bench bare-mqtt-server`). See
-//! docs/benchmarks.md.
+//! broker, against a bare server behind the same broker (`ajour-bench bare-mqtt-server`);
+//! `ajour-bench coap` over the CoAP endpoint, against a bare CoAP server
+//! (`ajour-bench bare-coap-server`). See docs/benchmarks.md.
 
 mod bare;
+mod bare_coap;
 mod bare_mqtt;
 mod bare_wire;
+mod coap;
 mod fleet;
 mod http;
 mod mqtt;
@@ -44,6 +47,12 @@ enum BenchCommand {
     /// The bare baseline behind a broker (started by `ajour-bench mqtt`).
     #[command(hide = true)]
     BareMqttServer(bare_mqtt::BareMqttServerArgs),
+    /// N devices updating concurrently over the CoAP endpoint (`--coap-listen`), against `ajour
+    /// serve` and a bare CoAP server.
+    Coap(coap::CoapBenchArgs),
+    /// The bare CoAP baseline (started by `ajour-bench coap`).
+    #[command(hide = true)]
+    BareCoapServer(bare_coap::BareCoapServerArgs),
 }
 
 #[tokio::main]
@@ -59,6 +68,8 @@ async fn main() -> std::process::ExitCode {
         BenchCommand::BareServer(args) => bare::serve(args).await,
         BenchCommand::Mqtt(args) => mqtt::run(args).await,
         BenchCommand::BareMqttServer(args) => bare_mqtt::serve(args).await,
+        BenchCommand::Coap(args) => coap::run(args).await,
+        BenchCommand::BareCoapServer(args) => bare_coap::serve(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

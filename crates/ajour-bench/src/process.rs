@@ -13,6 +13,9 @@ const TICKS_PER_SECOND: f64 = 100.0;
 pub struct ServerProcess {
     child: Child,
     pub url: String,
+    /// The CoAP endpoint's address, when the server printed one (`CoAP device endpoint on
+    /// coap://ADDR`): read by [`Self::coap_url`].
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServerProcess {
@@ -28,23 +31,34 @@ impl ServerProcess {
             .with_context(|| format!("starting the server under test, {}", binary.display()))?;
         let stdout = child.stdout.take().context("server stdout")?;
         let (sender, receiver) = std::sync::mpsc::channel();
-        // Read the address from a thread of its own, so a server that never prints it times out.
+        let (coap_sender, coap_lines) = std::sync::mpsc::channel();
+        // Read the addresses from a thread of its own, so a server that never prints one times out.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some((_, url)) = line.split_once("listening on ") {
                     let _ = sender.send(url.trim().to_string());
+                } else if let Some((_, address)) = line.split_once(" endpoint on coap://") {
+                    let _ = coap_sender.send(address.trim().to_string());
                 }
             }
         });
         let mut server = Self {
             child,
             url: String::new(),
+            lines: coap_lines,
         };
         match receiver.recv_timeout(Duration::from_secs(30)) {
             Ok(url) => server.url = url,
             Err(_) => bail!("the server under test did not report its address within 30 s"),
         }
         Ok(server)
+    }
+
+    /// The CoAP endpoint's `HOST:PORT`, as the server printed it (started with `--coap-listen`).
+    pub fn coap_address(&self) -> anyhow::Result<String> {
+        self.lines
+            .recv_timeout(Duration::from_secs(30))
+            .context("the server under test did not report a CoAP endpoint within 30 s")
     }
 
     /// Stop the server as a service manager would (SIGTERM) and wait until it has exited, its

@@ -4,9 +4,10 @@
 //! received, so a wrong answer fails the device instead of passing as a fast one.
 //!
 //! How statuses and commands travel is a [`Link`]: [`HttpLink`] posts to the HTTP endpoint as
-//! Drogue's devices do, [`DrogueMqttLink`] plays a device behind Drogue's MQTT integration (statuses
-//! as Drogue CloudEvents, commands from `command/{app}/{device}/dfu`). [`run_device`] is the one
-//! device loop (status, link, command, again, until Sync), reporting each round trip to an
+//! Drogue's devices do, [`CoapLink`] sends Confirmable requests to the CoAP endpoint (option 4209,
+//! RFC 7252's retransmissions), [`DrogueMqttLink`] plays a device behind Drogue's MQTT integration
+//! (statuses as Drogue CloudEvents, commands from `command/{app}/{device}/dfu`). [`run_device`] is
+//! the one device loop (status, link, command, again, until Sync), reporting each round trip to an
 //! [`Observer`]; [`run_fleet`] runs many devices at once; [`simulate`] is `ajour simulate`.
 //!
 //! To rehearse a staged rollout, a device can play a [`Fault`] (its bootloader rolls the update
@@ -17,6 +18,7 @@
 //! Nothing here decides anything: the server (or, in this crate's tests, `ajour_engine::decide`
 //! behind an in-memory link) does.
 
+pub mod coap;
 mod device;
 mod drogue_mqtt;
 mod fault;
@@ -26,6 +28,7 @@ mod link;
 mod run;
 mod simulate;
 
+pub use coap::CoapLink;
 pub use device::{Outcome, SimulatedDevice, StatusEncoding, Step};
 pub use drogue_mqtt::{DrogueMqtt, DrogueMqttLink};
 pub use fault::{assign_faults, Fault};

@@ -2,8 +2,8 @@
 //! fault it plays).
 
 use crate::{
-    run_device, run_fleet, DeviceOptions, DrogueMqtt, Ended, Fault, FleetOptions, HttpLink, Link, Outcome,
-    SimulatedDevice,
+    run_device, run_fleet, CoapLink, DeviceOptions, DrogueMqtt, Ended, Fault, FleetOptions, HttpLink, Link,
+    Outcome, SimulatedDevice,
 };
 use ajour_client::mqtt::MqttConfig;
 use anyhow::Context;
@@ -18,6 +18,9 @@ pub enum Transport {
     /// The HTTP endpoint under these base URLs (instances of one Ajour): each device's statuses
     /// go to each in turn, as a load balancer would spread them.
     Http { urls: Vec<String> },
+    /// The CoAP endpoint at these URLs (`coap://HOST[:PORT]`, instances of one Ajour): each
+    /// device sends Confirmable requests from a socket of its own, to each in turn.
+    Coap { urls: Vec<String> },
     /// Behind Drogue's MQTT integration, through this broker; a status unanswered within
     /// `command_timeout` is sent again.
     DrogueMqtt {
@@ -72,6 +75,15 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
                     name,
                     &simulation.password,
                 )
+            })
+            .await
+        }
+        Transport::Coap { urls } => {
+            let servers = CoapLink::resolve(urls).await?;
+            let first = std::sync::atomic::AtomicUsize::new(0);
+            simulate_over(simulation, |name| {
+                let first = first.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                CoapLink::spread(&servers, first, &simulation.app, name, &simulation.password)
             })
             .await
         }

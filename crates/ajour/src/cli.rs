@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// listening on http://...`).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Also serve devices over CoAP (UDP) at this address, as Drogue's CoAP endpoint: `POST
+    /// /v1/dfu`, credentials in option 4209 (port 0 picks a free port; CoAP's own is 5683). Off
+    /// when not given. See docs/coap.md.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub coap_listen: Option<String>,
     /// The base URL clients reach this server at, as Drogue's tools are told it
     /// (`/.well-known/drogue-endpoints`, see docs/drogue-tools.md): `https://...` behind a TLS
     /// proxy, with a path when the proxy serves Ajour under one (default: `http://` and the
@@ -378,6 +383,7 @@ impl ServeArgs {
         config.oci = self.oci.config();
         config.hawkbit = self.hawkbit.config();
         config.public_url = self.public_url.clone();
+        config.coap_listen = self.coap_listen.clone();
         config
     }
 
@@ -683,6 +689,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     crate::say!("Ajour listening on http://{}", running.addr);
+    if let Some(coap) = running.coap_addr {
+        crate::say!("CoAP device endpoint on coap://{coap}");
+    }
     crate::say!("Data directory: {}", config.data_dir.display());
     if let Some(drogue) = &config.drogue {
         crate::say!(

@@ -1,6 +1,7 @@
 //! `ajour serve`: configuration and wiring. The backends are chosen here and nowhere else; the
 //! HTTP connections are served by [`ajour_transport::connections`] under the configured
-//! [`ConnectionLimits`].
+//! [`ConnectionLimits`], and, when `--coap-listen` is given, the CoAP endpoint
+//! ([`ajour_transport::coap`]) beside them.
 
 use ajour_api::{ApiState, ApiToken};
 use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
@@ -61,6 +62,8 @@ pub struct ServerConfig {
     /// The base URL Drogue's tools are told to use (`--public-url`); default: `http://` and each
     /// request's `Host`.
     pub public_url: Option<String>,
+    /// Where the CoAP device endpoint listens (`--coap-listen`, UDP); `None`: no CoAP endpoint.
+    pub coap_listen: Option<String>,
 }
 
 impl ServerConfig {
@@ -81,6 +84,7 @@ impl ServerConfig {
             hawkbit: None,
             connections: ConnectionLimits::default(),
             public_url: None,
+            coap_listen: None,
         }
     }
 
@@ -114,6 +118,8 @@ pub struct RunningServer {
     /// The most connections served at once: `--max-connections`, lowered to fit the open-file
     /// limit.
     pub max_connections: usize,
+    /// The address the CoAP endpoint is bound to, when `--coap-listen` is given.
+    pub coap_addr: Option<SocketAddr>,
     connection_slots: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -147,6 +153,19 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let (token, token_generated) = api_token(&config)?;
+    // Bound before anything is opened or started: an address in use fails the start at once.
+    let coap_socket = match &config.coap_listen {
+        Some(listen) => Some(
+            ajour_transport::coap::bind(listen)
+                .await
+                .with_context(|| format!("binding the CoAP endpoint to {listen} (UDP)"))?,
+        ),
+        None => None,
+    };
+    let coap_addr = coap_socket
+        .as_ref()
+        .map(|socket| socket.local_addr())
+        .transpose()?;
     let mut service_config = config.service.clone();
 
     // Ajour's own database: the registry itself, or (Drogue mode) beside Drogue's registry for
@@ -222,9 +241,15 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         registry: registry.clone(),
         service: service.clone(),
         access,
-        public_url: ajour_api::PublicUrl::new(config.public_url.as_deref(), listener.local_addr()?)
-            .map_err(|e| anyhow::anyhow!(e))
-            .context("--public-url")?,
+        public_url: {
+            let public = ajour_api::PublicUrl::new(config.public_url.as_deref(), listener.local_addr()?)
+                .map_err(|e| anyhow::anyhow!(e))
+                .context("--public-url")?;
+            match coap_addr {
+                Some(coap) => public.with_coap_port(coap.port()),
+                None => public,
+            }
+        },
     };
     let ready_registry = registry.clone();
     let app = axum::Router::new()
@@ -261,6 +286,21 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
                 let _ = controller_stopped.wait_for(|s| *s).await;
             }),
     );
+    let coap = coap_socket.map(|socket| {
+        let coap_config = ajour_transport::coap::CoapConfig {
+            shutdown_timeout: config.connections.shutdown_timeout,
+            ..Default::default()
+        };
+        let mut coap_stopped = shutdown.subscribe();
+        tokio::spawn(ajour_transport::coap::serve(
+            socket,
+            service.clone(),
+            coap_config,
+            async move {
+                let _ = coap_stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let limits = config.connections;
     let slots = connection_slots.clone();
     let traffic = service.traffic().clone();
@@ -271,6 +311,10 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             traffic.close();
         };
         connections::serve(listener, app, limits, slots, stop).await;
+        // It stopped taking requests with the HTTP side and drained beside it.
+        if let Some(coap) = coap {
+            coap.await.context("CoAP endpoint")?;
+        }
         if let Some(integration) = integration {
             integration.stop().await;
         }
@@ -291,6 +335,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         drogue,
         hawkbit: hawkbit.map(|source| source.stats()),
         max_connections,
+        coap_addr,
         connection_slots,
         shutdown,
         task,

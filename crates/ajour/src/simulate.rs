@@ -1,6 +1,6 @@
 //! `ajour simulate`: the command line of `ajour_sim`'s device simulator. Devices update
-//! themselves over the HTTP endpoint (or, with `--via-mqtt`, behind Drogue's MQTT integration)
-//! as `embedded-update` devices do, and check what they were sent: every Write's offset and the
+//! themselves over the HTTP endpoint (or, with `--coap-url`, over the CoAP endpoint; with
+//! `--via-mqtt`, behind Drogue's MQTT integration) as `embedded-update` devices do, and check what they were sent: every Write's offset and the
 //! Swap's checksum. A failure is reported with the device's name; the command exits non-zero
 //! when any device fails.
 //!
@@ -81,6 +81,16 @@ pub struct SimulateArgs {
     /// once they hold half of it. A device learns the size only at the Swap, too late to stall.
     #[arg(long, value_name = "BYTES")]
     pub image_size: Option<u32>,
+    /// Drive the devices over the CoAP endpoint (`ajour serve --coap-listen`) instead of the HTTP
+    /// endpoint: `coap://HOST[:PORT]` (port 5683 if none). Several (`A,B`): instances of one
+    /// Ajour, each device's statuses going to each in turn. --url is then not used.
+    #[arg(
+        long = "coap-url",
+        value_name = "URL",
+        value_delimiter = ',',
+        conflicts_with = "via_mqtt"
+    )]
+    pub coap_url: Vec<String>,
     /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
     #[command(flatten)]
     pub mqtt: MqttSimArgs,
@@ -150,6 +160,9 @@ impl SimulateArgs {
 
     fn simulation(&self) -> anyhow::Result<Simulation> {
         let transport = match &self.mqtt.via_mqtt {
+            None if !self.coap_url.is_empty() => Transport::Coap {
+                urls: self.coap_url.clone(),
+            },
             Some(url) => {
                 let mut broker = MqttConfig::new(url, "ajour-simulator");
                 broker.username = self.mqtt.mqtt_user.clone();

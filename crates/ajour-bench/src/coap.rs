@@ -1,0 +1,75 @@
+//! `ajour-bench coap`: N devices updating concurrently over the CoAP endpoint (`ajour serve
+//! --coap-listen`), each on its own UDP socket with the simulator's `CoapLink` (confirmable
+//! requests, RFC 7252 retransmissions), against the bare CoAP server in the same run.
+
+use crate::fleet::{
+    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD, TO,
+};
+use crate::process::ServerProcess;
+use crate::report::{print_table, status_writes, LoadReport};
+use ajour_sim::CoapLink;
+use clap::Args;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+#[derive(Debug, Clone, Args)]
+pub struct CoapBenchArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+pub async fn run(args: CoapBenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
+    // A socket per device, in this process.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let mut reports = Vec::new();
+    if !args.fleet.no_ajour {
+        let ajour = args.fleet.ajour_binary()?;
+        let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
+        let mut serve_args = serve_flags(&data_dir);
+        serve_args.extend(["--coap-listen", "127.0.0.1:0"]);
+        serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
+        let server = ServerProcess::start(&ajour, &serve_args)?;
+        let coap = server.coap_address()?;
+        provision(&server.url, args.fleet.devices, Some(Credentials::Plain), false).await?;
+        let mut report = drive_coap(&server, &coap, &args, "ajour").await?;
+        report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
+        reports.push(report);
+    }
+    if !args.fleet.no_bare {
+        let size = args.fleet.image_size.to_string();
+        let server = ServerProcess::start(
+            &FleetArgs::bench_binary()?,
+            &["bare-coap-server", "--image-size", &size, "--version", TO],
+        )?;
+        let address = server.url.trim_start_matches("coap://").to_string();
+        reports.push(drive_coap(&server, &address, &args, "bare").await?);
+    }
+    let title = format!(
+        "CoAP endpoint: {} devices, image {} bytes, mtu {}, whole update, confirmable requests, one UDP socket per device",
+        args.fleet.devices, args.fleet.image_size, args.fleet.mtu
+    );
+    print_table(&title, &reports);
+    Ok(())
+}
+
+/// Every device on its own [`CoapLink`] to `address` (`HOST:PORT`).
+async fn drive_coap(
+    server: &ServerProcess,
+    address: &str,
+    args: &CoapBenchArgs,
+    target: &'static str,
+) -> anyhow::Result<LoadReport> {
+    let endpoints = CoapLink::resolve(&[address]).await?;
+    let load = Load {
+        target,
+        blocks: 0,
+        in_flight: None,
+        broker_pid: None,
+    };
+    let first = AtomicUsize::new(0);
+    drive(std::slice::from_ref(server), &args.fleet, &load, |name| {
+        let first = first.fetch_add(1, Ordering::Relaxed);
+        CoapLink::spread(&endpoints, first, APP, name, PASSWORD)
+    })
+    .await
+}
