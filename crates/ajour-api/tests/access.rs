@@ -449,3 +449,45 @@ async fn access_tokens_are_shown_once_stored_hashed_and_bound_to_their_user() {
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn members_are_locked_optimistically_and_tokens_per_user_are_bounded() {
+    let api = Api::start().await;
+    let olga = api.user("olga").await;
+    let (status, _) = api
+        .call(
+            Some(&olga),
+            Method::POST,
+            "/api/registry/v1alpha1/apps",
+            Some(json!({"metadata": {"name": "fleet"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let members = "/api/admin/v1alpha1/apps/fleet/members";
+    let (_, read) = api.call(Some(&olga), Method::GET, members, None).await;
+    let version = read["resourceVersion"].as_str().unwrap().to_string();
+    let with =
+        |role: &str, version: &str| json!({"resourceVersion": version, "members": {"rita": {"role": role}}});
+    let (status, _) = api
+        .call(Some(&olga), Method::PUT, members, Some(with("reader", &version)))
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    // Written meanwhile: the version read before is stale, and nothing changes.
+    let (status, body) = api
+        .call(Some(&olga), Method::PUT, members, Some(with("admin", &version)))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, read) = api.call(Some(&olga), Method::GET, members, None).await;
+    assert_eq!(read["members"], json!({"rita": {"role": "reader"}}));
+
+    // A user holds at most 100 tokens (the first one included).
+    let tokens = "/api/tokens/v1alpha1";
+    for _ in 1..100 {
+        let (status, _) = api.call(Some(&olga), Method::POST, tokens, None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (status, body) = api.call(Some(&olga), Method::POST, tokens, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, listed) = api.call(Some(&olga), Method::GET, tokens, None).await;
+    assert_eq!(listed.as_array().unwrap().len(), 100);
+}
