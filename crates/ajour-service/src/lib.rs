@@ -771,6 +771,103 @@ const FIRST_BLOCK_WRITE_WAIT: Duration = Duration::from_secs(1);
 /// More than one: a Swap command can be lost on the way, and the device then asks again.
 pub const MAX_SWAPS: u32 = 3;
 
+/// What a device endpoint was given to sign a device in, whatever carried it (HTTP's
+/// `Authorization` and query, CoAP's option 4209 and Uri-Query): Basic credentials, where `user`
+/// is `device@app`, or `device` with `application`, or a `unique` user name; and `as=`.
+pub struct SignIn<'a> {
+    pub user: &'a str,
+    pub password: &'a str,
+    pub application: Option<&'a str>,
+    /// A gateway acting for this device of its application (Drogue's `as=`).
+    pub as_device: Option<&'a str>,
+    /// The address the request came from (failed logins are counted per address).
+    pub peer: Option<IpAddr>,
+}
+
+/// Why a device endpoint refuses a request before its status is handled: the same reasons on
+/// every transport, each mapping them to its own codes. Counted in `ajour_errors_total` here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user name names no application, and none was given (HTTP 401).
+    NoApplication,
+    /// Unknown device, impossible name, or wrong password: deliberately alike (HTTP 403).
+    Denied,
+    /// Too many failed logins from this address or for this device (HTTP 429).
+    Throttled { retry_after: Duration },
+    /// `as=` a device that does not name the gateway, or does not exist (HTTP 403, saying so).
+    NotListed(String),
+    /// The registry could not be asked (HTTP 503).
+    Unavailable,
+}
+
+impl SignIn<'_> {
+    /// The device the credentials name (before they are checked).
+    pub fn key(&self) -> Result<Key, Refusal> {
+        match Key::from_device_user(self.user, self.application) {
+            Ok(Some(key)) => Ok(key),
+            Ok(None) => Err(Refusal::NoApplication),
+            // A name that cannot exist is an unknown device: the same answer as a wrong password.
+            Err(_) => {
+                error_total("auth_denied");
+                Err(Refusal::Denied)
+            }
+        }
+    }
+}
+
+impl UpdateService {
+    /// Sign in the device `key` (from [`SignIn::key`]) with `given`'s credentials, or, with
+    /// `as=`, the gateway they are for and then the device it acts for: the device whose status
+    /// this is. The one sign-in of every device endpoint; call it in the device's span
+    /// ([`device_span`]), which then names the device found.
+    pub async fn sign_in(&self, key: &Key, given: &SignIn<'_>) -> Result<Device<'_>, Refusal> {
+        let presented = Credentials {
+            username: given.user.split_once('@').map(|(d, _)| d).unwrap_or(given.user),
+            password: given.password,
+            peer: given.peer,
+        };
+        let signed_in = match self.device(key, Some(presented)).await {
+            Ok(device) => device,
+            Err(AuthError::Denied) => {
+                error_total("auth_denied");
+                return Err(Refusal::Denied);
+            }
+            Err(AuthError::Throttled { retry_after }) => {
+                error_total("auth_throttled");
+                return Err(Refusal::Throttled { retry_after });
+            }
+            Err(AuthError::Unavailable(reason)) => {
+                error_total("registry");
+                warn_throttled!(LOG_INTERVAL, %reason, "device authentication unavailable");
+                return Err(Refusal::Unavailable);
+            }
+        };
+        let device = match given.as_device {
+            None => signed_in,
+            Some(target) => match self.device_via(&signed_in, target).await {
+                Ok(device) => device,
+                Err(refusal @ GatewayError::NotListed { .. }) => {
+                    error_total("gateway_denied");
+                    return Err(Refusal::NotListed(refusal.to_string()));
+                }
+                Err(GatewayError::Unavailable(reason)) => {
+                    error_total("registry");
+                    warn_throttled!(LOG_INTERVAL, %reason, "gateway check unavailable");
+                    return Err(Refusal::Unavailable);
+                }
+            },
+        };
+        // A `unique` user name logged in as the device it belongs to, or a gateway acting for a
+        // device: the span names that device.
+        if device.key() != key {
+            if let Key::Device(_, name) = device.key() {
+                tracing::Span::current().record("device", tracing::field::display(name.as_str()));
+            }
+        }
+        Ok(device)
+    }
+}
+
 /// The credentials a device presented to a transport.
 #[derive(Clone, Copy)]
 pub struct Credentials<'a> {

@@ -38,7 +38,7 @@
 //! that the endpoint cannot amplify a flood (RFC 7252 §11.3).
 
 use ajour_protocol::MAX_STATUS_SIZE;
-use ajour_service::{error_total, AuthError, Credentials, GatewayError, UpdateService};
+use ajour_service::{error_total, Refusal, SignIn, UpdateService};
 use ajour_types::{basic_auth, Key};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use std::collections::{HashMap, VecDeque};
@@ -672,102 +672,62 @@ async fn answer(service: &UpdateService, request: &Packet, peer: SocketAddr) -> 
             "option {AUTHORIZATION_OPTION} missing or malformed: Basic base64(device@application:password)"
         ));
     };
-    let key = match Key::from_device_user(&user, query.application.as_deref()) {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            return Reply::new(ResponseType::Unauthorized)
-                .saying("no application: authenticate as device@application or add application=")
-        }
-        // A name that cannot exist is an unknown device: the same answer as a wrong password.
-        Err(_) => {
-            error_total("auth_denied");
-            return Reply::new(ResponseType::Forbidden);
-        }
-    };
-    let username = user.split_once('@').map(|(d, _)| d).unwrap_or(&user);
-    let presented = Credentials {
-        username,
+    let given = SignIn {
+        user: &user,
         password: &password,
+        application: query.application.as_deref(),
+        as_device: query.as_device.as_deref(),
         peer: Some(peer.ip()),
+    };
+    let key = match given.key() {
+        Ok(key) => key,
+        Err(refusal) => return refused(refusal),
     };
     // Everything logged from here on names the device and its application, as on HTTP.
     let span = ajour_service::device_span(&key);
-    let status = &request.payload;
-    handle(
-        service,
-        &key,
-        presented,
-        query.as_device.as_deref(),
-        &channel,
-        status,
-    )
-    .instrument(span)
-    .await
+    handle(service, &key, &given, channel, &request.payload)
+        .instrument(span)
+        .await
 }
 
-/// Log the device in (or, with `as_device`, the gateway acting for it) and answer its status: the
+/// What a refused request is answered: HTTP's refusals in CoAP's codes.
+fn refused(refusal: Refusal) -> Reply {
+    match refusal {
+        Refusal::NoApplication => Reply::new(ResponseType::Unauthorized)
+            .saying("no application: authenticate as device@application or add application="),
+        Refusal::Denied => Reply::new(ResponseType::Forbidden),
+        Refusal::Throttled { retry_after } => {
+            let seconds = u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX);
+            Reply::new(ResponseType::TooManyRequests)
+                .retry_after(seconds)
+                .saying("too many failed logins; try again later")
+        }
+        Refusal::NotListed(why) => Reply::new(ResponseType::Forbidden).saying(why),
+        Refusal::Unavailable => {
+            Reply::new(ResponseType::ServiceUnavailable).retry_after(UNAVAILABLE_RETRY_SECS)
+        }
+    }
+}
+
+/// Sign the device in (or, with `as=`, the gateway acting for it) and answer its status: the
 /// HTTP endpoint's `answer`, with CoAP's codes.
 async fn handle(
     service: &UpdateService,
     key: &Key,
-    presented: Credentials<'_>,
-    as_device: Option<&str>,
-    channel: &str,
+    given: &SignIn<'_>,
+    channel: String,
     status: &[u8],
 ) -> Reply {
-    let device = match service.device(key, Some(presented)).await {
-        Ok(device) => device,
-        Err(AuthError::Denied) => {
-            error_total("auth_denied");
-            return Reply::new(ResponseType::Forbidden);
-        }
-        Err(AuthError::Throttled { retry_after }) => {
-            error_total("auth_throttled");
-            let seconds = u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX);
-            return Reply::new(ResponseType::TooManyRequests)
-                .retry_after(seconds)
-                .saying("too many failed logins; try again later");
-        }
-        Err(AuthError::Unavailable(reason)) => {
-            error_total("registry");
-            ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "device authentication unavailable");
-            return Reply::new(ResponseType::ServiceUnavailable).retry_after(UNAVAILABLE_RETRY_SECS);
-        }
-    };
-    logged_in(service, key, device, as_device, channel, status)
-        .await
-        .authenticated()
+    match service.sign_in(key, given).await {
+        Ok(device) => answer_status(key, device, &channel, status).await.authenticated(),
+        // The gateway signed in: its answer may be longer than its request.
+        Err(refusal @ Refusal::NotListed(_)) => refused(refusal).authenticated(),
+        Err(refusal) => refused(refusal),
+    }
 }
 
-/// The answer to a device (or gateway) that logged in.
-async fn logged_in(
-    service: &UpdateService,
-    key: &Key,
-    gateway: ajour_service::Device<'_>,
-    as_device: Option<&str>,
-    channel: &str,
-    status: &[u8],
-) -> Reply {
-    let device = match as_device {
-        None => gateway,
-        Some(target) => match service.device_via(&gateway, target).await {
-            Ok(device) => device,
-            Err(refusal @ GatewayError::NotListed { .. }) => {
-                error_total("gateway_denied");
-                return Reply::new(ResponseType::Forbidden).saying(refusal.to_string());
-            }
-            Err(GatewayError::Unavailable(reason)) => {
-                error_total("registry");
-                ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "gateway check unavailable");
-                return Reply::new(ResponseType::ServiceUnavailable).retry_after(UNAVAILABLE_RETRY_SECS);
-            }
-        },
-    };
-    if device.key() != key {
-        if let Key::Device(_, name) = device.key() {
-            tracing::Span::current().record("device", tracing::field::display(name.as_str()));
-        }
-    }
+/// The answer to a device signed in.
+async fn answer_status(key: &Key, device: ajour_service::Device<'_>, channel: &str, status: &[u8]) -> Reply {
     if status.len() > MAX_STATUS_SIZE {
         error_total("payload_too_large");
         return Reply::new(ResponseType::RequestEntityTooLarge)

@@ -19,7 +19,7 @@
 //! | registry unreachable while authenticating | 503 |
 
 use ajour_protocol::MAX_STATUS_SIZE;
-use ajour_service::{error_total, AuthError, Credentials, GatewayError, UpdateService};
+use ajour_service::{error_total, Refusal, SignIn, UpdateService};
 use ajour_types::{basic_auth, Key};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -74,97 +74,58 @@ async fn publish(
         )
             .into_response();
     };
-    let key = match Key::from_device_user(&user, query.application.as_deref()) {
-        Ok(Some(key)) => key,
-        Ok(None) => {
-            return (
-                StatusCode::UNAUTHORIZED,
-                "no application: authenticate as device@application or add ?application=\n",
-            )
-                .into_response()
-        }
-        // A name that cannot exist is an unknown device: the same answer as a wrong password.
-        Err(_) => {
-            error_total("auth_denied");
-            return StatusCode::FORBIDDEN.into_response();
-        }
-    };
-    let username = user.split_once('@').map(|(d, _)| d).unwrap_or(&user);
-    let presented = Credentials {
-        username,
+    let given = SignIn {
+        user: &user,
         password: &password,
+        application: query.application.as_deref(),
+        as_device: query.as_device.as_deref(),
         peer: peer.map(|Extension(ConnectInfo(address))| address.ip()),
+    };
+    let key = match given.key() {
+        Ok(key) => key,
+        Err(refusal) => return refused(refusal),
     };
     // Everything logged from here on, down to the registry and the firmware source, names the
     // device and its application.
     let span = ajour_service::device_span(&key);
-    answer(
-        &service,
-        &key,
-        presented,
-        query.as_device.as_deref(),
-        &channel,
-        body,
-    )
-    .instrument(span)
-    .await
+    answer(&service, &key, &given, &channel, body)
+        .instrument(span)
+        .await
 }
 
-/// Log the device in and answer its status (or, with `as_device`, the status the gateway sends
-/// for that device), in the device's span.
+/// What a refused request is answered.
+fn refused(refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::NoApplication => (
+            StatusCode::UNAUTHORIZED,
+            "no application: authenticate as device@application or add ?application=\n",
+        )
+            .into_response(),
+        Refusal::Denied => StatusCode::FORBIDDEN.into_response(),
+        Refusal::Throttled { retry_after } => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_after.as_secs().to_string())],
+            "too many failed logins; try again later\n",
+        )
+            .into_response(),
+        Refusal::NotListed(why) => (StatusCode::FORBIDDEN, format!("{why}\n")).into_response(),
+        Refusal::Unavailable => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+    }
+}
+
+/// Sign the device in and answer its status (or, with `as=`, the status the gateway sends for
+/// that device), in the device's span.
 async fn answer(
     service: &UpdateService,
     key: &Key,
-    presented: Credentials<'_>,
-    as_device: Option<&str>,
+    given: &SignIn<'_>,
     channel: &str,
     body: Body,
 ) -> Response {
-    let device = match service.device(key, Some(presented)).await {
+    let device = match service.sign_in(key, given).await {
         Ok(device) => device,
-        Err(AuthError::Denied) => {
-            error_total("auth_denied");
-            return StatusCode::FORBIDDEN.into_response();
-        }
-        Err(AuthError::Throttled { retry_after }) => {
-            error_total("auth_throttled");
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, retry_after.as_secs().to_string())],
-                "too many failed logins; try again later\n",
-            )
-                .into_response();
-        }
-        Err(AuthError::Unavailable(reason)) => {
-            error_total("registry");
-            ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "device authentication unavailable");
-            return StatusCode::SERVICE_UNAVAILABLE.into_response();
-        }
+        Err(refusal) => return refused(refusal),
     };
-    // A gateway acting for a device that names it (Drogue's `as=`): the status is the device's.
-    let gateway = device;
-    let device = match as_device {
-        None => gateway,
-        Some(target) => match service.device_via(&gateway, target).await {
-            Ok(device) => device,
-            Err(refusal @ GatewayError::NotListed { .. }) => {
-                error_total("gateway_denied");
-                return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
-            }
-            Err(GatewayError::Unavailable(reason)) => {
-                error_total("registry");
-                ajour_service::warn_throttled!(ajour_service::LOG_INTERVAL, %reason, "gateway check unavailable");
-                return StatusCode::SERVICE_UNAVAILABLE.into_response();
-            }
-        },
-    };
-    // A `unique` user name logged in as the device it belongs to, or a gateway acting for a
-    // device: the span names that device.
-    if device.key() != key {
-        if let Key::Device(_, name) = device.key() {
-            tracing::Span::current().record("device", tracing::field::display(name.as_str()));
-        }
-    }
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
         Err(error) if timed_out(&error) => {
