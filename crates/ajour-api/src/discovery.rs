@@ -50,6 +50,8 @@ pub struct PublicUrl {
     fallback: String,
     /// The CoAP endpoint's port, when it is on (`--coap-listen`): named at the public host.
     coap_port: Option<u16>,
+    /// The listener itself speaks TLS (`--tls-cert`): without `--public-url`, `https` and `wss`.
+    secure: bool,
 }
 
 impl Default for PublicUrl {
@@ -59,6 +61,7 @@ impl Default for PublicUrl {
             configured: None,
             fallback: "localhost".into(),
             coap_port: None,
+            secure: false,
         }
     }
 }
@@ -71,7 +74,15 @@ impl PublicUrl {
             configured: configured.map(Base::parse).transpose()?,
             fallback: listen.to_string(),
             coap_port: None,
+            secure: false,
         })
+    }
+
+    /// The server's own listener speaks TLS: a URL taken from a request is `https` (`wss`).
+    /// A configured `--public-url` is kept as it is.
+    pub fn with_tls(mut self) -> Self {
+        self.secure = true;
+        self
     }
 
     /// The CoAP device endpoint is on, at `port` of the public host.
@@ -90,7 +101,7 @@ impl PublicUrl {
             .and_then(|host| host.to_str().ok())
             .filter(|host| is_authority(host));
         Base {
-            secure: false,
+            secure: self.secure,
             authority: host.unwrap_or(&self.fallback).to_ascii_lowercase(),
             path: String::new(),
         }

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// How HTTP connections are timed, capped and drained, so that no client, slow, idle or hostile,
@@ -153,6 +154,21 @@ pub async fn serve(
     slots: Arc<Semaphore>,
     stop: impl Future<Output = ()>,
 ) {
+    serve_with(listener, app, limits, slots, None, stop).await;
+}
+
+/// [`serve`], over TLS when `tls` is given: then every connection speaks TLS only, and its
+/// handshake runs in its own task under the header timeout (counted from its accept, as for a
+/// request head), so a client that never sends its hello is closed like one that never sends a
+/// request, and holds its place under the cap meanwhile, as any connection does.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    slots: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
+    stop: impl Future<Output = ()>,
+) {
     tokio::pin!(stop);
     let mut connections = JoinSet::new();
     let (drain, draining) = watch::channel(false);
@@ -172,12 +188,13 @@ pub async fn serve(
                     continue;
                 };
                 let slot = ConnectionSlot::new(permit);
-                connections.spawn(serve_connection(
+                connections.spawn(accept_connection(
                     stream,
                     peer,
                     app.clone(),
                     limits,
                     slot,
+                    tls.clone(),
                     draining.clone(),
                 ));
             }
@@ -239,18 +256,59 @@ fn refuse(stream: TcpStream, peer: SocketAddr) {
     let _ = stream.try_write(REFUSAL);
 }
 
-/// Serve `app` on one connection until the client closes it, a timeout of `limits` closes it,
-/// or the server drains (`draining`): then the request in progress is finished and the connection
-/// closed. `slot` is its place under the cap, given back when it closes.
-async fn serve_connection(
+/// Serve `app` on one accepted connection, over TLS when `tls` is given (the handshake first,
+/// within the header timeout from the accept). `slot` is its place under the cap, given back when
+/// it closes.
+async fn accept_connection(
     stream: TcpStream,
     peer: SocketAddr,
     app: axum::Router,
     limits: ConnectionLimits,
     slot: ConnectionSlot,
-    mut draining: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
+    draining: watch::Receiver<bool>,
 ) {
     let clock = Arc::new(ConnectionClock::new());
+    let stream = WatchedStream {
+        stream,
+        clock: clock.clone(),
+    };
+    match tls {
+        None => serve_connection(stream, peer, app, limits, clock, draining).await,
+        Some(tls) => {
+            // The clock's header deadline, from the accept: the handshake and then the request
+            // head must both arrive within it.
+            let deadline = Instant::now() + limits.header_timeout;
+            match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, peer, app, limits, clock, draining).await,
+                Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
+                Err(_) => {
+                    metrics::counter!(
+                        "ajour_http_connections_timed_out_total",
+                        "timeout" => ConnectionTimeout::Header.name()
+                    )
+                    .increment(1);
+                    tracing::debug!(%peer, "closing the connection: no TLS handshake within the header timeout");
+                }
+            }
+        }
+    }
+    drop(slot);
+}
+
+/// Serve `app` on one connection until the client closes it, a timeout of `limits` closes it,
+/// or the server drains (`draining`): then the request in progress is finished and the connection
+/// closed. `clock` is the one `stream` reports to.
+async fn serve_connection<S>(
+    stream: S,
+    peer: SocketAddr,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    clock: Arc<ConnectionClock>,
+    mut draining: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let clock = clock.clone();
         hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
@@ -272,13 +330,7 @@ async fn serve_connection(
         // hyper's own header timeout also runs while a kept-alive connection waits for its next
         // request, so it would be the idle timeout too; `ConnectionClock` keeps the two apart.
         .header_read_timeout(None)
-        .serve_connection(
-            TokioIo::new(WatchedStream {
-                stream,
-                clock: clock.clone(),
-            }),
-            service,
-        )
+        .serve_connection(TokioIo::new(stream), service)
         // WebSocket handshakes (the API's live stream): once a connection is upgraded, hyper
         // hands it to the handler and this task ends, so it no longer counts under the cap nor
         // runs these timeouts: the stream keeps its own (`ajour-api/src/stream.rs`).
@@ -308,7 +360,6 @@ async fn serve_connection(
             }
         }
     }
-    drop(slot);
 }
 
 /// A connection's place under the cap: given back, and the connection counted out of those open,

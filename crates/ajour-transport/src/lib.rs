@@ -9,3 +9,4 @@
 pub mod coap;
 pub mod connections;
 pub mod http;
+pub mod tls;

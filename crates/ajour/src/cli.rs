@@ -111,7 +111,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DIR", default_value = server::DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
     /// Address to listen on; port 0 picks a free port. The bound address is printed (`Ajour
-    /// listening on http://...`).
+    /// listening on http://...`, or `https://` with --tls-cert).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:8080")]
     pub listen: String,
     /// Also serve devices over CoAP (UDP) at this address, as Drogue's CoAP endpoint: `POST
@@ -257,6 +257,21 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", help_heading = "Connections",
           default_value_t = config::millis(ServerConfig::default().connections.shutdown_timeout))]
     pub shutdown_timeout_ms: u64,
+    /// Serve HTTPS, not HTTP, on --listen (devices and the API alike): the server's certificate
+    /// in PEM, intermediates after it. Needs --tls-key. The files are read again when they change
+    /// (--tls-reload-ms), without a restart. See docs/http-and-api.md, "TLS".
+    #[arg(long, value_name = "FILE", help_heading = "TLS", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert in PEM (PKCS#8, PKCS#1 or SEC1). Needs --tls-cert.
+    #[arg(long, value_name = "FILE", help_heading = "TLS", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Milliseconds between looks at the modification time and length of --tls-cert and
+    /// --tls-key; when either changed, both are read again, and a pair that does not load or
+    /// match is logged and the one in use kept.
+    #[arg(long, value_name = "MS", help_heading = "TLS",
+          default_value_t = config::millis(ServerConfig::default().tls_reload),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub tls_reload_ms: u64,
     /// Drogue mode: Drogue's registry and MQTT integration (see docs/drogue.md).
     #[command(flatten, next_help_heading = "Drogue mode")]
     pub drogue: Box<crate::drogue_cli::DrogueArgs>,
@@ -384,6 +399,14 @@ impl ServeArgs {
         config.hawkbit = self.hawkbit.config();
         config.public_url = self.public_url.clone();
         config.coap_listen = self.coap_listen.clone();
+        config.tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(server::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        };
+        config.tls_reload = Duration::from_millis(self.tls_reload_ms);
         config
     }
 
@@ -688,7 +711,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             running.token
         );
     }
-    crate::say!("Ajour listening on http://{}", running.addr);
+    let scheme = if running.tls.is_some() { "https" } else { "http" };
+    crate::say!("Ajour listening on {scheme}://{}", running.addr);
     if let Some(coap) = running.coap_addr {
         crate::say!("CoAP device endpoint on coap://{coap}");
     }

@@ -13,6 +13,7 @@ use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
 use ajour_transport::connections;
 pub use ajour_transport::connections::{bind, ConnectionLimits};
+pub use ajour_transport::tls::{CertReloader, TlsFiles};
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use rand::RngCore;
@@ -64,6 +65,10 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Where the CoAP device endpoint listens (`--coap-listen`, UDP); `None`: no CoAP endpoint.
     pub coap_listen: Option<String>,
+    /// HTTPS on the HTTP listener (`--tls-cert`, `--tls-key`); `None`: plain HTTP.
+    pub tls: Option<TlsFiles>,
+    /// How often the TLS certificate and key files are checked for a change (`--tls-reload-ms`).
+    pub tls_reload: Duration,
 }
 
 impl ServerConfig {
@@ -85,6 +90,8 @@ impl ServerConfig {
             connections: ConnectionLimits::default(),
             public_url: None,
             coap_listen: None,
+            tls: None,
+            tls_reload: Duration::from_secs(5),
         }
     }
 
@@ -120,6 +127,9 @@ pub struct RunningServer {
     pub max_connections: usize,
     /// The address the CoAP endpoint is bound to, when `--coap-listen` is given.
     pub coap_addr: Option<SocketAddr>,
+    /// The HTTP listener's certificate, when it speaks TLS (`--tls-cert`): what it serves now and
+    /// how its reloads went.
+    pub tls: Option<Arc<CertReloader>>,
     connection_slots: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<anyhow::Result<()>>,
@@ -153,6 +163,20 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let (token, token_generated) = api_token(&config)?;
+    // Read before anything is started: missing or unusable files fail the start.
+    let tls = match &config.tls {
+        Some(files) => {
+            let reloader = Arc::new(
+                CertReloader::new(files.clone())
+                    .map_err(|e| anyhow::anyhow!(e))
+                    .context("--tls-cert, --tls-key")?,
+            );
+            let acceptor =
+                ajour_transport::tls::acceptor(reloader.clone()).map_err(|e| anyhow::anyhow!(e))?;
+            Some((reloader, acceptor))
+        }
+        None => None,
+    };
     // Bound before anything is opened or started: an address in use fails the start at once.
     let coap_socket = match &config.coap_listen {
         Some(listen) => Some(
@@ -245,9 +269,14 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             let public = ajour_api::PublicUrl::new(config.public_url.as_deref(), listener.local_addr()?)
                 .map_err(|e| anyhow::anyhow!(e))
                 .context("--public-url")?;
-            match coap_addr {
+            let public = match coap_addr {
                 Some(coap) => public.with_coap_port(coap.port()),
                 None => public,
+            };
+            if tls.is_some() {
+                public.with_tls()
+            } else {
+                public
             }
         },
     };
@@ -301,6 +330,13 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             },
         ))
     });
+    let (tls, acceptor) = tls.unzip();
+    let tls_watch = tls.clone().map(|reloader| {
+        let mut tls_stopped = shutdown.subscribe();
+        tokio::spawn(reloader.watch(config.tls_reload, async move {
+            let _ = tls_stopped.wait_for(|s| *s).await;
+        }))
+    });
     let limits = config.connections;
     let slots = connection_slots.clone();
     let traffic = service.traffic().clone();
@@ -310,7 +346,10 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             // Live streams end now, with a close frame, rather than at the drain's end.
             traffic.close();
         };
-        connections::serve(listener, app, limits, slots, stop).await;
+        connections::serve_with(listener, app, limits, slots, acceptor, stop).await;
+        if let Some(tls_watch) = tls_watch {
+            tls_watch.await.context("TLS certificate reloads")?;
+        }
         // It stopped taking requests with the HTTP side and drained beside it.
         if let Some(coap) = coap {
             coap.await.context("CoAP endpoint")?;
@@ -336,6 +375,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         hawkbit: hawkbit.map(|source| source.stats()),
         max_connections,
         coap_addr,
+        tls,
         connection_slots,
         shutdown,
         task,

@@ -20,3 +20,4 @@ mod oci;
 mod ops;
 mod schema_and_logs;
 mod status;
+mod tls;

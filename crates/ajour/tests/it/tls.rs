@@ -1,0 +1,425 @@
+//! HTTPS on the HTTP listener (`--tls-cert`, `--tls-key`): devices and the API over TLS, plain
+//! HTTP refused, the certificate reloaded from its files without a restart (a broken pair kept
+//! out), and a client that never starts its handshake closed by the header timeout.
+
+use super::support::{eventually, firmware_bytes, update_over_http, Connection};
+use ajour::server::{self, RunningServer, ServerConfig, TlsFiles};
+use ajour_sim::Outcome;
+use ajour_store::{FileStore, FirmwareName};
+use ajour_testkit::Metrics;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SerialNumber};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+const MTU: u32 = 256;
+const FIRMWARE_LEN: usize = 3000;
+
+/// A test CA and the leaf certificates it signs for `localhost` and `127.0.0.1`.
+struct Pki {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A leaf certificate as files hold it.
+struct Leaf {
+    /// The leaf, then the CA: a chain.
+    chain_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Ajour test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self { ca }
+    }
+
+    fn leaf(&self, name: &str, serial: u64) -> Leaf {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.serial_number = Some(SerialNumber::from(serial));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.ca.pem()),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
+    fn ca_pem(&self) -> String {
+        self.ca.pem()
+    }
+
+    fn roots(&self) -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(self.ca.der().to_vec())).unwrap();
+        roots
+    }
+}
+
+/// Replace `path`'s content at once (a new file renamed over it), as deployment tools do.
+fn replace(path: &Path, content: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, content).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// A server in this process whose listener speaks TLS only, with its certificate files.
+struct TlsServer {
+    running: Option<RunningServer>,
+    connection: Connection,
+    addr: SocketAddr,
+    files: TlsFiles,
+    pki: Pki,
+    dir: tempfile::TempDir,
+}
+
+impl TlsServer {
+    async fn start(adjust: impl FnOnce(&mut ServerConfig)) -> Self {
+        let pki = Pki::new();
+        let dir = tempfile::tempdir().unwrap();
+        let files = TlsFiles {
+            cert: dir.path().join("tls.crt"),
+            key: dir.path().join("tls.key"),
+        };
+        let leaf = pki.leaf("first", 1);
+        std::fs::write(&files.cert, &leaf.chain_pem).unwrap();
+        std::fs::write(&files.key, &leaf.key_pem).unwrap();
+        let mut config = ServerConfig::new(dir.path().join("data"));
+        config.firmware_recheck = Duration::ZERO;
+        config.service.engine.wait_poll = 7;
+        config.service.unmanaged_poll = 600;
+        config.tls = Some(files.clone());
+        config.tls_reload = Duration::from_millis(50);
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = server::start(listener, config).await.unwrap();
+        let addr = running.addr;
+        let connection = Connection {
+            url: format!("https://localhost:{}", addr.port()),
+            token: running.token.clone(),
+            http: https_client(&pki),
+        };
+        FileStore::new(server::firmware_dir(&dir.path().join("data")), Duration::ZERO)
+            .add(
+                &FirmwareName::parse("fw").unwrap(),
+                "2.0.0",
+                &firmware_bytes(FIRMWARE_LEN, 7),
+            )
+            .unwrap();
+        Self {
+            running: Some(running),
+            connection,
+            addr,
+            files,
+            pki,
+            dir,
+        }
+    }
+
+    fn reloads(&self) -> (u64, u64) {
+        self.running
+            .as_ref()
+            .unwrap()
+            .tls
+            .as_ref()
+            .expect("TLS is on")
+            .reloads()
+    }
+
+    /// The certificate the server presents to a new connection now (and the protocol ALPN
+    /// chose when the client offered HTTP/1.1 and HTTP/2).
+    async fn presented(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(self.pki.roots())
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let stream = connector
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("the TLS handshake succeeds with the test CA");
+        let (_, session) = stream.get_ref();
+        let leaf = session.peer_certificates().expect("a certificate")[0].to_vec();
+        (leaf, session.alpn_protocol().map(<[u8]>::to_vec))
+    }
+
+    /// A device `name` of app `app` (firmware `fw` 2.0.0) created and updated from 1.0.0 over
+    /// HTTPS by the simulator, with a client made now.
+    async fn device_updates(&self, app: &str, name: &str) {
+        let connection = Connection {
+            url: self.connection.url.clone(),
+            token: self.connection.token.clone(),
+            http: https_client(&self.pki),
+        };
+        connection.create_device(app, name, "pw", None).await;
+        let (outcome, _) = update_over_http(&connection, app, name, "1.0.0", Some(MTU)).await;
+        assert_eq!(
+            outcome,
+            Outcome::Updated {
+                from: "1.0.0".into(),
+                to: "2.0.0".into(),
+                bytes: FIRMWARE_LEN
+            }
+        );
+    }
+
+    async fn metrics(&self) -> Metrics {
+        let response = self
+            .connection
+            .http
+            .get(format!("{}/metrics", self.connection.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success());
+        Metrics(response.text().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+        drop(self.dir);
+    }
+}
+
+/// A reqwest client that trusts the test CA (and nothing else).
+fn https_client(pki: &Pki) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem().as_bytes()).unwrap())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_device_updates_and_the_api_answers_over_https() {
+    let server = TlsServer::start(|_| {}).await;
+    server
+        .connection
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    server.device_updates("app", "dev").await;
+    // The API, over the same listener: the device as its update left it.
+    let device = server.connection.device("app", "dev").await;
+    assert_eq!(device["metadata"]["name"], "dev", "{device}");
+    assert!(
+        super::support::in_sync(&server.connection.firmware("app", "dev").await, "2.0.0"),
+        "{device}"
+    );
+    // Without --public-url, the discovery documents name https and wss.
+    let endpoints: serde_json::Value = server
+        .connection
+        .http
+        .get(format!("{}/.well-known/drogue-endpoints", server.connection.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let base = format!("https://localhost:{}", server.addr.port());
+    assert_eq!(endpoints["api"], base.as_str(), "{endpoints}");
+    assert_eq!(endpoints["registry"]["url"], base.as_str(), "{endpoints}");
+    let info: serde_json::Value = server
+        .connection
+        .http
+        .get(format!("{}/api/console/v1alpha1/info", server.connection.url))
+        .basic_auth("admin", Some(&server.connection.token))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["http"]["url"], base.as_str(), "{info}");
+    assert_eq!(
+        info["websocket_integration"]["url"],
+        format!("wss://localhost:{}/api/stream/v1alpha1/apps/", server.addr.port()).as_str(),
+        "{info}"
+    );
+    // HTTP/1.1 is what ALPN agrees on, even when the client would rather speak HTTP/2.
+    let (_, alpn) = server.presented().await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn plain_http_to_the_tls_listener_gets_no_answer() {
+    let server = TlsServer::start(|_| {}).await;
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let answer = plain
+        .get(format!("http://127.0.0.1:{}/healthz", server.addr.port()))
+        .send()
+        .await;
+    assert!(answer.is_err(), "plain HTTP was answered: {answer:?}");
+    // The same over HTTPS is answered.
+    let answer = server
+        .connection
+        .http
+        .get(format!("{}/healthz", server.connection.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_replaced_certificate_is_served_without_a_restart() {
+    let server = TlsServer::start(|_| {}).await;
+    server
+        .connection
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    let (first, _) = server.presented().await;
+    let next = server.pki.leaf("second", 2);
+    assert_ne!(first, next.der);
+    replace(&server.files.key, &next.key_pem);
+    replace(&server.files.cert, &next.chain_pem);
+    let mut presented = first.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while presented != next.der {
+        assert_eq!(presented, first, "neither the old certificate nor the new one");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was not served within 20 s; reloads (ok, failed): {:?}",
+            server.reloads()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        presented = server.presented().await.0;
+    }
+    assert!(server.reloads().0 >= 1, "{:?}", server.reloads());
+    // The server runs on, and devices update under the new certificate.
+    server.device_updates("app", "after-reload").await;
+    assert_eq!(server.presented().await.0, next.der);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_certificate_is_not_loaded_and_the_old_one_stays() {
+    let server = TlsServer::start(|_| {}).await;
+    server
+        .connection
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    let (first, _) = server.presented().await;
+    assert_eq!(server.reloads(), (0, 0));
+
+    // Not a certificate at all.
+    replace(
+        &server.files.cert,
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    );
+    eventually(Duration::from_secs(20), "a failed reload", || async {
+        server.reloads().1 >= 1
+    })
+    .await;
+    assert_eq!(server.reloads().0, 0);
+    assert_eq!(server.presented().await.0, first);
+
+    // A certificate whose key is another's.
+    let other = server.pki.leaf("other", 3);
+    replace(&server.files.cert, &other.chain_pem);
+    eventually(Duration::from_secs(20), "a second failed reload", || async {
+        server.reloads().1 >= 2
+    })
+    .await;
+    assert_eq!(server.reloads().0, 0);
+    assert_eq!(server.presented().await.0, first);
+
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.value("ajour_tls_reloads_total", &[("outcome", "failed")]) >= 2.0,
+        "{metrics}"
+    );
+    server.device_updates("app", "dev").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_says_hello_is_closed_and_others_are_served() {
+    let header_timeout = Duration::from_millis(500);
+    let server = TlsServer::start(|config| config.connections.header_timeout = header_timeout).await;
+    server
+        .connection
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    let started = tokio::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Meanwhile a device is served: the silent client holds nothing but its own connection.
+    server.device_updates("app", "dev").await;
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
+        .await
+        .expect("the server closes a connection that sends no ClientHello");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the server sent something to a client that said nothing: {read:?}"
+    );
+    assert!(started.elapsed() >= header_timeout, "{:?}", started.elapsed());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_server_does_not_start_without_a_usable_certificate() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = TlsFiles {
+        cert: dir.path().join("tls.crt"),
+        key: dir.path().join("tls.key"),
+    };
+    let start = |files: TlsFiles| {
+        let mut config = ServerConfig::new(dir.path().join("data"));
+        config.tls = Some(files);
+        async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            match server::start(listener, config).await {
+                Ok(running) => {
+                    running.shutdown().await.unwrap();
+                    panic!("started without a usable certificate")
+                }
+                Err(error) => format!("{error:#}"),
+            }
+        }
+    };
+    // Missing files.
+    let error = start(files.clone()).await;
+    assert!(error.contains("tls.crt"), "{error}");
+    // A key that is not the certificate's.
+    let (leaf, other) = (pki.leaf("a", 1), pki.leaf("b", 2));
+    std::fs::write(&files.cert, &leaf.chain_pem).unwrap();
+    std::fs::write(&files.key, &other.key_pem).unwrap();
+    let error = start(files.clone()).await;
+    assert!(error.contains("does not fit"), "{error}");
+    // The right pair starts.
+    std::fs::write(&files.key, &leaf.key_pem).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = ServerConfig::new(dir.path().join("data"));
+    config.tls = Some(files);
+    server::start(listener, config)
+        .await
+        .unwrap()
+        .shutdown()
+        .await
+        .unwrap();
+}
