@@ -8,7 +8,7 @@
 
 use crate::{ApiError, ApiState};
 use ajour_registry::{AccessStore, AppName, StoredToken};
-use ajour_types::access::Need;
+use ajour_types::access::{AppAccess, Need};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -162,8 +162,25 @@ pub(crate) async fn require(
     let Caller::User(user) = caller else {
         return Ok(());
     };
+    check(state.access.app_access(app).await?.as_ref(), user, app, need)
+}
+
+/// [`require`], for a handler that goes on to use the application's owner and members: read once.
+pub(crate) async fn access_for(
+    state: &ApiState,
+    caller: &Caller,
+    app: &AppName,
+    need: Need,
+) -> Result<AppAccess, ApiError> {
     let access = state.access.app_access(app).await?;
-    match access.as_ref().and_then(|access| access.role_of(user)) {
+    if let Caller::User(user) = caller {
+        check(access.as_ref(), user, app, need)?;
+    }
+    Ok(access.unwrap_or_default())
+}
+
+fn check(access: Option<&AppAccess>, user: &str, app: &AppName, need: Need) -> Result<(), ApiError> {
+    match access.and_then(|access| access.role_of(user)) {
         None => Err(ajour_registry::RegistryError::NotFound(format!("application '{app}'")).into()),
         Some(role) if role.allows(need) => Ok(()),
         Some(role) => Err(ApiError::Forbidden(format!(

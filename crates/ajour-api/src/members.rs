@@ -7,10 +7,10 @@
 //!   the offer, `GET` shows it: the owner's (or the bootstrap token's) to do.
 //! - `PUT .../accept-ownership`: the user it was offered to becomes the owner.
 
-use crate::auth::{require, Caller};
+use crate::auth::{access_for, require, Caller};
 use crate::{ApiError, ApiState};
 use ajour_registry::{AppName, Key, RegistryError};
-use ajour_types::access::{check_user_name, Need, Role};
+use ajour_types::access::{check_user_name, AppAccess, Need, Role};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -69,19 +69,15 @@ async fn existing(state: &ApiState, app: &str) -> Result<AppName, ApiError> {
     Ok(app)
 }
 
-/// The owner's to do (or the bootstrap token's): handing the application over.
-async fn require_owner(state: &ApiState, caller: &Caller, app: &AppName) -> Result<(), ApiError> {
-    require(state, caller, app, Need::Read).await?;
-    let Caller::User(user) = caller else {
-        return Ok(());
-    };
-    let access = state.access.app_access(app).await?.unwrap_or_default();
-    if access.is_owner(user) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(format!(
+/// The owner's to do (or the bootstrap token's): handing the application over. Its owner and
+/// members, as read for the check.
+async fn owner_access(state: &ApiState, caller: &Caller, app: &AppName) -> Result<AppAccess, ApiError> {
+    let access = access_for(state, caller, app, Need::Read).await?;
+    match caller {
+        Caller::User(user) if !access.is_owner(user) => Err(ApiError::Forbidden(format!(
             "only the owner of application '{app}' can hand it over"
-        )))
+        ))),
+        _ => Ok(access),
     }
 }
 
@@ -91,8 +87,7 @@ async fn members(
     Path(app): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let app = existing(&state, &app).await?;
-    require(&state, &caller, &app, Need::Admin).await?;
-    let access = state.access.app_access(&app).await?.unwrap_or_default();
+    let access = access_for(&state, &caller, &app, Need::Admin).await?;
     let members: BTreeMap<_, _> = access
         .members
         .iter()
@@ -140,9 +135,7 @@ async fn offer(
     Path(app): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let app = existing(&state, &app).await?;
-    require_owner(&state, &caller, &app).await?;
-    let access = state.access.app_access(&app).await?.unwrap_or_default();
-    match access.transfer_to {
+    match owner_access(&state, &caller, &app).await?.transfer_to {
         Some(user) => Ok(Json(json!({"newUser": user}))),
         None => Err(RegistryError::NotFound(format!("transfer of application '{app}'")).into()),
     }
@@ -155,7 +148,7 @@ async fn make_offer(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let app = existing(&state, &app).await?;
-    require_owner(&state, &caller, &app).await?;
+    owner_access(&state, &caller, &app).await?;
     let body: TransferBody = parse(&body, "transfer")?;
     check_user_name(&body.new_user).map_err(ApiError::BadRequest)?;
     state.access.offer_app(&app, Some(&body.new_user)).await?;
@@ -169,7 +162,7 @@ async fn withdraw_offer(
     Path(app): Path<String>,
 ) -> Result<Response, ApiError> {
     let app = existing(&state, &app).await?;
-    require_owner(&state, &caller, &app).await?;
+    owner_access(&state, &caller, &app).await?;
     state.access.offer_app(&app, None).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

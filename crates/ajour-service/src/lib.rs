@@ -27,26 +27,6 @@ pub mod traffic;
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
 
-/// Why a gateway may not act for a device ([`UpdateService::device_via`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum GatewayError {
-    /// The device does not name the gateway (or does not exist: deliberately the same answer).
-    #[error("device '{device}' does not name '{gateway}' in spec.gatewaySelector.matchNames")]
-    NotListed { gateway: String, device: String },
-    #[error("registry unavailable: {0}")]
-    Unavailable(String),
-}
-
-impl GatewayError {
-    /// A refusal, counted.
-    fn refused(gateway: String, device: &str) -> Self {
-        metrics::counter!("ajour_gateway_refusals_total").increment(1);
-        GatewayError::NotListed {
-            gateway,
-            device: device.to_string(),
-        }
-    }
-}
 pub use guard::GuardConfig;
 pub use rollouts::{Action as RolloutAction, RolloutDetails, RolloutError, RolloutSummary};
 
@@ -335,12 +315,18 @@ impl UpdateService {
     /// gateway in `spec.gatewaySelector.matchNames`. An unknown target is refused as one that does
     /// not name the gateway, so device names cannot be found out by trying them. With the
     /// registry down, a target read before is checked as last read, and is told to wait.
-    pub async fn device_via(&self, gateway: &Device<'_>, target: &str) -> Result<Device<'_>, GatewayError> {
+    async fn device_via(&self, gateway: &Device<'_>, target: &str) -> Result<Device<'_>, Refusal> {
+        let refused = |gateway: &dyn std::fmt::Display| {
+            metrics::counter!("ajour_gateway_refusals_total").increment(1);
+            Refusal::NotListed(format!(
+                "device '{target}' does not name '{gateway}' in spec.gatewaySelector.matchNames"
+            ))
+        };
         let Key::Device(app, gateway_name) = gateway.key() else {
-            return Err(GatewayError::refused(gateway.key().to_string(), target));
+            return Err(refused(gateway.key()));
         };
         let Ok(target_name) = DeviceName::parse(target) else {
-            return Err(GatewayError::refused(gateway_name.to_string(), target));
+            return Err(refused(gateway_name));
         };
         let key = Key::Device(app.clone(), target_name);
         let names_gateway = |context: &DeviceContext| {
@@ -351,11 +337,15 @@ impl UpdateService {
             Ok(None) => (false, Ok(None)),
             Err(error) => match self.contexts.last_read(&key) {
                 Some(context) => (names_gateway(&context), Err(error)),
-                None => return Err(GatewayError::Unavailable(error.to_string())),
+                None => {
+                    error_total("registry");
+                    warn_throttled!(LOG_INTERVAL, %error, "gateway check unavailable");
+                    return Err(Refusal::Unavailable);
+                }
             },
         };
         if !allowed {
-            return Err(GatewayError::refused(gateway_name.to_string(), target));
+            return Err(refused(gateway_name));
         }
         let gateway = (key != *gateway.key()).then(|| gateway_name.clone());
         Ok(Device {
@@ -785,7 +775,7 @@ pub struct SignIn<'a> {
 }
 
 /// Why a device endpoint refuses a request before its status is handled: the same reasons on
-/// every transport, each mapping them to its own codes. Counted in `ajour_errors_total` here.
+/// every transport, each mapping them to its own codes. Counted here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The user name names no application, and none was given (HTTP 401).
@@ -795,6 +785,7 @@ pub enum Refusal {
     /// Too many failed logins from this address or for this device (HTTP 429).
     Throttled { retry_after: Duration },
     /// `as=` a device that does not name the gateway, or does not exist (HTTP 403, saying so).
+    /// Counted in `ajour_gateway_refusals_total`.
     NotListed(String),
     /// The registry could not be asked (HTTP 503).
     Unavailable,
@@ -844,18 +835,7 @@ impl UpdateService {
         };
         let device = match given.as_device {
             None => signed_in,
-            Some(target) => match self.device_via(&signed_in, target).await {
-                Ok(device) => device,
-                Err(refusal @ GatewayError::NotListed { .. }) => {
-                    error_total("gateway_denied");
-                    return Err(Refusal::NotListed(refusal.to_string()));
-                }
-                Err(GatewayError::Unavailable(reason)) => {
-                    error_total("registry");
-                    warn_throttled!(LOG_INTERVAL, %reason, "gateway check unavailable");
-                    return Err(Refusal::Unavailable);
-                }
-            },
+            Some(target) => self.device_via(&signed_in, target).await?,
         };
         // A `unique` user name logged in as the device it belongs to, or a gateway acting for a
         // device: the span names that device.
