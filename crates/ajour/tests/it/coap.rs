@@ -10,9 +10,7 @@ use ajour_registry::AppName;
 use ajour_service::traffic::{Next, STATUS_EVENT_TYPE};
 use ajour_sim::coap::coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use ajour_sim::coap::{dfu_request, AUTHORIZATION_OPTION, COMMAND_OPTION};
-use ajour_sim::{
-    run_device, CoapLink, DeviceOptions, Ended, Outcome, SimulatedDevice, StatusEncoding, Transport,
-};
+use ajour_sim::{CoapLink, SimulatedDevice, Transport};
 use ajour_testkit::TestDatabase;
 use clap::Parser;
 use serde_json::{json, Value};
@@ -581,22 +579,8 @@ async fn refusals_have_their_codes_and_nothing_breaks_the_endpoint() {
     // After all that, a device updates from first block to last.
     let mut device = SimulatedDevice::new("1.0.0", Some(512));
     let mut link = CoapLink::new(server.coap, "app", "dev", "pw");
-    let options = DeviceOptions::new(
-        StatusEncoding::Packed,
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-    );
-    match run_device(&mut device, &mut link, &options, &mut ()).await {
-        Ok(Ended::Done(outcome)) => assert_eq!(
-            outcome,
-            Outcome::Updated {
-                from: "1.0.0".into(),
-                to: "2.0.0".into(),
-                bytes: image.len()
-            }
-        ),
-        other => panic!("{other:?}"),
-    }
+    let outcome = run_to_end(&mut device, &mut link, "dev@app").await;
+    assert_eq!(outcome, updated_to("2.0.0", image.len()));
     let metrics = Metrics::of(&server.url).await;
     for code in ["2.05", "4.01", "4.03", "4.13"] {
         assert!(

@@ -4,7 +4,7 @@
 //! stream, and a device whose password `drg` set updating to firmware applied with `drg apply`.
 
 use crate::support::*;
-use ajour_sim::{run_device, DeviceOptions, Ended, HttpLink, Outcome, SimulatedDevice, StatusEncoding};
+use ajour_sim::{HttpLink, SimulatedDevice};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
@@ -295,22 +295,8 @@ async fn drg_manages_standalone_ajour() {
     .await;
     let mut device = SimulatedDevice::new("1.0.0", Some(1024));
     let mut link = HttpLink::new(server.http.clone(), &server.url, "fleet", "dev1", "s3cret");
-    let options = DeviceOptions::new(
-        StatusEncoding::Packed,
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-    );
-    match run_device(&mut device, &mut link, &options, &mut ()).await {
-        Ok(Ended::Done(outcome)) => assert_eq!(
-            outcome,
-            Outcome::Updated {
-                from: "1.0.0".into(),
-                to: "2.0.0".into(),
-                bytes: image.len()
-            }
-        ),
-        other => panic!("dev1: {other:?}"),
-    }
+    let outcome = run_to_end(&mut device, &mut link, "dev1").await;
+    assert_eq!(outcome, updated_to("2.0.0", image.len()));
     let streamed = tokio::time::timeout(Duration::from_secs(30), stream.wait_with_output())
         .await
         .expect("drg stream ends after 4 events")

@@ -857,19 +857,15 @@ async fn a_registry_outage_makes_devices_wait_is_logged_and_counted_and_they_fin
         );
         // The device's history, kept in Ajour's own database beside Drogue's registry, tells
         // its update through the outage once: started, then in sync.
-        let history: Value = instance
-            .http
-            .get(format!(
+        let history: Value = get_json(
+            &instance.http,
+            &format!(
                 "{}/api/dfu/v1alpha1/apps/fleet/devices/sim-0/history",
                 instance.url
-            ))
-            .bearer_auth(&instance.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            ),
+            &instance.token,
+        )
+        .await;
         let kinds: Vec<&str> = history
             .as_array()
             .unwrap()
@@ -943,32 +939,19 @@ async fn in_drogue_mode_rollouts_and_histories_live_in_ajours_own_database() {
     assert_all_updated(&simulate(&simulation).await, "2.0.0", new.len());
     let rollout_url = format!("{url}/api/dfu/v1alpha1/apps/fleet/rollouts/{id}");
     eventually(Duration::from_secs(10), "the rollout completed", || async {
-        let rollout: Value = api
-            .get(&rollout_url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let rollout: Value = get_json(&api, &rollout_url, &token).await;
         rollout["state"] == "completed"
     })
     .await;
     let (_, app) = registry.api_send(reqwest::Method::GET, "apps/fleet", None).await;
     assert_eq!(app["spec"]["firmware"], json!({"file": {"name": "fw-2"}}));
     for i in 0..DEVICES {
-        let history: Value = api
-            .get(format!(
-                "{url}/api/dfu/v1alpha1/apps/fleet/devices/sim-{i}/history"
-            ))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let history: Value = get_json(
+            &api,
+            &format!("{url}/api/dfu/v1alpha1/apps/fleet/devices/sim-{i}/history"),
+            &token,
+        )
+        .await;
         let started: Vec<&Value> = history
             .as_array()
             .unwrap()
@@ -979,4 +962,16 @@ async fn in_drogue_mode_rollouts_and_histories_live_in_ajours_own_database() {
         assert_eq!(started[0]["rollout"], id, "sim-{i}: {history:#}");
     }
     instance.stop().await;
+}
+
+/// GET `url` with the API token `token`: the answer's JSON.
+async fn get_json(http: &reqwest::Client, url: &str, token: &str) -> Value {
+    http.get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }

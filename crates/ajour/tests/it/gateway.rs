@@ -4,10 +4,9 @@
 
 use crate::support::*;
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
-use ajour_sim::{run_device, DeviceOptions, Ended, HttpLink, Outcome, SimulatedDevice, StatusEncoding};
+use ajour_sim::{HttpLink, SimulatedDevice};
 use reqwest::Method;
 use serde_json::json;
-use std::time::Duration;
 
 const APP: &str = "bridged";
 
@@ -61,32 +60,16 @@ async fn a_gateway_updates_the_devices_that_name_it_and_no_other() {
     let refused_before = refusals().await;
 
     // Both sensors updated through the one gateway at once.
-    let options = DeviceOptions::new(
-        StatusEncoding::Packed,
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-    );
     let update = |device: &'static str| {
         let mut link = via_gateway(&server, "gw-pass", device);
-        let options = options.clone();
         async move {
             let mut sensor = SimulatedDevice::new("1.0.0", Some(512));
-            match run_device(&mut sensor, &mut link, &options, &mut ()).await {
-                Ok(Ended::Done(outcome)) => outcome,
-                other => panic!("{device}: {other:?}"),
-            }
+            run_to_end(&mut sensor, &mut link, device).await
         }
     };
     let (a, b) = tokio::join!(update("sensor-a"), update("sensor-b"));
     for outcome in [a, b] {
-        assert_eq!(
-            outcome,
-            Outcome::Updated {
-                from: "1.0.0".into(),
-                to: "2.0.0".into(),
-                bytes: image.len()
-            }
-        );
+        assert_eq!(outcome, updated_to("2.0.0", image.len()));
     }
     for sensor in ["sensor-a", "sensor-b"] {
         assert!(in_sync(&server.firmware(APP, sensor).await, "2.0.0"), "{sensor}");

@@ -4,7 +4,7 @@
 use ajour::server::{self, RunningServer, ServerConfig};
 use ajour_registry::CredentialKeys;
 use ajour_sim::{
-    run_device, DeviceOptions, Ended, HttpLink, Outcome, SimulatedDevice, Simulation, StatusEncoding,
+    run_device, DeviceOptions, Ended, HttpLink, Link, Outcome, SimulatedDevice, Simulation, StatusEncoding,
     Transport,
 };
 use ajour_store::{FileStore, FirmwareName};
@@ -409,13 +409,29 @@ pub async fn update_over_http(
 ) -> (Outcome, SimulatedDevice) {
     let mut device = SimulatedDevice::new(version, mtu);
     let mut link = HttpLink::new(server.http.clone(), &server.url, app, name, "pw");
+    let outcome = run_to_end(&mut device, &mut link, &format!("{name}@{app}")).await;
+    (outcome, device)
+}
+
+/// Run `device` over `link` until it is in sync (waits honoured for a second, at most a minute
+/// in all): how it ended. Anything else fails the test, naming `who`.
+pub async fn run_to_end(device: &mut SimulatedDevice, link: &mut impl Link, who: &str) -> Outcome {
     let options = DeviceOptions::new(
         StatusEncoding::Packed,
         Duration::from_secs(1),
         Duration::from_secs(60),
     );
-    match run_device(&mut device, &mut link, &options, &mut ()).await {
-        Ok(Ended::Done(outcome)) => (outcome, device),
-        other => panic!("{name}@{app}: {other:?}"),
+    match run_device(device, link, &options, &mut ()).await {
+        Ok(Ended::Done(outcome)) => outcome,
+        other => panic!("{who}: {other:?}"),
+    }
+}
+
+/// A device's update from 1.0.0 to `version`, `bytes` long, every block and the checksum checked.
+pub fn updated_to(version: &str, bytes: usize) -> Outcome {
+    Outcome::Updated {
+        from: "1.0.0".into(),
+        to: version.into(),
+        bytes,
     }
 }

@@ -2,9 +2,8 @@
 //! HTTP refused, the certificate reloaded from its files without a restart (a broken pair kept
 //! out), and a client that never starts its handshake closed by the header timeout.
 
-use super::support::{eventually, firmware_bytes, update_over_http, Connection};
+use super::support::{eventually, firmware_bytes, update_over_http, updated_to, Connection};
 use ajour::server::{self, RunningServer, ServerConfig, TlsFiles};
-use ajour_sim::Outcome;
 use ajour_store::{FileStore, FirmwareName};
 use ajour_testkit::Metrics;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, SerialNumber};
@@ -169,14 +168,7 @@ impl TlsServer {
         };
         connection.create_device(app, name, "pw", None).await;
         let (outcome, _) = update_over_http(&connection, app, name, "1.0.0", Some(MTU)).await;
-        assert_eq!(
-            outcome,
-            Outcome::Updated {
-                from: "1.0.0".into(),
-                to: "2.0.0".into(),
-                bytes: FIRMWARE_LEN
-            }
-        );
+        assert_eq!(outcome, updated_to("2.0.0", FIRMWARE_LEN));
     }
 
     async fn metrics(&self) -> Metrics {
