@@ -297,13 +297,23 @@ async fn a_fleet_survives_kill_9_and_a_restart_and_every_device_ends_with_the_ri
     assert_eq!(fleet.servers[0].url(), url);
     let (data, servers) = fleet.all_updated().await;
     let server = &servers[0];
-    // The history, as `ajour device history` shows it, oldest first.
-    let shown = ajour(
-        &["device", "history", "fleet", "dev-3"],
-        Some(&server.url()),
-        data.path(),
-    );
-    let shown = String::from_utf8_lossy(&shown.stdout);
+    // The history, as `ajour device history` shows it, oldest first, once the last status write
+    // landed: it is written beside the device's requests, which do not wait for it.
+    let history = || {
+        let shown = ajour(
+            &["device", "history", "fleet", "dev-3"],
+            Some(&server.url()),
+            data.path(),
+        );
+        String::from_utf8_lossy(&shown.stdout).into_owned()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "dev-3's history to tell it in sync",
+        || std::future::ready(history().contains("\tinSync\t")),
+    )
+    .await;
+    let shown = history();
     let kinds: Vec<&str> = shown
         .lines()
         .skip(1)
