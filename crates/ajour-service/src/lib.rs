@@ -23,6 +23,7 @@ pub mod rollouts;
 pub mod throttle;
 pub mod tracker;
 pub mod traffic;
+pub mod x509;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
@@ -278,13 +279,7 @@ impl UpdateService {
         credentials: Option<Credentials<'_>>,
     ) -> Result<Device<'_>, AuthError> {
         let Some(credentials) = credentials else {
-            let context = self.contexts.get(self.registry.as_ref(), key).await;
-            return Ok(Device {
-                service: self,
-                key: key.clone(),
-                context,
-                gateway: None,
-            });
+            return Ok(self.unchecked(key).await);
         };
         let started = tokio::time::Instant::now();
         if let Err((by, left)) = self.auth.guard.admit(key, credentials.peer) {
@@ -307,6 +302,34 @@ impl UpdateService {
                 Err(AuthError::Denied)
             }
             Err((error, _)) => Err(error),
+        }
+    }
+
+    /// Device `key`, its context read, its credentials not checked (they were, by Drogue or at
+    /// the start of a session).
+    async fn unchecked(&self, key: &Key) -> Device<'_> {
+        let context = self.contexts.get(self.registry.as_ref(), key).await;
+        Device {
+            service: self,
+            key: key.clone(),
+            context,
+            gateway: None,
+        }
+    }
+
+    /// A device signed in once for a session ([`UpdateService::sign_in`] with the key it
+    /// returned; an MQTT connection signs in at CONNECT), for one more of its statuses: its
+    /// context read again (as cached), its credentials not checked again. With `as_device`, the
+    /// device it acts for, checked as on every status.
+    pub async fn session_device(
+        &self,
+        signed_in: &Key,
+        as_device: Option<&str>,
+    ) -> Result<Device<'_>, Refusal> {
+        let device = self.unchecked(signed_in).await;
+        match as_device {
+            None => Ok(device),
+            Some(target) => self.device_via(&device, target).await,
         }
     }
 

@@ -25,6 +25,7 @@ mod fault;
 mod fleet;
 mod http;
 mod link;
+pub mod mqtt;
 mod run;
 mod simulate;
 
@@ -35,5 +36,6 @@ pub use fault::{assign_faults, Fault};
 pub use fleet::{progress_bar, run_fleet, FleetOptions};
 pub use http::HttpLink;
 pub use link::{EncodedStatus, Link, LinkError};
+pub use mqtt::MqttLink;
 pub use run::{run_device, DeviceOptions, Ended, Observer};
 pub use simulate::{simulate, simulate_over, DeviceOutcomes, Simulation, Transport};

@@ -3,7 +3,7 @@
 
 use crate::{
     run_device, run_fleet, CoapLink, DeviceOptions, DrogueMqtt, Ended, Fault, FleetOptions, HttpLink, Link,
-    Outcome, SimulatedDevice,
+    LinkError, MqttLink, Outcome, SimulatedDevice,
 };
 use ajour_client::mqtt::MqttConfig;
 use anyhow::Context;
@@ -21,6 +21,13 @@ pub enum Transport {
     /// The CoAP endpoint at these URLs (`coap://HOST[:PORT]`, instances of one Ajour): each
     /// device sends Confirmable requests from a socket of its own, to each in turn.
     Coap { urls: Vec<String> },
+    /// The MQTT endpoint (`ajour serve --mqtt-listen`) at `endpoint`'s URL: each device on a
+    /// connection of its own, with its own credentials; a status unanswered within
+    /// `command_timeout` is sent again.
+    Mqtt {
+        endpoint: MqttConfig,
+        command_timeout: Duration,
+    },
     /// Behind Drogue's MQTT integration, through this broker; a status unanswered within
     /// `command_timeout` is sent again.
     DrogueMqtt {
@@ -87,6 +94,17 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             })
             .await
         }
+        Transport::Mqtt {
+            endpoint,
+            command_timeout,
+        } => {
+            simulate_connected(simulation, |name| {
+                let (endpoint, app, name) = (endpoint.clone(), simulation.app.clone(), name.to_string());
+                let (password, timeout) = (simulation.password.clone(), *command_timeout);
+                async move { MqttLink::connect(&endpoint, &app, &name, &password, timeout).await }
+            })
+            .await
+        }
         Transport::DrogueMqtt {
             broker,
             command_timeout,
@@ -117,21 +135,57 @@ pub async fn simulate_over<L: Link + 'static>(
     .await
 }
 
+/// [`simulate_over`], over links that must connect first (one connection per device): a device
+/// that cannot connect fails on its own, as one that cannot send its status would.
+async fn simulate_connected<L, F>(
+    simulation: &Simulation,
+    connect: impl Fn(&str) -> F,
+) -> anyhow::Result<DeviceOutcomes>
+where
+    L: Link + 'static,
+    F: Future<Output = Result<L, LinkError>> + Send + 'static,
+{
+    let fleet = FleetOptions {
+        concurrency: simulation.concurrency,
+        progress: "devices".into(),
+    };
+    run_fleet(simulation.devices.clone(), &fleet, |name| {
+        let connecting = connect(&name);
+        let (mut device, options) = device_of(simulation, &name);
+        async move {
+            let mut link = connecting.await.with_context(|| format!("device {name}"))?;
+            run_to_sync(&mut device, &mut link, &options).await
+        }
+    })
+    .await
+}
+
 /// Device `name` of the simulation over `link`, from its first status to Sync (or its fault).
 fn to_sync(
     simulation: &Simulation,
     name: &str,
     mut link: impl Link + 'static,
 ) -> impl Future<Output = anyhow::Result<Outcome>> + Send + 'static {
+    let (mut device, options) = device_of(simulation, name);
+    async move { run_to_sync(&mut device, &mut link, &options).await }
+}
+
+/// Device `name` of the simulation as it starts, and how it behaves.
+fn device_of(simulation: &Simulation, name: &str) -> (SimulatedDevice, DeviceOptions) {
     let mut device = SimulatedDevice::new(&simulation.version, simulation.mtu);
     if let Some(fault) = simulation.faults.get(name) {
         device = device.with_fault(*fault);
     }
-    let options = simulation.device.clone();
-    async move {
-        match run_device(&mut device, &mut link, &options, &mut ()).await? {
-            Ended::Done(outcome) => Ok(outcome),
-            Ended::Stopped => unreachable!("no observer stops a simulated device"),
-        }
+    (device, simulation.device.clone())
+}
+
+async fn run_to_sync(
+    device: &mut SimulatedDevice,
+    link: &mut impl Link,
+    options: &DeviceOptions,
+) -> anyhow::Result<Outcome> {
+    match run_device(device, link, options, &mut ()).await? {
+        Ended::Done(outcome) => Ok(outcome),
+        Ended::Stopped => unreachable!("no observer stops a simulated device"),
     }
 }

@@ -6,7 +6,9 @@
 //! off unless `--coap-listen` is given. Every endpoint only translates: authentication and
 //! decisions belong to [`ajour_service::UpdateService`].
 
+pub mod client_cert;
 pub mod coap;
 pub mod connections;
 pub mod http;
+pub mod mqtt;
 pub mod tls;

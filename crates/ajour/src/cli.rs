@@ -119,6 +119,12 @@ pub struct ServeArgs {
     /// when not given. See docs/coap.md.
     #[arg(long, value_name = "ADDR:PORT")]
     pub coap_listen: Option<String>,
+    /// Also serve devices over MQTT 3.1.1 and 5 at this address, as Drogue's MQTT endpoint:
+    /// user name `device@app` and password, statuses published to `dfu`, commands on
+    /// `command/inbox//dfu` (port 0 picks a free port; MQTT's own is 1883, 8883 over TLS). Speaks
+    /// TLS with --tls-cert. Off when not given. See docs/mqtt.md.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub mqtt_listen: Option<String>,
     /// The base URL clients reach this server at, as Drogue's tools are told it
     /// (`/.well-known/drogue-endpoints`, see docs/drogue-tools.md): `https://...` behind a TLS
     /// proxy, with a path when the proxy serves Ajour under one (default: `http://` and the
@@ -399,6 +405,7 @@ impl ServeArgs {
         config.hawkbit = self.hawkbit.config();
         config.public_url = self.public_url.clone();
         config.coap_listen = self.coap_listen.clone();
+        config.mqtt_listen = self.mqtt_listen.clone();
         config.tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(server::TlsFiles {
                 cert: cert.clone(),
@@ -715,6 +722,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     crate::say!("Ajour listening on {scheme}://{}", running.addr);
     if let Some(coap) = running.coap_addr {
         crate::say!("CoAP device endpoint on coap://{coap}");
+    }
+    if let Some(mqtt) = running.mqtt_addr {
+        let scheme = if running.tls.is_some() { "mqtts" } else { "mqtt" };
+        crate::say!("MQTT device endpoint on {scheme}://{mqtt}");
     }
     crate::say!("Data directory: {}", config.data_dir.display());
     if let Some(drogue) = &config.drogue {

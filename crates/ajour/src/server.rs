@@ -65,7 +65,11 @@ pub struct ServerConfig {
     pub public_url: Option<String>,
     /// Where the CoAP device endpoint listens (`--coap-listen`, UDP); `None`: no CoAP endpoint.
     pub coap_listen: Option<String>,
-    /// HTTPS on the HTTP listener (`--tls-cert`, `--tls-key`); `None`: plain HTTP.
+    /// Where the MQTT device endpoint listens (`--mqtt-listen`, TCP; MQTT over TLS with
+    /// `--tls-cert`); `None`: no MQTT endpoint.
+    pub mqtt_listen: Option<String>,
+    /// HTTPS on the HTTP listener and MQTTS on the MQTT one (`--tls-cert`, `--tls-key`); `None`:
+    /// plain.
     pub tls: Option<TlsFiles>,
     /// How often the TLS certificate and key files are checked for a change (`--tls-reload-ms`).
     pub tls_reload: Duration,
@@ -90,6 +94,7 @@ impl ServerConfig {
             connections: ConnectionLimits::default(),
             public_url: None,
             coap_listen: None,
+            mqtt_listen: None,
             tls: None,
             tls_reload: Duration::from_secs(5),
         }
@@ -127,6 +132,8 @@ pub struct RunningServer {
     pub max_connections: usize,
     /// The address the CoAP endpoint is bound to, when `--coap-listen` is given.
     pub coap_addr: Option<SocketAddr>,
+    /// The address the MQTT endpoint is bound to, when `--mqtt-listen` is given.
+    pub mqtt_addr: Option<SocketAddr>,
     /// The HTTP listener's certificate, when it speaks TLS (`--tls-cert`): what it serves now and
     /// how its reloads went.
     pub tls: Option<Arc<CertReloader>>,
@@ -189,6 +196,18 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     let coap_addr = coap_socket
         .as_ref()
         .map(|socket| socket.local_addr())
+        .transpose()?;
+    let mqtt_listener = match &config.mqtt_listen {
+        Some(listen) => Some(
+            connections::bind(listen, config.connections.listen_backlog)
+                .await
+                .with_context(|| format!("binding the MQTT endpoint to {listen}"))?,
+        ),
+        None => None,
+    };
+    let mqtt_addr = mqtt_listener
+        .as_ref()
+        .map(|listener| listener.local_addr())
         .transpose()?;
     let mut service_config = config.service.clone();
 
@@ -331,6 +350,25 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         ))
     });
     let (tls, acceptor) = tls.unzip();
+    let mqtt = mqtt_listener.map(|listener| {
+        let mqtt_config = ajour_transport::mqtt::MqttConfig {
+            max_connections,
+            // A CONNECT is an MQTT client's request head.
+            connect_timeout: config.connections.header_timeout,
+            shutdown_timeout: config.connections.shutdown_timeout,
+            ..Default::default()
+        };
+        let mut mqtt_stopped = shutdown.subscribe();
+        tokio::spawn(ajour_transport::mqtt::serve(
+            listener,
+            service.clone(),
+            mqtt_config,
+            acceptor.clone(),
+            async move {
+                let _ = mqtt_stopped.wait_for(|s| *s).await;
+            },
+        ))
+    });
     let tls_watch = tls.clone().map(|reloader| {
         let mut tls_stopped = shutdown.subscribe();
         tokio::spawn(reloader.watch(config.tls_reload, async move {
@@ -354,6 +392,9 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         if let Some(coap) = coap {
             coap.await.context("CoAP endpoint")?;
         }
+        if let Some(mqtt) = mqtt {
+            mqtt.await.context("MQTT endpoint")?;
+        }
         if let Some(integration) = integration {
             integration.stop().await;
         }
@@ -375,6 +416,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         hawkbit: hawkbit.map(|source| source.stats()),
         max_connections,
         coap_addr,
+        mqtt_addr,
         tls,
         connection_slots,
         shutdown,

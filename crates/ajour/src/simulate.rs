@@ -1,6 +1,7 @@
 //! `ajour simulate`: the command line of `ajour_sim`'s device simulator. Devices update
-//! themselves over the HTTP endpoint (or, with `--coap-url`, over the CoAP endpoint; with
-//! `--via-mqtt`, behind Drogue's MQTT integration) as `embedded-update` devices do, and check what they were sent: every Write's offset and the
+//! themselves over a device endpoint of `ajour serve` (`--transport http|coap|mqtt`, or the
+//! scheme of `--url`), or with `--via-mqtt` behind Drogue's MQTT integration, as
+//! `embedded-update` devices do, and check what they were sent: every Write's offset and the
 //! Swap's checksum. A failure is reported with the device's name; the command exits non-zero
 //! when any device fails.
 //!
@@ -91,9 +92,41 @@ pub struct SimulateArgs {
         conflicts_with = "via_mqtt"
     )]
     pub coap_url: Vec<String>,
+    /// The device endpoint the devices use: `http` (`--url http[s]://...`), `coap` (`--url
+    /// coap://HOST[:PORT]`, as --coap-url) or `mqtt` (`--url mqtt[s]://HOST[:PORT]`, `ajour serve
+    /// --mqtt-listen`; each device on a connection of its own, --mqtt-version, --ca-cert).
+    /// Default: from --url's scheme.
+    #[arg(long, value_enum, conflicts_with = "via_mqtt")]
+    pub transport: Option<TransportArg>,
+    /// A PEM file of CA certificates to trust beside the system's, for `mqtts://` (a server
+    /// started with --tls-cert and a certificate of its own CA).
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
     #[command(flatten)]
     pub mqtt: MqttSimArgs,
+}
+
+/// A device endpoint of `ajour serve`, as `ajour simulate --transport` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    Http,
+    Coap,
+    Mqtt,
+}
+
+impl TransportArg {
+    /// The transport a URL's scheme names.
+    fn of_url(url: &str) -> Self {
+        match url
+            .split_once("://")
+            .map(|(scheme, _)| scheme.to_ascii_lowercase())
+        {
+            Some(scheme) if scheme == "coap" => TransportArg::Coap,
+            Some(scheme) if scheme == "mqtt" || scheme == "mqtts" => TransportArg::Mqtt,
+            _ => TransportArg::Http,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -158,11 +191,49 @@ impl SimulateArgs {
         Ok(shares)
     }
 
+    /// The transport `--transport` names, or the URLs' scheme does.
+    fn transport(&self) -> anyhow::Result<TransportArg> {
+        if !self.coap_url.is_empty() {
+            if self.transport.is_some_and(|t| t != TransportArg::Coap) {
+                bail!("--coap-url drives the devices over CoAP; drop --transport or make it coap");
+            }
+            return Ok(TransportArg::Coap);
+        }
+        let schemes: Vec<TransportArg> = self.url.iter().map(|url| TransportArg::of_url(url)).collect();
+        let named = self.transport.unwrap_or(schemes[0]);
+        if let Some((url, _)) = self
+            .url
+            .iter()
+            .zip(&schemes)
+            .find(|(_, scheme)| **scheme != named)
+        {
+            bail!("--url {url} is not a URL of the {named:?} endpoint (http[s]://, coap://, mqtt[s]://)");
+        }
+        Ok(named)
+    }
+
     fn simulation(&self) -> anyhow::Result<Simulation> {
+        let command_timeout = Duration::from_secs_f64(self.mqtt.command_timeout.max(0.05));
         let transport = match &self.mqtt.via_mqtt {
-            None if !self.coap_url.is_empty() => Transport::Coap {
-                urls: self.coap_url.clone(),
+            None if self.transport()? == TransportArg::Coap => Transport::Coap {
+                urls: if self.coap_url.is_empty() {
+                    self.url.clone()
+                } else {
+                    self.coap_url.clone()
+                },
             },
+            None if self.transport()? == TransportArg::Mqtt => {
+                let [url] = &self.url[..] else {
+                    bail!("--transport mqtt takes one --url (mqtt://HOST:PORT or mqtts://)");
+                };
+                let mut endpoint = MqttConfig::new(url, "ajour-simulator");
+                endpoint.version = self.mqtt.mqtt_version.into();
+                endpoint.tls.ca_file = self.ca_cert.clone();
+                Transport::Mqtt {
+                    endpoint,
+                    command_timeout,
+                }
+            }
             Some(url) => {
                 let mut broker = MqttConfig::new(url, "ajour-simulator");
                 broker.username = self.mqtt.mqtt_user.clone();
@@ -170,7 +241,7 @@ impl SimulateArgs {
                 broker.version = self.mqtt.mqtt_version.into();
                 Transport::DrogueMqtt {
                     broker,
-                    command_timeout: Duration::from_secs_f64(self.mqtt.command_timeout.max(0.05)),
+                    command_timeout,
                 }
             }
             None => Transport::Http {

@@ -16,6 +16,7 @@ mod drg;
 mod drogue;
 mod gateway;
 mod hawkbit;
+mod mqtt;
 mod oci;
 mod ops;
 mod schema_and_logs;

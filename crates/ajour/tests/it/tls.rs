@@ -415,3 +415,62 @@ async fn the_server_does_not_start_without_a_usable_certificate() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_update_over_mqtts_with_the_servers_certificate() {
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    server
+        .connection
+        .create_app("app", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for name in ["sim-0", "sim-1", "plain"] {
+        server.connection.create_device("app", name, "pw", None).await;
+    }
+    let ca = server.dir.path().join("ca.pem");
+    std::fs::write(&ca, server.pki.ca_pem()).unwrap();
+    // The simulator over MQTT 5 and TLS, trusting the test CA.
+    let mut endpoint = ajour_client::mqtt::MqttConfig::new(format!("mqtts://localhost:{}", mqtt.port()), "t");
+    endpoint.tls.ca_file = Some(ca.clone());
+    let transport = ajour_sim::Transport::Mqtt {
+        endpoint,
+        command_timeout: Duration::from_secs(5),
+    };
+    let outcomes = super::support::simulate(&super::support::fleet("app", 2, transport)).await;
+    super::support::assert_all_updated(&outcomes, "2.0.0", FIRMWARE_LEN);
+    // Mosquitto's client over TLS is accepted; without TLS it gets no CONNACK.
+    let status = server.dir.path().join("status.cbor");
+    std::fs::write(
+        &status,
+        ajour_protocol::encode_status(
+            &ajour_protocol::Status::first(b"1.0.0".to_vec(), Some(256), None),
+            ajour_protocol::Encoding::Packed,
+        ),
+    )
+    .unwrap();
+    let publish = |tls: bool| {
+        let mut command = std::process::Command::new("mosquitto_pub");
+        command
+            .args([
+                "-h",
+                "localhost",
+                "-p",
+                &mqtt.port().to_string(),
+                "-u",
+                "plain@app",
+                "-P",
+                "pw",
+            ])
+            .args(["-t", "dfu", "-q", "1", "-f"])
+            .arg(&status);
+        if tls {
+            command.arg("--cafile").arg(&ca);
+        }
+        command.output().unwrap()
+    };
+    let over_tls = publish(true);
+    assert!(over_tls.status.success(), "{over_tls:?}");
+    let plain = publish(false);
+    assert!(!plain.status.success(), "{plain:?}");
+    server.stop().await;
+}
