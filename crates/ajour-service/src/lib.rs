@@ -17,6 +17,7 @@
 //! This crate does no network I/O of its own; the registry and firmware source are traits.
 
 mod auth;
+mod certificates;
 mod context;
 pub mod guard;
 pub mod rollouts;
@@ -27,6 +28,7 @@ pub mod x509;
 
 pub use ajour_types::{FirmwareState, FirmwareStatus};
 pub use auth::AuthError;
+pub use certificates::CertSignIn;
 
 pub use guard::GuardConfig;
 pub use rollouts::{Action as RolloutAction, RolloutDetails, RolloutError, RolloutSummary};
@@ -100,6 +102,8 @@ pub struct UpdateService {
     rollouts: Option<Rollouts>,
     /// Who watches which application's traffic live ([`traffic`]).
     traffic: Arc<traffic::Traffic>,
+    /// Which applications trust which certificate issuers ([`Self::sign_in_certificate`]).
+    issuers: certificates::IssuerIndex,
 }
 
 impl UpdateService {
@@ -110,6 +114,7 @@ impl UpdateService {
     ) -> Self {
         Self {
             contexts: ContextCache::new(config.spec_cache_ttl),
+            issuers: certificates::IssuerIndex::new(config.spec_cache_ttl),
             auth: auth::Authenticator::new(
                 config.credential_keys.clone(),
                 guard::LoginGuard::new(config.guard.clone()),

@@ -2,8 +2,9 @@
 //! CA certificates as its trust anchors (`spec.trustAnchors.anchors[].certificate`, base64 of the
 //! PEM text), and a device signs in with a client certificate whose chain leads up to one of
 //! them. The device is the one named by the certificate's subject: its Common Name is the device
-//! name, or the whole subject DN string (`O=Drogue IoT, OU=Cloud, CN=Device 1`) is one of the
-//! device's `spec.alias` entries. The application is found by the issuer DN at the top of the
+//! name ([`crate::certificates`]; Drogue's other form, the whole subject DN string such as
+//! `O=Drogue IoT, OU=Cloud, CN=Device 1` listed in a device's `spec.alias`, is not looked up). The
+//! application is found by the issuer DN at the top of the
 //! presented chain, which equals the subject DN of one of its anchors (Drogue keeps an `x509/ca`
 //! alias of it). This module only parses and checks; looking applications and devices up is the
 //! caller's, with the DN strings given here. Nothing here panics on bad input: every certificate

@@ -113,6 +113,11 @@ pub fn server_config_with_client_certs(
         .with_cert_resolver(resolver))
 }
 
+/// The certificate chain a client presented on its TLS connection, as the HTTP endpoint finds it
+/// among a request's extensions.
+#[derive(Debug, Clone)]
+pub struct ClientChain(pub Arc<Vec<CertificateDer<'static>>>);
+
 /// The chain the client presented (its own certificate first), once the handshake is done; `None`
 /// when it presented none (or the handshake is not done yet).
 pub fn peer_chain(conn: &rustls::ServerConnection) -> Option<Vec<CertificateDer<'static>>> {

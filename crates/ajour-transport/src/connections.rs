@@ -274,13 +274,17 @@ async fn accept_connection(
         clock: clock.clone(),
     };
     match tls {
-        None => serve_connection(stream, peer, app, limits, clock, draining).await,
+        None => serve_connection(stream, peer, None, app, limits, clock, draining).await,
         Some(tls) => {
             // The clock's header deadline, from the accept: the handshake and then the request
             // head must both arrive within it.
             let deadline = Instant::now() + limits.header_timeout;
             match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(stream, peer, app, limits, clock, draining).await,
+                Ok(Ok(stream)) => {
+                    let chain = crate::client_cert::peer_chain(stream.get_ref().1)
+                        .map(|chain| crate::client_cert::ClientChain(Arc::new(chain)));
+                    serve_connection(stream, peer, chain, app, limits, clock, draining).await
+                }
                 Ok(Err(error)) => tracing::debug!(%peer, "TLS handshake failed: {error}"),
                 Err(_) => {
                     metrics::counter!(
@@ -298,10 +302,12 @@ async fn accept_connection(
 
 /// Serve `app` on one connection until the client closes it, a timeout of `limits` closes it,
 /// or the server drains (`draining`): then the request in progress is finished and the connection
-/// closed. `clock` is the one `stream` reports to.
+/// closed. `clock` is the one `stream` reports to; `chain`, the client certificate it presented
+/// over TLS, goes with each request.
 async fn serve_connection<S>(
     stream: S,
     peer: SocketAddr,
+    chain: Option<crate::client_cert::ClientChain>,
     app: axum::Router,
     limits: ConnectionLimits,
     clock: Arc<ConnectionClock>,
@@ -317,6 +323,9 @@ async fn serve_connection<S>(
             // Handlers see the client's address as axum's `ConnectInfo` (failed logins are
             // counted per address).
             request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            if let Some(chain) = &chain {
+                request.extensions_mut().insert(chain.clone());
+            }
             let response = app.clone().oneshot(request);
             async move {
                 let response = response.await;

@@ -9,7 +9,8 @@
 //!
 //! | case | answer |
 //! |---|---|
-//! | no or malformed `Authorization` | 401 |
+//! | no or malformed `Authorization` (and no client certificate) | 401 |
+//! | a client certificate (over TLS, no `Authorization`) no application trusts, or naming no device of it | 403 |
 //! | unknown device or wrong password | 403, after the same delay |
 //! | `as=` a device that does not name the gateway (or does not exist) | 403, saying so |
 //! | too many failed logins from this address or for this device | 429 with `Retry-After` |
@@ -19,8 +20,9 @@
 //! | registry unreachable while authenticating | 503 |
 
 use ajour_protocol::MAX_STATUS_SIZE;
-use ajour_service::{error_total, Refusal, SignIn, UpdateService};
-use ajour_types::{basic_auth, Key};
+use crate::client_cert::ClientChain;
+use ajour_service::{error_total, CertSignIn, Refusal, SignIn, UpdateService};
+use ajour_types::basic_auth;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -58,14 +60,31 @@ async fn publish(
     Path(channel): Path<String>,
     Query(query): Query<EndpointQuery>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    chain: Option<Extension<ClientChain>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(address))| address.ip());
     let credentials = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(basic_auth::parse);
     let Some((user, password)) = credentials else {
+        // No password: a client certificate, when the device presented one over TLS.
+        if let Some(Extension(ClientChain(chain))) = chain {
+            let given = CertSignIn {
+                chain: &chain,
+                application: query.application.as_deref(),
+                as_device: query.as_device.as_deref(),
+                peer,
+            };
+            let device = match service.sign_in_certificate(&given).await {
+                Ok(device) => device,
+                Err(refusal) => return refused(refusal),
+            };
+            let span = ajour_service::device_span(device.key());
+            return answer(device, &channel, body).instrument(span).await;
+        }
         error_total("auth_missing");
         return (
             StatusCode::UNAUTHORIZED,
@@ -79,7 +98,7 @@ async fn publish(
         password: &password,
         application: query.application.as_deref(),
         as_device: query.as_device.as_deref(),
-        peer: peer.map(|Extension(ConnectInfo(address))| address.ip()),
+        peer,
     };
     let key = match given.key() {
         Ok(key) => key,
@@ -88,9 +107,14 @@ async fn publish(
     // Everything logged from here on, down to the registry and the firmware source, names the
     // device and its application.
     let span = ajour_service::device_span(&key);
-    answer(&service, &key, &given, &channel, body)
-        .instrument(span)
-        .await
+    async {
+        match service.sign_in(&key, &given).await {
+            Ok(device) => answer(device, &channel, body).await,
+            Err(refusal) => refused(refusal),
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 /// What a refused request is answered.
@@ -113,19 +137,9 @@ fn refused(refusal: Refusal) -> Response {
     }
 }
 
-/// Sign the device in and answer its status (or, with `as=`, the status the gateway sends for
+/// Answer the status of a device signed in (or, with `as=`, the status the gateway sends for
 /// that device), in the device's span.
-async fn answer(
-    service: &UpdateService,
-    key: &Key,
-    given: &SignIn<'_>,
-    channel: &str,
-    body: Body,
-) -> Response {
-    let device = match service.sign_in(key, given).await {
-        Ok(device) => device,
-        Err(refusal) => return refused(refusal),
-    };
+async fn answer(device: ajour_service::Device<'_>, channel: &str, body: Body) -> Response {
     let bytes = match axum::body::to_bytes(body, MAX_STATUS_SIZE).await {
         Ok(bytes) => bytes,
         Err(error) if timed_out(&error) => {
@@ -148,7 +162,7 @@ async fn answer(
         Ok(reply) => reply,
         Err(error) => return (StatusCode::BAD_REQUEST, format!("{error}\n")).into_response(),
     };
-    tracing::trace!(%key, command = reply.kind, "status answered");
+    tracing::trace!(key = %device.key(), command = reply.kind, "status answered");
     (
         StatusCode::OK,
         [

@@ -149,14 +149,11 @@ impl ResolvesServerCert for CertReloader {
     }
 }
 
-/// The TLS side of the HTTP listener: `reloader`'s certificate, HTTP/1.1 by ALPN, no client
-/// certificates.
+/// The TLS side of the HTTP and MQTT listeners: `reloader`'s certificate, HTTP/1.1 by ALPN (a
+/// client offering no ALPN, as MQTT clients do, is served all the same), and a client
+/// certificate asked for but not required ([`crate::client_cert`]): devices may sign in with one.
 pub fn acceptor(reloader: Arc<CertReloader>) -> Result<tokio_rustls::TlsAcceptor, String> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("configuring TLS: {e}"))?
-        .with_no_client_auth()
-        .with_cert_resolver(reloader);
+    let mut config = crate::client_cert::server_config_with_client_certs(reloader)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

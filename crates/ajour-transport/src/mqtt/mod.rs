@@ -14,7 +14,7 @@ mod topics;
 
 use crate::http::DFU_CHANNEL;
 use ajour_protocol::MAX_STATUS_SIZE;
-use ajour_service::{error_total, Refusal, SignIn, UpdateService};
+use ajour_service::{error_total, CertSignIn, Refusal, SignIn, UpdateService};
 use ajour_types::Key;
 use bytes::{Bytes, BytesMut};
 use packets::{
@@ -22,6 +22,7 @@ use packets::{
     Version,
 };
 use rumqttc::mqttbytes::QoS;
+use rustls::pki_types::CertificateDer;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -192,9 +193,12 @@ pub async fn serve(
             metrics::gauge!("ajour_mqtt_connections").increment(1.0);
             let deadline = Instant::now() + endpoint.config.connect_timeout;
             match tls {
-                None => endpoint.connection(stream, peer, deadline, draining).await,
+                None => endpoint.connection(stream, peer, None, deadline, draining).await,
                 Some(tls) => match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => endpoint.connection(stream, peer, deadline, draining).await,
+                    Ok(Ok(stream)) => {
+                        let chain = crate::client_cert::peer_chain(stream.get_ref().1);
+                        endpoint.connection(stream, peer, chain, deadline, draining).await
+                    }
                     Ok(Err(error)) => tracing::debug!(%peer, "MQTT TLS handshake failed: {error}"),
                     Err(_) => tracing::debug!(%peer, "MQTT connection closed: no TLS handshake in time"),
                 },
@@ -311,10 +315,12 @@ struct Session {
 }
 
 impl Endpoint {
+    /// Serve one connection; `chain` is the client certificate it presented over TLS.
     async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: S,
         peer: SocketAddr,
+        chain: Option<Vec<CertificateDer<'static>>>,
         deadline: Instant,
         draining: watch::Receiver<bool>,
     ) {
@@ -355,32 +361,50 @@ impl Endpoint {
         if let Some(max) = connect.max_packet_size {
             wire.client_max = usize::try_from(max).unwrap_or(usize::MAX);
         }
-        let (Some(user), Some(password)) = (connect.username.as_deref(), connect.password.as_deref()) else {
-            error_total("auth_missing");
-            wire.queue(connack_refused(
-                ConnectRefusal::BadUserNameOrPassword,
-                "user name device@application and password required",
-            ));
-            let _ = wire.flush().await;
-            return;
-        };
-        let given = SignIn {
-            user,
-            password,
-            application: None,
-            as_device: None,
-            peer: Some(peer.ip()),
-        };
-        let signed_in = match given.key() {
-            Ok(key) => {
-                let span = ajour_service::device_span(&key);
+        let signed_in = match (connect.username.as_deref(), connect.password.as_deref(), &chain) {
+            (Some(user), Some(password), _) => {
+                let given = SignIn {
+                    user,
+                    password,
+                    application: None,
+                    as_device: None,
+                    peer: Some(peer.ip()),
+                };
+                match given.key() {
+                    Ok(key) => {
+                        let span = ajour_service::device_span(&key);
+                        self.service
+                            .sign_in(&key, &given)
+                            .instrument(span)
+                            .await
+                            .map(|device| device.key().clone())
+                    }
+                    Err(refusal) => Err(refusal),
+                }
+            }
+            // No password: the client certificate, when one was presented over TLS. A user name
+            // `device@app` (or `@app`) names the application; the certificate names the device.
+            (user, None, Some(chain)) => {
+                let given = CertSignIn {
+                    chain,
+                    application: user.and_then(|user| user.split_once('@')).map(|(_, app)| app),
+                    as_device: None,
+                    peer: Some(peer.ip()),
+                };
                 self.service
-                    .sign_in(&key, &given)
-                    .instrument(span)
+                    .sign_in_certificate(&given)
                     .await
                     .map(|device| device.key().clone())
             }
-            Err(refusal) => Err(refusal),
+            _ => {
+                error_total("auth_missing");
+                wire.queue(connack_refused(
+                    ConnectRefusal::BadUserNameOrPassword,
+                    "user name device@application and password, or a client certificate over TLS, required",
+                ));
+                let _ = wire.flush().await;
+                return;
+            }
         };
         let client = match signed_in {
             Ok(client) => client,

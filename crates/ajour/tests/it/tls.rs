@@ -474,3 +474,168 @@ async fn devices_update_over_mqtts_with_the_servers_certificate() {
     assert!(!plain.status.success(), "{plain:?}");
     server.stop().await;
 }
+
+/// A device's certificate as files hold it, for `mosquitto_pub --cert/--key` and reqwest.
+struct DeviceCert {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    /// The certificate and then the key, in one PEM text (reqwest's identity).
+    identity: String,
+}
+
+/// A CA of an application's own (its trust anchor), named `name`.
+fn application_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::OrganizationName, "Drogue IoT");
+    params.distinguished_name.push(DnType::CommonName, name);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A client certificate with Common Name `device`, signed by `ca`, written to `dir`.
+fn device_cert(ca: &CertifiedIssuer<'static, KeyPair>, device: &str, dir: &Path, file: &str) -> DeviceCert {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::OrganizationName, "Drogue IoT");
+    params.distinguished_name.push(DnType::CommonName, device);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, ca).unwrap();
+    let paths = (dir.join(format!("{file}.crt")), dir.join(format!("{file}.key")));
+    std::fs::write(&paths.0, cert.pem()).unwrap();
+    std::fs::write(&paths.1, key.serialize_pem()).unwrap();
+    DeviceCert {
+        cert: paths.0,
+        key: paths.1,
+        identity: format!("{}{}", cert.pem(), key.serialize_pem()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
+    use base64::Engine;
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    let dir = server.dir.path().to_path_buf();
+    // The application trusts its own CA, in Drogue's form: base64 of the PEM text.
+    let ca = application_ca("Application 1");
+    let anchor = base64::engine::general_purpose::STANDARD.encode(ca.pem());
+    let (status, body) = server
+        .connection
+        .api_send(
+            reqwest::Method::POST,
+            "apps",
+            Some(json!({
+                "metadata": {"name": "certs"},
+                "spec": {
+                    "firmware": {"file": {"name": "fw"}},
+                    "trustAnchors": {"anchors": [{"certificate": anchor}]},
+                },
+            })),
+        )
+        .await;
+    assert!(status.is_success(), "{status}: {body}");
+    server.connection.create_device("certs", "dev-1", "pw", None).await;
+    let good = device_cert(&ca, "dev-1", &dir, "good");
+    let ghost = device_cert(&ca, "ghost", &dir, "ghost");
+    let forged = device_cert(&application_ca("Application 1"), "dev-1", &dir, "forged");
+    let status_bytes = ajour_protocol::encode_status(
+        &ajour_protocol::Status::first(b"1.0.0".to_vec(), Some(256), Some(5)),
+        ajour_protocol::Encoding::Packed,
+    );
+
+    // HTTPS: no Authorization header, the certificate signs the device in.
+    let post = |identity: Option<&str>| {
+        let mut client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap());
+        if let Some(identity) = identity {
+            client = client.identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
+        }
+        let client = client.build().unwrap();
+        let url = format!("{}/v1/dfu", server.connection.url);
+        let body = status_bytes.clone();
+        async move { client.post(url).body(body).send().await.unwrap() }
+    };
+    let answered = post(Some(&good.identity)).await;
+    assert_eq!(answered.status(), reqwest::StatusCode::OK);
+    let bytes = answered.bytes().await.unwrap();
+    let command = ajour_protocol::decode_command(&bytes).unwrap();
+    assert_eq!(command.kind(), "write");
+    assert_eq!(command.correlation_id(), Some(5));
+    // Another CA with the very same name, a device that does not exist: refused alike.
+    assert_eq!(post(Some(&forged.identity)).await.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(post(Some(&ghost.identity)).await.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(post(None).await.status(), reqwest::StatusCode::UNAUTHORIZED);
+
+    // MQTTS: Mosquitto's clients with the certificate and no user name or password.
+    let ca_file = dir.join("server-ca.pem");
+    std::fs::write(&ca_file, server.pki.ca_pem()).unwrap();
+    let status_file = dir.join("status.cbor");
+    std::fs::write(&status_file, &status_bytes).unwrap();
+    let tls_args = |cert: &DeviceCert| {
+        vec![
+            "-h".to_string(),
+            "localhost".into(),
+            "-p".into(),
+            mqtt.port().to_string(),
+            "--cafile".into(),
+            ca_file.display().to_string(),
+            "--cert".into(),
+            cert.cert.display().to_string(),
+            "--key".into(),
+            cert.key.display().to_string(),
+        ]
+    };
+    let mut sub = tokio::process::Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args(tls_args(&good))
+        .args(["-V", "mqttv5", "-t", "command/inbox/#", "-d", "-F", "PAYLOAD %x", "-C", "1", "-W", "20"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("received SUBACK") {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), {
+            use tokio::io::AsyncBufReadExt;
+            lines.read_line(&mut line)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(read > 0, "mosquitto_sub ended before its SUBACK: {seen}");
+        seen.push_str(&line);
+    }
+    let publish = |cert: &DeviceCert| {
+        std::process::Command::new("mosquitto_pub")
+            .args(tls_args(cert))
+            .args(["-t", "dfu", "-q", "1", "-f"])
+            .arg(&status_file)
+            .output()
+            .unwrap()
+    };
+    let published = publish(&good);
+    assert!(published.status.success(), "{published:?}");
+    let mut rest = String::new();
+    tokio::time::timeout(Duration::from_secs(20), {
+        use tokio::io::AsyncReadExt;
+        lines.read_to_string(&mut rest)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let payload = rest
+        .lines()
+        .find_map(|line| line.strip_prefix("PAYLOAD "))
+        .unwrap_or_else(|| panic!("no command: {rest}"));
+    let bytes = hex::decode(payload.trim()).unwrap();
+    let command = ajour_protocol::decode_command(&bytes).unwrap();
+    assert_eq!(command.kind(), "write");
+    for refused in [&forged, &ghost] {
+        let output = publish(refused);
+        assert!(!output.status.success(), "{output:?}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("not authori"), "{output:?}");
+    }
+    server.stop().await;
+}

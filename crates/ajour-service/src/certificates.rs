@@ -1,0 +1,164 @@
+//! Signing a device in with its client certificate (Drogue's X.509 form, [`crate::x509`]): the
+//! chain the TLS layer took (and checked the client holds the key of) is checked here against
+//! the trust anchors of the application it names, because the anchors live in the registry, per
+//! application, and change while the server runs. The device is the one named by the
+//! certificate's Common Name in that application.
+
+use crate::x509::{self, PresentedChain, TrustAnchors};
+use crate::{error_total, AuthError, Device, Refusal, UpdateService};
+use ajour_registry::{ListParams, Registry, Scope};
+use ajour_types::{AppName, DeviceName, Key};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// What a TLS device endpoint was given to sign a device in by certificate.
+pub struct CertSignIn<'a> {
+    /// The chain the client presented, its own certificate first.
+    pub chain: &'a [CertificateDer<'static>],
+    /// The application, when the client named it (an MQTT user name `device@app`, HTTP's
+    /// `?application=`); otherwise it is the one whose trust anchor issued the chain.
+    pub application: Option<&'a str>,
+    /// A gateway acting for this device of its application.
+    pub as_device: Option<&'a str>,
+    pub peer: Option<IpAddr>,
+}
+
+/// Which applications have a trust anchor of each subject DN, read from the registry at most
+/// once per spec cache TTL: a device presenting a certificate names no application, and the
+/// issuer of its chain finds it.
+pub(crate) struct IssuerIndex {
+    ttl: Duration,
+    read: Mutex<Option<(Instant, Arc<HashMap<String, Vec<AppName>>>)>>,
+}
+
+impl IssuerIndex {
+    pub(crate) fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            read: Mutex::new(None),
+        }
+    }
+
+    async fn applications(&self, registry: &dyn Registry, issuer: &str) -> Result<Vec<AppName>, Refusal> {
+        let cached = self
+            .read
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, index)| index.clone());
+        let index = match cached {
+            Some(index) => index,
+            None => {
+                let apps = registry
+                    .list(&Scope::Apps, &ListParams::default())
+                    .await
+                    .map_err(|error| {
+                        error_total("registry");
+                        tracing::warn!(%error, "trust anchors unavailable");
+                        Refusal::Unavailable
+                    })?;
+                let mut index: HashMap<String, Vec<AppName>> = HashMap::new();
+                for app in apps {
+                    let Ok(name) = AppName::parse(&app.metadata.name) else {
+                        continue;
+                    };
+                    // A broken anchor is reported when a device of that application signs in.
+                    let spec = serde_json::Value::Object(app.spec);
+                    if let Ok(anchors) = TrustAnchors::from_spec(&spec) {
+                        for subject in anchors.subjects() {
+                            index.entry(subject.to_string()).or_default().push(name.clone());
+                        }
+                    }
+                }
+                let index = Arc::new(index);
+                *self.read.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), index.clone()));
+                index
+            }
+        };
+        Ok(index.get(issuer).cloned().unwrap_or_default())
+    }
+}
+
+impl UpdateService {
+    /// Sign in the device a client certificate names: the chain must lead to a trust anchor of
+    /// the device's application (`spec.trustAnchors`), be valid now and fit client
+    /// authentication, and its Common Name must be a device of that application. With
+    /// `as_device`, the device the signed-in gateway acts for, as with a password. Every failure
+    /// is [`Refusal::Denied`] (counted against the address, as a wrong password is), and logged
+    /// at `info` with its reason: the operator sees why; the client learns nothing.
+    pub async fn sign_in_certificate(&self, given: &CertSignIn<'_>) -> Result<Device<'_>, Refusal> {
+        let denied = |key: Option<&Key>, why: &dyn std::fmt::Display| {
+            tracing::info!("client certificate refused: {why}");
+            metrics::counter!("ajour_auth_failures_total").increment(1);
+            error_total("auth_denied");
+            self.auth.guard.failed(key, given.peer);
+            Refusal::Denied
+        };
+        let chain = PresentedChain::new(given.chain.to_vec()).map_err(|e| denied(None, &e))?;
+        let applications = match given.application {
+            Some(app) => vec![AppName::parse(app).map_err(|e| denied(None, &e))?],
+            None => {
+                self.issuers
+                    .applications(self.registry.as_ref(), chain.issuer_dn())
+                    .await?
+            }
+        };
+        let mut why = format!(
+            "no application trusts its issuer '{}'",
+            chain.issuer_dn()
+        );
+        for app in applications {
+            let application = match self.registry.get(&Key::App(app.clone())).await {
+                Ok(Some(application)) => application,
+                Ok(None) => continue,
+                Err(error) => {
+                    error_total("registry");
+                    tracing::warn!(%error, "trust anchors unavailable");
+                    return Err(Refusal::Unavailable);
+                }
+            };
+            let anchors = match TrustAnchors::from_spec(&serde_json::Value::Object(application.spec)) {
+                Ok(anchors) => anchors,
+                Err(error) => {
+                    why = format!("application '{app}': {error}");
+                    continue;
+                }
+            };
+            let identity = match x509::verify(&chain, &anchors, UnixTime::now()) {
+                Ok(identity) => identity,
+                Err(error) => {
+                    why = format!("application '{app}': {error}");
+                    continue;
+                }
+            };
+            let Ok(name) = DeviceName::parse(&identity.common_name) else {
+                return Err(denied(None, &format!("'{}' names no device", identity.common_name)));
+            };
+            let key = Key::Device(app, name);
+            if let Err((by, left)) = self.auth.guard.admit(&key, given.peer) {
+                return Err(match self.auth.throttled(by, left) {
+                    AuthError::Throttled { retry_after } => Refusal::Throttled { retry_after },
+                    _ => Refusal::Denied,
+                });
+            }
+            return match self.contexts.get(self.registry.as_ref(), &key).await {
+                Ok(Some(_)) => {
+                    self.auth.guard.succeeded(&key, given.peer);
+                    tracing::Span::current().record("device", tracing::field::display(&identity.common_name));
+                    self.session_device(&key, given.as_device).await
+                }
+                Ok(None) => Err(denied(Some(&key), &format!("{key} does not exist"))),
+                Err(error) => {
+                    error_total("registry");
+                    tracing::warn!(%error, "device authentication unavailable");
+                    Err(Refusal::Unavailable)
+                }
+            };
+        }
+        Err(denied(None, &why))
+    }
+}
