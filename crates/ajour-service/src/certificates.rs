@@ -75,7 +75,8 @@ impl IssuerIndex {
                     }
                 }
                 let index = Arc::new(index);
-                *self.read.lock().unwrap_or_else(PoisonError::into_inner) = Some((Instant::now(), index.clone()));
+                *self.read.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), index.clone()));
                 index
             }
         };
@@ -107,10 +108,7 @@ impl UpdateService {
                     .await?
             }
         };
-        let mut why = format!(
-            "no application trusts its issuer '{}'",
-            chain.issuer_dn()
-        );
+        let mut why = format!("no application trusts its issuer '{}'", chain.issuer_dn());
         for app in applications {
             let application = match self.registry.get(&Key::App(app.clone())).await {
                 Ok(Some(application)) => application,
@@ -136,7 +134,10 @@ impl UpdateService {
                 }
             };
             let Ok(name) = DeviceName::parse(&identity.common_name) else {
-                return Err(denied(None, &format!("'{}' names no device", identity.common_name)));
+                return Err(denied(
+                    None,
+                    &format!("'{}' names no device", identity.common_name),
+                ));
             };
             let key = Key::Device(app, name);
             if let Err((by, left)) = self.auth.guard.admit(&key, given.peer) {

@@ -19,8 +19,8 @@
 //! | body that is not a status | 400, naming what is wrong |
 //! | registry unreachable while authenticating | 503 |
 
-use ajour_protocol::MAX_STATUS_SIZE;
 use crate::client_cert::ClientChain;
+use ajour_protocol::MAX_STATUS_SIZE;
 use ajour_service::{error_total, CertSignIn, Refusal, SignIn, UpdateService};
 use ajour_types::basic_auth;
 use axum::body::Body;

@@ -4,14 +4,13 @@
 //! its code, datagrams that are not requests, and the same command bytes as over HTTP.
 
 use crate::support::*;
-use ajour::server::{self, RunningServer};
+use ajour::server;
 use ajour_protocol::{decode_command, encode_status, Command, Encoding, Status};
 use ajour_registry::AppName;
 use ajour_service::traffic::{Next, STATUS_EVENT_TYPE};
 use ajour_sim::coap::coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use ajour_sim::coap::{dfu_request, AUTHORIZATION_OPTION, COMMAND_OPTION};
 use ajour_sim::{CoapLink, SimulatedDevice, Transport};
-use ajour_testkit::TestDatabase;
 use clap::Parser;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -23,21 +22,17 @@ use tokio::net::UdpSocket;
 /// awaited, this only bounds a hang).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A server started in this process with `--coap-listen 127.0.0.1:0`, configured through the
-/// command line as an operator would, on `backend`; with the address its CoAP endpoint got.
-/// (`TestServer` does not hand out its `RunningServer`, where that address is.)
+/// A server started in this process with `--coap-listen 127.0.0.1:0` (and `extra` flags), with
+/// the address its CoAP endpoint got.
 struct CoapServer {
-    connection: Connection,
-    running: Option<RunningServer>,
+    server: FlagServer,
     coap: SocketAddr,
-    data_dir: tempfile::TempDir,
-    _database: Option<TestDatabase>,
 }
 
 impl Deref for CoapServer {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.connection
+    type Target = FlagServer;
+    fn deref(&self) -> &FlagServer {
+        &self.server
     }
 }
 
@@ -46,73 +41,20 @@ impl CoapServer {
         Self::start_with(backend, &[]).await
     }
 
-    /// ... with more flags of `ajour serve`.
     async fn start_with(backend: Backend, extra: &[&str]) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
-        let database = TestDatabase::of(backend).await;
-        let data = data_dir.path().to_str().unwrap().to_string();
-        let mut argv = vec![
-            "ajour",
-            "serve",
-            "--data-dir",
-            &data,
-            "--listen",
-            "127.0.0.1:0",
-            "--coap-listen",
-            "127.0.0.1:0",
-            "--firmware-recheck-ms",
-            "0",
-        ];
-        let secret = ajour_registry::CredentialKeys::generate().to_text();
-        if let Some(database) = &database {
-            argv.extend(["--database-url", database.url(), "--credential-secret", &secret]);
-        }
-        argv.extend_from_slice(extra);
-        let ajour::cli::Command::Serve(args) = ajour::cli::Cli::try_parse_from(&argv).unwrap().command else {
-            unreachable!()
-        };
-        let config = args.server_config().unwrap();
-        assert_eq!(config.coap_listen.as_deref(), Some("127.0.0.1:0"));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = server::start(listener, config).await.unwrap();
-        let coap = running.coap_addr.expect("a CoAP endpoint with --coap-listen");
+        let mut flags = vec!["--coap-listen", "127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        let server = FlagServer::start(backend, &flags).await;
+        let coap = server
+            .running()
+            .coap_addr
+            .expect("a CoAP endpoint with --coap-listen");
         assert_ne!(coap.port(), 0);
-        Self {
-            connection: Connection {
-                url: format!("http://{}", running.addr),
-                token: running.token.clone(),
-                http: reqwest::Client::new(),
-            },
-            running: Some(running),
-            coap,
-            data_dir,
-            _database: database,
-        }
+        Self { server, coap }
     }
 
-    fn service(&self) -> &ajour_service::UpdateService {
-        &self.running.as_ref().expect("the server runs").service
-    }
-
-    fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
-        ajour_store::FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
-            .add(&ajour_store::FirmwareName::parse(name).unwrap(), version, data)
-            .unwrap();
-    }
-
-    /// Application `app` with firmware `fw` 2.0.0 (`image`), and devices `names`, password `pw`.
-    async fn with_devices(&self, app: &str, image: &[u8], names: &[&str]) {
-        self.add_firmware("fw", "2.0.0", image);
-        self.create_app(app, Some(json!({"file": {"name": "fw"}}))).await;
-        for name in names {
-            self.create_device(app, name, "pw", None).await;
-        }
-    }
-
-    async fn stop(mut self) {
-        if let Some(running) = self.running.take() {
-            running.shutdown().await.unwrap();
-        }
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

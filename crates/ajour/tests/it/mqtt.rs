@@ -4,13 +4,10 @@
 //! clients while a device updates, and the same command bytes as over HTTP.
 
 use crate::support::*;
-use ajour::server::{self, RunningServer};
 use ajour_client::mqtt::{MqttConfig, MqttVersion};
 use ajour_protocol::{decode_command, encode_status, Encoding, Status};
 use ajour_sim::Transport;
-use ajour_testkit::TestDatabase;
 use bytes::{Bytes, BytesMut};
-use clap::Parser;
 use rumqttc::v5::mqttbytes::v5::{
     ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, Login, Packet, PubAckReason, Publish,
     PublishProperties, Subscribe, SubscribeReasonCode,
@@ -28,79 +25,31 @@ use tokio::net::TcpStream;
 /// synchronise anything).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A server started in this process as an operator would (`ajour serve --mqtt-listen
-/// 127.0.0.1:0` and `extra` flags), with the address its MQTT endpoint got.
+/// A server started in this process with `--mqtt-listen 127.0.0.1:0` (and `extra` flags), with
+/// the address its MQTT endpoint got.
 struct MqttServer {
-    connection: Connection,
-    running: Option<RunningServer>,
+    server: FlagServer,
     mqtt: SocketAddr,
-    data_dir: tempfile::TempDir,
-    _database: Option<TestDatabase>,
 }
 
 impl Deref for MqttServer {
-    type Target = Connection;
-    fn deref(&self) -> &Connection {
-        &self.connection
+    type Target = FlagServer;
+    fn deref(&self) -> &FlagServer {
+        &self.server
     }
 }
 
 impl MqttServer {
     async fn start(backend: Backend, extra: &[&str]) -> Self {
-        let data_dir = tempfile::tempdir().unwrap();
-        let database = TestDatabase::of(backend).await;
-        let data = data_dir.path().to_str().unwrap().to_string();
-        let mut argv = vec![
-            "ajour",
-            "serve",
-            "--data-dir",
-            &data,
-            "--listen",
-            "127.0.0.1:0",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--firmware-recheck-ms",
-            "0",
-        ];
-        let secret = ajour_registry::CredentialKeys::generate().to_text();
-        if let Some(database) = &database {
-            argv.extend(["--database-url", database.url(), "--credential-secret", &secret]);
-        }
-        argv.extend_from_slice(extra);
-        let ajour::cli::Command::Serve(args) = ajour::cli::Cli::try_parse_from(&argv).unwrap().command else {
-            unreachable!()
-        };
-        let config = args.server_config().unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = server::start(listener, config).await.unwrap();
-        let mqtt = running.mqtt_addr.expect("an MQTT endpoint with --mqtt-listen");
+        let mut flags = vec!["--mqtt-listen", "127.0.0.1:0"];
+        flags.extend_from_slice(extra);
+        let server = FlagServer::start(backend, &flags).await;
+        let mqtt = server
+            .running()
+            .mqtt_addr
+            .expect("an MQTT endpoint with --mqtt-listen");
         assert_ne!(mqtt.port(), 0);
-        Self {
-            connection: Connection {
-                url: format!("http://{}", running.addr),
-                token: running.token.clone(),
-                http: reqwest::Client::new(),
-            },
-            running: Some(running),
-            mqtt,
-            data_dir,
-            _database: database,
-        }
-    }
-
-    fn service(&self) -> &ajour_service::UpdateService {
-        &self.running.as_ref().expect("the server runs").service
-    }
-
-    /// Application `app` with firmware `fw` 2.0.0 (`image`), and devices `names`, password `pw`.
-    async fn with_devices(&self, app: &str, image: &[u8], names: &[&str]) {
-        ajour_store::FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
-            .add(&ajour_store::FirmwareName::parse("fw").unwrap(), "2.0.0", image)
-            .unwrap();
-        self.create_app(app, Some(json!({"file": {"name": "fw"}}))).await;
-        for name in names {
-            self.create_device(app, name, "pw", None).await;
-        }
+        Self { server, mqtt }
     }
 
     /// Device `name` of `app` (password `pw`) that devices `gateways` may act for.
@@ -122,10 +71,8 @@ impl MqttServer {
         format!("mqtt://{}", self.mqtt)
     }
 
-    async fn stop(mut self) {
-        if let Some(running) = self.running.take() {
-            running.shutdown().await.unwrap();
-        }
+    async fn stop(self) {
+        self.server.stop().await;
     }
 }
 

@@ -338,6 +338,84 @@ pub fn failed(output: Output) -> String {
     stderr
 }
 
+/// A server started in this process from `ajour serve`'s command line, as an operator starts it
+/// (`--data-dir` a temp dir, `--listen 127.0.0.1:0`, `flags`), on `backend`; with its
+/// [`RunningServer`], where the addresses of the other endpoints are.
+pub struct FlagServer {
+    connection: Connection,
+    running: Option<RunningServer>,
+    data_dir: tempfile::TempDir,
+    _database: Option<TestDatabase>,
+}
+
+impl Deref for FlagServer {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.connection
+    }
+}
+
+impl FlagServer {
+    pub async fn start(backend: Backend, flags: &[&str]) -> Self {
+        use clap::Parser;
+        let data_dir = tempfile::tempdir().unwrap();
+        let database = TestDatabase::of(backend).await;
+        let data = data_dir.path().to_str().unwrap().to_string();
+        let mut argv = vec!["ajour", "serve", "--data-dir", &data, "--listen", "127.0.0.1:0"];
+        argv.extend(["--firmware-recheck-ms", "0"]);
+        let secret = CredentialKeys::generate().to_text();
+        if let Some(database) = &database {
+            argv.extend(["--database-url", database.url(), "--credential-secret", &secret]);
+        }
+        argv.extend_from_slice(flags);
+        let ajour::cli::Command::Serve(args) = ajour::cli::Cli::try_parse_from(&argv).unwrap().command else {
+            unreachable!()
+        };
+        let config = args.server_config().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = server::start(listener, config).await.unwrap();
+        Self {
+            connection: Connection {
+                url: format!("http://{}", running.addr),
+                token: running.token.clone(),
+                http: reqwest::Client::new(),
+            },
+            running: Some(running),
+            data_dir,
+            _database: database,
+        }
+    }
+
+    pub fn running(&self) -> &RunningServer {
+        self.running.as_ref().expect("the server runs")
+    }
+
+    pub fn service(&self) -> &ajour_service::UpdateService {
+        &self.running().service
+    }
+
+    pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
+        FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
+            .add(&FirmwareName::parse(name).unwrap(), version, data)
+            .unwrap();
+    }
+
+    /// Application `app` with firmware `fw` 2.0.0 (`image`), and devices `names`, password `pw`.
+    pub async fn with_devices(&self, app: &str, image: &[u8], names: &[&str]) {
+        self.add_firmware("fw", "2.0.0", image);
+        self.create_app(app, Some(json!({"file": {"name": "fw"}}))).await;
+        for name in names {
+            self.create_device(app, name, "pw", None).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await.unwrap();
+        }
+    }
+}
+
 /// A fleet for the one simulator (`ajour_sim`): devices `sim-0 .. sim-(devices-1)` of `app`,
 /// password `pw`, running 1.0.0, sending packed statuses over `transport`; a Wait is honoured for
 /// at most a second, and a device not in sync after two minutes fails.

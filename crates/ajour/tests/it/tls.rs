@@ -487,7 +487,9 @@ struct DeviceCert {
 fn application_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::OrganizationName, "Drogue IoT");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Drogue IoT");
     params.distinguished_name.push(DnType::CommonName, name);
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
@@ -495,7 +497,9 @@ fn application_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
 /// A client certificate with Common Name `device`, signed by `ca`, written to `dir`.
 fn device_cert(ca: &CertifiedIssuer<'static, KeyPair>, device: &str, dir: &Path, file: &str) -> DeviceCert {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(DnType::OrganizationName, "Drogue IoT");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Drogue IoT");
     params.distinguished_name.push(DnType::CommonName, device);
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, ca).unwrap();
@@ -533,7 +537,10 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
         )
         .await;
     assert!(status.is_success(), "{status}: {body}");
-    server.connection.create_device("certs", "dev-1", "pw", None).await;
+    server
+        .connection
+        .create_device("certs", "dev-1", "pw", None)
+        .await;
     let good = device_cert(&ca, "dev-1", &dir, "good");
     let ghost = device_cert(&ca, "ghost", &dir, "ghost");
     let forged = device_cert(&application_ca("Application 1"), "dev-1", &dir, "forged");
@@ -562,8 +569,14 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     assert_eq!(command.kind(), "write");
     assert_eq!(command.correlation_id(), Some(5));
     // Another CA with the very same name, a device that does not exist: refused alike.
-    assert_eq!(post(Some(&forged.identity)).await.status(), reqwest::StatusCode::FORBIDDEN);
-    assert_eq!(post(Some(&ghost.identity)).await.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(
+        post(Some(&forged.identity)).await.status(),
+        reqwest::StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        post(Some(&ghost.identity)).await.status(),
+        reqwest::StatusCode::FORBIDDEN
+    );
     assert_eq!(post(None).await.status(), reqwest::StatusCode::UNAUTHORIZED);
 
     // MQTTS: Mosquitto's clients with the certificate and no user name or password.
@@ -588,7 +601,19 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     let mut sub = tokio::process::Command::new("stdbuf")
         .args(["-oL", "mosquitto_sub"])
         .args(tls_args(&good))
-        .args(["-V", "mqttv5", "-t", "command/inbox/#", "-d", "-F", "PAYLOAD %x", "-C", "1", "-W", "20"])
+        .args([
+            "-V",
+            "mqttv5",
+            "-t",
+            "command/inbox/#",
+            "-d",
+            "-F",
+            "PAYLOAD %x",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -635,7 +660,10 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     for refused in [&forged, &ghost] {
         let output = publish(refused);
         assert!(!output.status.success(), "{output:?}");
-        assert!(String::from_utf8_lossy(&output.stderr).contains("not authori"), "{output:?}");
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains("not authori"),
+            "{output:?}"
+        );
     }
     server.stop().await;
 }
