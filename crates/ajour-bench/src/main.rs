@@ -9,16 +9,19 @@
 //! `ajour-bench mqtt` does the same through the Drogue MQTT integration path and a Mosquitto
 //! broker, against a bare server behind the same broker (`ajour-bench bare-mqtt-server`);
 //! `ajour-bench coap` over the CoAP endpoint, against a bare CoAP server
-//! (`ajour-bench bare-coap-server`). See docs/benchmarks.md.
+//! (`ajour-bench bare-coap-server`); `ajour-bench mqtt-endpoint` over the MQTT device endpoint,
+//! against a bare MQTT endpoint (`ajour-bench bare-mqtt-endpoint-server`). See docs/benchmarks.md.
 
 mod bare;
 mod bare_coap;
 mod bare_mqtt;
+mod bare_mqtt_endpoint;
 mod bare_wire;
 mod coap;
 mod fleet;
 mod http;
 mod mqtt;
+mod mqtt_endpoint;
 mod process;
 mod report;
 
@@ -53,6 +56,12 @@ enum BenchCommand {
     /// The bare CoAP baseline (started by `ajour-bench coap`).
     #[command(hide = true)]
     BareCoapServer(bare_coap::BareCoapServerArgs),
+    /// N devices updating concurrently over the MQTT device endpoint (`--mqtt-listen`), each on
+    /// its own connection, against `ajour serve` and a bare MQTT endpoint.
+    MqttEndpoint(mqtt_endpoint::MqttEndpointBenchArgs),
+    /// The bare MQTT endpoint baseline (started by `ajour-bench mqtt-endpoint`).
+    #[command(hide = true)]
+    BareMqttEndpointServer(bare_mqtt_endpoint::BareMqttEndpointServerArgs),
 }
 
 #[tokio::main]
@@ -70,6 +79,8 @@ async fn main() -> std::process::ExitCode {
         BenchCommand::BareMqttServer(args) => bare_mqtt::serve(args).await,
         BenchCommand::Coap(args) => coap::run(args).await,
         BenchCommand::BareCoapServer(args) => bare_coap::serve(args).await,
+        BenchCommand::MqttEndpoint(args) => mqtt_endpoint::run(args).await,
+        BenchCommand::BareMqttEndpointServer(args) => bare_mqtt_endpoint::serve(args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

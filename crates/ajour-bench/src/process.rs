@@ -16,6 +16,9 @@ pub struct ServerProcess {
     /// The CoAP endpoint's address, when the server printed one (`CoAP device endpoint on
     /// coap://ADDR`): read by [`Self::coap_url`].
     lines: std::sync::mpsc::Receiver<String>,
+    /// The MQTT endpoint's address, when the server printed one (`MQTT device endpoint on
+    /// mqtt://ADDR`): read by [`Self::mqtt_address`].
+    mqtt_lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServerProcess {
@@ -32,6 +35,7 @@ impl ServerProcess {
         let stdout = child.stdout.take().context("server stdout")?;
         let (sender, receiver) = std::sync::mpsc::channel();
         let (coap_sender, coap_lines) = std::sync::mpsc::channel();
+        let (mqtt_sender, mqtt_lines) = std::sync::mpsc::channel();
         // Read the addresses from a thread of its own, so a server that never prints one times out.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -39,6 +43,8 @@ impl ServerProcess {
                     let _ = sender.send(url.trim().to_string());
                 } else if let Some((_, address)) = line.split_once(" endpoint on coap://") {
                     let _ = coap_sender.send(address.trim().to_string());
+                } else if let Some((_, address)) = line.split_once(" endpoint on mqtt://") {
+                    let _ = mqtt_sender.send(address.trim().to_string());
                 }
             }
         });
@@ -46,6 +52,7 @@ impl ServerProcess {
             child,
             url: String::new(),
             lines: coap_lines,
+            mqtt_lines,
         };
         match receiver.recv_timeout(Duration::from_secs(30)) {
             Ok(url) => server.url = url,
@@ -59,6 +66,13 @@ impl ServerProcess {
         self.lines
             .recv_timeout(Duration::from_secs(30))
             .context("the server under test did not report a CoAP endpoint within 30 s")
+    }
+
+    /// The MQTT endpoint's `HOST:PORT`, as the server printed it (started with `--mqtt-listen`).
+    pub fn mqtt_address(&self) -> anyhow::Result<String> {
+        self.mqtt_lines
+            .recv_timeout(Duration::from_secs(30))
+            .context("the server under test did not report an MQTT endpoint within 30 s")
     }
 
     /// Stop the server as a service manager would (SIGTERM) and wait until it has exited, its

@@ -165,7 +165,11 @@ pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, Mqtt
             options
                 .set_clean_start(true)
                 .set_keep_alive(config.keep_alive)
-                .set_max_packet_size(Some(MAX_PACKET as u32));
+                .set_max_packet_size(Some(MAX_PACKET as u32))
+                // As MQTT 3.1.1's client has by default. Unset, rumqttc sizes its in-flight table
+                // for 65,536 publishes: about 14 MB per connection, which a simulator of a
+                // thousand devices (a connection each) cannot afford.
+                .set_outgoing_inflight_upper_limit(100);
             if let Some((user, password)) = credentials {
                 options.set_credentials(user, password);
             }

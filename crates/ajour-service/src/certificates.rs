@@ -31,8 +31,12 @@ pub struct CertSignIn<'a> {
 /// issuer of its chain finds it.
 pub(crate) struct IssuerIndex {
     ttl: Duration,
-    read: Mutex<Option<(Instant, Arc<HashMap<String, Vec<AppName>>>)>>,
+    /// When the index was read, and what it holds.
+    read: Mutex<Option<(Instant, Arc<ByIssuer>)>>,
 }
+
+/// The applications trusting each issuer DN.
+type ByIssuer = HashMap<String, Vec<AppName>>;
 
 impl IssuerIndex {
     pub(crate) fn new(ttl: Duration) -> Self {
@@ -61,7 +65,7 @@ impl IssuerIndex {
                         tracing::warn!(%error, "trust anchors unavailable");
                         Refusal::Unavailable
                     })?;
-                let mut index: HashMap<String, Vec<AppName>> = HashMap::new();
+                let mut index = ByIssuer::new();
                 for app in apps {
                     let Ok(name) = AppName::parse(&app.metadata.name) else {
                         continue;

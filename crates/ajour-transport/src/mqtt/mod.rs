@@ -314,6 +314,23 @@ struct Session {
     outbox: mpsc::Sender<Command>,
 }
 
+impl Session {
+    /// Queue `command` for writing if one of the connection's filters matches its topic.
+    fn queue_command<S>(&self, wire: &mut Wire<S>, command: Command) {
+        if self
+            .filters
+            .iter()
+            .any(|filter| topics::matches(filter, &command.topic))
+        {
+            wire.queue(Outbound::Publish {
+                topic: command.topic.to_string(),
+                payload: command.payload,
+                correlation: command.correlation,
+            });
+        }
+    }
+}
+
 impl Endpoint {
     /// Serve one connection; `chain` is the client certificate it presented over TLS.
     async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
@@ -485,6 +502,11 @@ impl Endpoint {
                     }
                 }
             }
+            // The commands already handed to this connection (the answer to the status just
+            // handled, above all) go out in the same write as its acknowledgement.
+            while let Ok(command) = commands.try_recv() {
+                session.queue_command(wire, command);
+            }
             if wire.flush().await.is_err() {
                 return None;
             }
@@ -493,15 +515,7 @@ impl Endpoint {
                 _ = draining.changed() => {
                     return Some(Close::new(DisconnectReason::ServerShuttingDown, "the server is shutting down"));
                 }
-                Some(command) = commands.recv() => {
-                    if session.filters.iter().any(|filter| topics::matches(filter, &command.topic)) {
-                        wire.queue(Outbound::Publish {
-                            topic: command.topic.to_string(),
-                            payload: command.payload,
-                            correlation: command.correlation,
-                        });
-                    }
-                }
+                Some(command) = commands.recv() => session.queue_command(wire, command),
                 read = wire.fill(deadline) => match read {
                     Ok(true) => {}
                     Ok(false) => return None,
