@@ -55,6 +55,9 @@ pub struct Simulation {
     /// The fault each device named here plays ([`crate::assign_faults`] spreads shares of them
     /// over a fleet); the others play none.
     pub faults: HashMap<String, Fault>,
+    /// A PEM file of CA certificates the devices trust beside the system's, for `https://` and
+    /// `mqtts://` (a server with a certificate of a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// How each device of a simulation ended, by name, in the order they finished.
@@ -66,10 +69,15 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
     match &simulation.transport {
         Transport::Http { urls } => {
             anyhow::ensure!(!urls.is_empty(), "no server URL to simulate devices against");
-            let http = reqwest::Client::builder()
+            let mut http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
-                .pool_max_idle_per_host(simulation.concurrency)
-                .build()?;
+                .pool_max_idle_per_host(simulation.concurrency);
+            if let Some(path) = &simulation.ca_file {
+                for certificate in ajour_client::tls::read_ca_file(path)? {
+                    http = http.add_root_certificate(reqwest::Certificate::from_der(&certificate)?);
+                }
+            }
+            let http = http.build()?;
             let endpoints = HttpLink::endpoints(urls);
             let first = std::sync::atomic::AtomicUsize::new(0);
             simulate_over(simulation, |name| {
@@ -98,6 +106,10 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             endpoint,
             command_timeout,
         } => {
+            let mut endpoint = endpoint.clone();
+            if simulation.ca_file.is_some() {
+                endpoint.tls.ca_file.clone_from(&simulation.ca_file);
+            }
             simulate_connected(simulation, |name| {
                 let (endpoint, app, name) = (endpoint.clone(), simulation.app.clone(), name.to_string());
                 let (password, timeout) = (simulation.password.clone(), *command_timeout);

@@ -98,8 +98,8 @@ pub struct SimulateArgs {
     /// Default: from --url's scheme.
     #[arg(long, value_enum, conflicts_with = "via_mqtt")]
     pub transport: Option<TransportArg>,
-    /// A PEM file of CA certificates to trust beside the system's, for `mqtts://` (a server
-    /// started with --tls-cert and a certificate of its own CA).
+    /// A PEM file of CA certificates the devices trust beside the system's, for `https://` and
+    /// `mqtts://` (a server started with --tls-cert and a certificate of a private CA).
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<std::path::PathBuf>,
     /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
@@ -228,7 +228,6 @@ impl SimulateArgs {
                 };
                 let mut endpoint = MqttConfig::new(url, "ajour-simulator");
                 endpoint.version = self.mqtt.mqtt_version.into();
-                endpoint.tls.ca_file = self.ca_cert.clone();
                 Transport::Mqtt {
                     endpoint,
                     command_timeout,
@@ -270,6 +269,7 @@ impl SimulateArgs {
                 )
             },
             faults,
+            ca_file: self.ca_cert.clone(),
         })
     }
 

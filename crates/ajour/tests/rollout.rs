@@ -173,6 +173,7 @@ impl Servers {
             concurrency: devices.len(),
             device: options,
             faults,
+            ca_file: None,
         };
         ajour_sim::simulate(&simulation)
             .await

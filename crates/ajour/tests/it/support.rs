@@ -434,6 +434,7 @@ pub fn fleet(app: &str, devices: u32, transport: Transport) -> Simulation {
             Duration::from_secs(120),
         ),
         faults: Default::default(),
+        ca_file: None,
     }
 }
 

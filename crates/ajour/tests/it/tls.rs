@@ -667,3 +667,42 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ajour_simulate_trusts_a_private_ca_over_https_and_mqtts() {
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    server
+        .connection
+        .create_app("sim", Some(json!({"file": {"name": "fw"}})))
+        .await;
+    for name in ["h-0", "h-1", "m-0", "m-1"] {
+        server.connection.create_device("sim", name, "pw", None).await;
+    }
+    let ca = server.dir.path().join("ca.pem");
+    std::fs::write(&ca, server.pki.ca_pem()).unwrap();
+    let https = server.connection.url.clone();
+    let mqtts = format!("mqtts://localhost:{}", mqtt.port());
+    let simulate = |url: &str, device: &str, ca: Option<&Path>| {
+        let mut command = tokio::process::Command::new(super::support::AJOUR);
+        command
+            .args([
+                "simulate", "--url", url, "--app", "sim", "--device", device, "--count", "2",
+            ])
+            .args(["--password", "pw", "--version", "1.0.0"]);
+        match ca {
+            Some(ca) => command.arg("--ca-cert").arg(ca),
+            // A device that cannot connect retries until its timeout.
+            None => command.args(["--timeout", "2"]),
+        };
+        command.output()
+    };
+    for (url, device) in [(&https, "h"), (&mqtts, "m")] {
+        let said = super::support::succeeded(simulate(url, device, Some(&ca)).await.unwrap());
+        assert!(said.contains("2 device(s): 2 updated"), "{url}: {said}");
+    }
+    // Without the CA the server's certificate is not trusted: every device fails.
+    let said = super::support::failed(simulate(&https, "h", None).await.unwrap());
+    assert!(said.contains("2 device(s) failed"), "{said}");
+    server.stop().await;
+}
