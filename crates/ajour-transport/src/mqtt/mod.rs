@@ -121,15 +121,16 @@ impl Inboxes {
         }
     }
 
-    /// Hand `command` to every connection of `client`; each writes it if one of its filters
-    /// matches. Returns how many took it.
-    fn deliver(&self, client: &Key, command: &Command) -> usize {
+    /// Hand `command` to every connection of `client` but `except` (the one that sent the
+    /// status, which writes it itself); each writes it if one of its filters matches. Returns
+    /// how many took it.
+    fn deliver(&self, client: &Key, command: &Command, except: Option<u64>) -> usize {
         let by_client = self.by_client.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(connections) = by_client.get(client) else {
             return 0;
         };
         let mut delivered = 0;
-        for (_, outbox) in connections {
+        for (_, outbox) in connections.iter().filter(|(id, _)| Some(*id) != except) {
             match outbox.try_send(command.clone()) {
                 Ok(()) => delivered += 1,
                 Err(_) => metrics::counter!("ajour_mqtt_commands_dropped_total").increment(1),
@@ -315,19 +316,21 @@ struct Session {
 }
 
 impl Session {
-    /// Queue `command` for writing if one of the connection's filters matches its topic.
-    fn queue_command<S>(&self, wire: &mut Wire<S>, command: Command) {
-        if self
+    /// Queue `command` for writing if one of the connection's filters matches its topic;
+    /// whether it did.
+    fn queue_command<S>(&self, wire: &mut Wire<S>, command: &Command) -> bool {
+        let matched = self
             .filters
             .iter()
-            .any(|filter| topics::matches(filter, &command.topic))
-        {
+            .any(|filter| topics::matches(filter, &command.topic));
+        if matched {
             wire.queue(Outbound::Publish {
                 topic: command.topic.to_string(),
-                payload: command.payload,
-                correlation: command.correlation,
+                payload: command.payload.clone(),
+                correlation: command.correlation.clone(),
             });
         }
+        matched
     }
 }
 
@@ -502,10 +505,9 @@ impl Endpoint {
                     }
                 }
             }
-            // The commands already handed to this connection (the answer to the status just
-            // handled, above all) go out in the same write as its acknowledgement.
+            // Commands other connections handed this one go out in the same write.
             while let Ok(command) = commands.try_recv() {
-                session.queue_command(wire, command);
+                session.queue_command(wire, &command);
             }
             if wire.flush().await.is_err() {
                 return None;
@@ -515,7 +517,9 @@ impl Endpoint {
                 _ = draining.changed() => {
                     return Some(Close::new(DisconnectReason::ServerShuttingDown, "the server is shutting down"));
                 }
-                Some(command) = commands.recv() => session.queue_command(wire, command),
+                Some(command) = commands.recv() => {
+                    session.queue_command(wire, &command);
+                }
                 read = wire.fill(deadline) => match read {
                     Ok(true) => {}
                     Ok(false) => return None,
@@ -689,7 +693,11 @@ impl Endpoint {
             payload: Bytes::from(reply.command),
             correlation: publish.correlation,
         };
-        if self.inboxes.deliver(&session.client, &command) == 0 {
+        // This connection writes its own answer with the acknowledgement, in one write; the
+        // client's other connections (mosquitto_sub beside mosquitto_pub) get it through theirs.
+        let here = session.queue_command(wire, &command);
+        let elsewhere = self.inboxes.deliver(&session.client, &command, session.inbox);
+        if !here && elsewhere == 0 {
             metrics::counter!("ajour_mqtt_commands_undelivered_total").increment(1);
             tracing::debug!("no connection of the client subscribed to its commands");
         }
