@@ -4,6 +4,7 @@
 //! application, and change while the server runs. The device is the one named by the
 //! certificate's Common Name in that application.
 
+use crate::guard::LockedBy;
 use crate::x509::{self, PresentedChain, TrustAnchors};
 use crate::{error_total, AuthError, Device, Refusal, UpdateService};
 use ajour_registry::{ListParams, Registry, Scope};
@@ -103,6 +104,11 @@ impl UpdateService {
             self.auth.guard.failed(key, given.peer);
             Refusal::Denied
         };
+        // An address locked out for failed logins gets no chain checked, as it gets no password
+        // checked.
+        if let Err(left) = self.auth.guard.admit_address(given.peer) {
+            return Err(self.refused_throttled(LockedBy::Address, left));
+        }
         let chain = PresentedChain::new(given.chain.to_vec()).map_err(|e| denied(None, &e))?;
         let applications = match given.application {
             Some(app) => vec![AppName::parse(app).map_err(|e| denied(None, &e))?],
@@ -145,15 +151,11 @@ impl UpdateService {
             };
             let key = Key::Device(app, name);
             if let Err((by, left)) = self.auth.guard.admit(&key, given.peer) {
-                return Err(match self.auth.throttled(by, left) {
-                    AuthError::Throttled { retry_after } => Refusal::Throttled { retry_after },
-                    _ => Refusal::Denied,
-                });
+                return Err(self.refused_throttled(by, left));
             }
             return match self.contexts.get(self.registry.as_ref(), &key).await {
                 Ok(Some(_)) => {
                     self.auth.guard.succeeded(&key, given.peer);
-                    tracing::Span::current().record("device", tracing::field::display(&identity.common_name));
                     self.session_device(&key, given.as_device).await
                 }
                 Ok(None) => Err(denied(Some(&key), &format!("{key} does not exist"))),
@@ -165,5 +167,15 @@ impl UpdateService {
             };
         }
         Err(denied(None, &why))
+    }
+}
+
+impl UpdateService {
+    /// A sign-in refused for too many failed logins, counted as the password path counts it.
+    fn refused_throttled(&self, by: LockedBy, left: Duration) -> Refusal {
+        match self.auth.throttled(by, left) {
+            AuthError::Throttled { retry_after } => Refusal::Throttled { retry_after },
+            _ => Refusal::Denied,
+        }
     }
 }

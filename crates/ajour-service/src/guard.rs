@@ -135,18 +135,9 @@ impl LoginGuard {
     /// long it will be refused.
     pub fn admit(&self, device: &Key, address: Option<IpAddr>) -> Result<(), (LockedBy, Duration)> {
         let now = Instant::now();
+        self.admit_address(address)
+            .map_err(|left| (LockedBy::Address, left))?;
         let address = address.map(client);
-        if let Some(address) = address {
-            if let Some(left) = self
-                .addresses
-                .lock()
-                .unwrap()
-                .get(&address)
-                .and_then(|r| r.locked(now))
-            {
-                return Err((LockedBy::Address, left));
-            }
-        }
         if let Some(record) = self.devices.lock().unwrap().get(device) {
             if let Some(left) = record.locked(now) {
                 if address.is_none() || record.trusted != address {
@@ -155,6 +146,24 @@ impl LoginGuard {
             }
         }
         Ok(())
+    }
+
+    /// Whether a login from `address` may be checked at all, whatever device it is for (before
+    /// the device is known, as when a client certificate names it); when not, for how long.
+    pub fn admit_address(&self, address: Option<IpAddr>) -> Result<(), Duration> {
+        let Some(address) = address.map(client) else {
+            return Ok(());
+        };
+        match self
+            .addresses
+            .lock()
+            .unwrap()
+            .get(&address)
+            .and_then(|r| r.locked(Instant::now()))
+        {
+            Some(left) => Err(left),
+            None => Ok(()),
+        }
     }
 
     /// Count a failed login from `address`, for `device` when it exists.

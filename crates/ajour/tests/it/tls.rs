@@ -706,3 +706,53 @@ async fn ajour_simulate_trusts_a_private_ca_over_https_and_mqtts() {
     assert!(said.contains("2 device(s) failed"), "{said}");
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_certificates_lock_the_address_out_as_wrong_passwords_do() {
+    use base64::Engine;
+    let server = TlsServer::start(|config| config.service.guard.address_failures = 3).await;
+    let ca = application_ca("Locked");
+    let anchor = base64::engine::general_purpose::STANDARD.encode(ca.pem());
+    let (status, body) = server
+        .connection
+        .api_send(
+            reqwest::Method::POST,
+            "apps",
+            Some(json!({
+                "metadata": {"name": "locked"},
+                "spec": {"firmware": {"file": {"name": "fw"}}, "trustAnchors": {"anchors": [{"certificate": anchor}]}},
+            })),
+        )
+        .await;
+    assert!(status.is_success(), "{status}: {body}");
+    server.connection.create_device("locked", "dev", "pw", None).await;
+    let dir = server.dir.path();
+    let good = device_cert(&ca, "dev", dir, "locked-good");
+    let forged = device_cert(&application_ca("Locked"), "dev", dir, "locked-forged");
+    let status_bytes = ajour_protocol::encode_status(
+        &ajour_protocol::Status::first(b"1.0.0".to_vec(), Some(256), None),
+        ajour_protocol::Encoding::Packed,
+    );
+    let post = |identity: &str| {
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap())
+            .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let url = format!("{}/v1/dfu", server.connection.url);
+        let body = status_bytes.clone();
+        async move { client.post(url).body(body).send().await.unwrap().status() }
+    };
+    assert_eq!(post(&good.identity).await, reqwest::StatusCode::OK);
+    for _ in 0..3 {
+        assert_eq!(post(&forged.identity).await, reqwest::StatusCode::FORBIDDEN);
+    }
+    // Locked out: no certificate is checked from this address for now, not even the right one.
+    assert_eq!(
+        post(&forged.identity).await,
+        reqwest::StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(post(&good.identity).await, reqwest::StatusCode::TOO_MANY_REQUESTS);
+    server.stop().await;
+}
