@@ -467,7 +467,18 @@ async fn devices_cannot_reach_each_others_topics() {
         [0x20, 2, 0, 0],
         "a CONNACK, then the connection closed without a PUBACK"
     );
-    server.stop().await;
+    // On shutdown, MQTT 5 clients are told why they are disconnected.
+    let stopping = tokio::spawn(server.stop());
+    for client in [&mut a, &mut b] {
+        match client.next().await {
+            Some(Packet::Disconnect(disconnect)) => {
+                assert_eq!(disconnect.reason_code, DisconnectReasonCode::ServerShuttingDown)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(client.next().await.is_none());
+    }
+    stopping.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

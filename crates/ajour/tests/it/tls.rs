@@ -418,8 +418,14 @@ async fn the_server_does_not_start_without_a_usable_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_update_over_mqtts_with_the_servers_certificate() {
-    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let server = TlsServer::start(|config| {
+        config.mqtt_listen = Some("127.0.0.1:0".into());
+        config.connections.header_timeout = Duration::from_millis(300);
+    })
+    .await;
     let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    // A client that never says hello is closed by the CONNECT timeout (the handshake is in it).
+    let mut silent = tokio::net::TcpStream::connect(mqtt).await.unwrap();
     server
         .connection
         .create_app("app", Some(json!({"file": {"name": "fw"}})))
@@ -472,6 +478,12 @@ async fn devices_update_over_mqtts_with_the_servers_certificate() {
     assert!(over_tls.status.success(), "{over_tls:?}");
     let plain = publish(false);
     assert!(!plain.status.success(), "{plain:?}");
+    let mut nothing = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), silent.read_to_end(&mut nothing))
+        .await
+        .expect("closed by the server")
+        .unwrap();
+    assert!(nothing.is_empty());
     server.stop().await;
 }
 
