@@ -140,6 +140,11 @@ impl TlsServer {
     /// The certificate the server presents to a new connection now (and the protocol ALPN
     /// chose when the client offered HTTP/1.1 and HTTP/2).
     async fn presented(&self) -> (Vec<u8>, Option<Vec<u8>>) {
+        self.presented_at(self.addr).await
+    }
+
+    /// ... by the listener at `addr` (the HTTP one, or the MQTT one).
+    async fn presented_at(&self, addr: SocketAddr) -> (Vec<u8>, Option<Vec<u8>>) {
         let mut config =
             rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
@@ -148,7 +153,7 @@ impl TlsServer {
                 .with_no_client_auth();
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let stream = connector
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
@@ -278,7 +283,8 @@ async fn plain_http_to_the_tls_listener_gets_no_answer() {
 
 #[tokio::test]
 async fn a_replaced_certificate_is_served_without_a_restart() {
-    let server = TlsServer::start(|_| {}).await;
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
     server
         .connection
         .create_app("app", Some(json!({"file": {"name": "fw"}})))
@@ -304,6 +310,8 @@ async fn a_replaced_certificate_is_served_without_a_restart() {
     // The server runs on, and devices update under the new certificate.
     server.device_updates("app", "after-reload").await;
     assert_eq!(server.presented().await.0, next.der);
+    // The MQTT listener serves the same certificate, reloaded with it.
+    assert_eq!(server.presented_at(mqtt).await.0, next.der);
     server.stop().await;
 }
 
