@@ -12,6 +12,7 @@
 //! goes back on the connection the status came on), no topic checks, no limits, no metrics.
 
 use crate::bare_wire::{answer, Image};
+use bytes::BytesMut;
 use clap::Args;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
@@ -65,14 +66,13 @@ pub async fn serve(args: BareMqttEndpointServerArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Serve one connection until the client closes it. The buffers are rumqttc's `BytesMut` (this
-/// crate has no `bytes` of its own: their type comes from the codecs they are given to).
+/// Serve one connection until the client closes it.
 async fn connection(mut stream: TcpStream, image: &Image) -> anyhow::Result<()> {
-    let mut input = Default::default();
-    let mut output = Default::default();
+    let mut input = BytesMut::new();
+    let mut output = BytesMut::new();
     // CONNECT: MQTT 5's reader refuses a 3.1.1 CONNECT (protocol level 4), which 3.1.1's reads.
     let v5 = loop {
-        let mut attempt = Clone::clone(&input);
+        let mut attempt = input.clone();
         match v5::Packet::read(&mut attempt, Some(MAX_PACKET as u32)) {
             Ok(v5::Packet::Connect(..)) => {
                 input = attempt;

@@ -14,7 +14,7 @@ use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
 use ajour_client::mqtt::{MqttConfig, MqttVersion};
 use ajour_sim::{EncodedStatus, Link, LinkError, MqttLink};
-use axum::body::Bytes;
+use bytes::Bytes;
 use clap::Args;
 use std::sync::Arc;
 use std::time::Duration;
