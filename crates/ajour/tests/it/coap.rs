@@ -14,7 +14,6 @@ use ajour_sim::{CoapLink, SimulatedDevice, Transport};
 use clap::Parser;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::time::Duration;
 use tokio::net::UdpSocket;
 
@@ -22,40 +21,11 @@ use tokio::net::UdpSocket;
 /// awaited, this only bounds a hang).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A server started in this process with `--coap-listen 127.0.0.1:0` (and `extra` flags), with
-/// the address its CoAP endpoint got.
-struct CoapServer {
-    server: FlagServer,
-    coap: SocketAddr,
-}
-
-impl Deref for CoapServer {
-    type Target = FlagServer;
-    fn deref(&self) -> &FlagServer {
-        &self.server
-    }
-}
-
-impl CoapServer {
-    async fn start(backend: Backend) -> Self {
-        Self::start_with(backend, &[]).await
-    }
-
-    async fn start_with(backend: Backend, extra: &[&str]) -> Self {
-        let mut flags = vec!["--coap-listen", "127.0.0.1:0"];
-        flags.extend_from_slice(extra);
-        let server = FlagServer::start(backend, &flags).await;
-        let coap = server
-            .running()
-            .coap_addr
-            .expect("a CoAP endpoint with --coap-listen");
-        assert_ne!(coap.port(), 0);
-        Self { server, coap }
-    }
-
-    async fn stop(self) {
-        self.server.stop().await;
-    }
+/// A server started in this process with `--coap-listen 127.0.0.1:0` and `extra` flags.
+async fn coap_server(backend: Backend, extra: &[&str]) -> FlagServer {
+    let server = FlagServer::start(backend, &[&["--coap-listen", "127.0.0.1:0"][..], extra].concat()).await;
+    assert_ne!(server.coap().port(), 0);
+    server
 }
 
 /// A device's first status: running 1.0.0, 256-byte blocks, correlation id 9.
@@ -136,13 +106,13 @@ fn diagnostic(packet: &Packet) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_updates_over_coap() {
     for backend in BACKENDS {
-        let server = CoapServer::start(backend).await;
+        let server = coap_server(backend, &[]).await;
         let image = firmware_bytes(8 * 1024, 4);
         let names: Vec<String> = (0..20).map(|i| format!("sim-{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         server.with_devices("fleet", &image, &names).await;
         let transport = Transport::Coap {
-            urls: vec![format!("coap://{}", server.coap)],
+            urls: vec![format!("coap://{}", server.coap())],
         };
         let outcomes = simulate(&fleet("fleet", 20, transport)).await;
         assert_eq!(outcomes.len(), 20, "{backend:?}");
@@ -175,7 +145,7 @@ fn coap_client() -> &'static str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coap_client_gets_a_command_that_decodes() {
-    let server = CoapServer::start(Backend::Sqlite).await;
+    let server = coap_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(4096, 6);
     server.with_devices("lib", &image, &["dev"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -193,7 +163,7 @@ async fn coap_client_gets_a_command_that_decodes() {
             .arg(&status)
             .arg("-o")
             .arg(dir.path().join(output))
-            .arg(format!("coap://{}/v1/dfu?ct=30", server.coap));
+            .arg(format!("coap://{}/v1/dfu?ct=30", server.coap()));
         command.output()
     };
     let output = run("pw", "command.cbor").await.unwrap();
@@ -243,7 +213,7 @@ async fn statuses_seen(subscription: &mut ajour_service::traffic::Subscription, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retransmission_gets_the_same_answer_and_is_handled_once() {
-    let server = CoapServer::start(Backend::Sqlite).await;
+    let server = coap_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(2048, 8);
     server.with_devices("dups", &image, &["dev"]).await;
     let mut traffic = server
@@ -257,7 +227,7 @@ async fn a_retransmission_gets_the_same_answer_and_is_handled_once() {
             .value("ajour_coap_duplicates_total", &[])
     };
     let duplicates_before = duplicates().await;
-    let peer = Peer::new(server.coap).await;
+    let peer = Peer::new(server.coap()).await;
     let auth = basic("dev", "dups", "pw");
     let request = con(0x4242, Some(&auth), &["ct=30"], &first_status())
         .to_bytes_unlimited()
@@ -332,7 +302,7 @@ async fn a_retransmission_gets_the_same_answer_and_is_handled_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_have_their_codes_and_nothing_breaks_the_endpoint() {
-    let server = CoapServer::start(Backend::Sqlite).await;
+    let server = coap_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(3000, 2);
     server.with_devices("app", &image, &["dev", "bridge"]).await;
     for (sensor, gateway) in [("sensor-a", "bridge"), ("sensor-c", "other-bridge")] {
@@ -343,7 +313,7 @@ async fn refusals_have_their_codes_and_nothing_breaks_the_endpoint() {
             .await;
         assert_eq!(status, reqwest::StatusCode::CREATED, "{answer}");
     }
-    let peer = Peer::new(server.coap).await;
+    let peer = Peer::new(server.coap()).await;
     let good = basic("dev", "app", "pw");
     let mut id = 100u16;
     let mut ask = |authorization: Option<&str>, query: &[&str], status: &[u8]| {
@@ -520,7 +490,7 @@ async fn refusals_have_their_codes_and_nothing_breaks_the_endpoint() {
 
     // After all that, a device updates from first block to last.
     let mut device = SimulatedDevice::new("1.0.0", Some(512));
-    let mut link = CoapLink::new(server.coap, "app", "dev", "pw");
+    let mut link = CoapLink::new(server.coap(), "app", "dev", "pw");
     let outcome = run_to_end(&mut device, &mut link, "dev@app").await;
     assert_eq!(outcome, updated_to("2.0.0", image.len()));
     let metrics = Metrics::of(&server.url).await;
@@ -536,12 +506,12 @@ async fn refusals_have_their_codes_and_nothing_breaks_the_endpoint() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_status_gets_the_same_command_over_http_and_coap() {
-    let server = CoapServer::start(Backend::Sqlite).await;
+    let server = coap_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(5000, 3);
     server
         .with_devices("both", &image, &["over-http", "over-coap"])
         .await;
-    let peer = Peer::new(server.coap).await;
+    let peer = Peer::new(server.coap()).await;
     let statuses = [
         first_status(),
         encode_status(
@@ -576,7 +546,7 @@ async fn the_same_status_gets_the_same_command_over_http_and_coap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ajour_simulate_drives_devices_over_coap() {
-    let server = CoapServer::start(Backend::Sqlite).await;
+    let server = coap_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(6000, 5);
     server.with_devices("cli", &image, &["d-0", "d-1", "d-2"]).await;
     let output = tokio::process::Command::new(AJOUR)
@@ -595,7 +565,7 @@ async fn ajour_simulate_drives_devices_over_coap() {
             "--version",
             "1.0.0",
             "--coap-url",
-            &format!("coap://{}", server.coap),
+            &format!("coap://{}", server.coap()),
         ])
         // Not used with --coap-url: nothing listens there.
         .args(["--url", "http://127.0.0.1:9"])
@@ -620,11 +590,11 @@ async fn ajour_simulate_drives_devices_over_coap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guessed_password_locks_the_address_out_with_4_29() {
     let flags = ["--login-address-failures", "2", "--login-failure-delay-ms", "1"];
-    let server = CoapServer::start_with(Backend::Sqlite, &flags).await;
+    let server = coap_server(Backend::Sqlite, &flags).await;
     server
         .with_devices("guarded", &firmware_bytes(1000, 1), &["dev"])
         .await;
-    let peer = Peer::new(server.coap).await;
+    let peer = Peer::new(server.coap()).await;
     let wrong = basic("dev", "guarded", "guess");
     for id in 1..=2 {
         let answer = peer.exchange(&con(id, Some(&wrong), &[], &first_status())).await;

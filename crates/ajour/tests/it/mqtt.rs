@@ -15,7 +15,6 @@ use rumqttc::v5::mqttbytes::v5::{
 use rumqttc::v5::mqttbytes::QoS;
 use serde_json::json;
 use std::net::SocketAddr;
-use std::ops::Deref;
 use std::process::Stdio;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -25,55 +24,26 @@ use tokio::net::TcpStream;
 /// synchronise anything).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A server started in this process with `--mqtt-listen 127.0.0.1:0` (and `extra` flags), with
-/// the address its MQTT endpoint got.
-struct MqttServer {
-    server: FlagServer,
-    mqtt: SocketAddr,
+/// A server started in this process with `--mqtt-listen 127.0.0.1:0` and `extra` flags.
+async fn mqtt_server(backend: Backend, extra: &[&str]) -> FlagServer {
+    let server = FlagServer::start(backend, &[&["--mqtt-listen", "127.0.0.1:0"][..], extra].concat()).await;
+    assert_ne!(server.mqtt().port(), 0);
+    server
 }
 
-impl Deref for MqttServer {
-    type Target = FlagServer;
-    fn deref(&self) -> &FlagServer {
-        &self.server
-    }
-}
-
-impl MqttServer {
-    async fn start(backend: Backend, extra: &[&str]) -> Self {
-        let mut flags = vec!["--mqtt-listen", "127.0.0.1:0"];
-        flags.extend_from_slice(extra);
-        let server = FlagServer::start(backend, &flags).await;
-        let mqtt = server
-            .running()
-            .mqtt_addr
-            .expect("an MQTT endpoint with --mqtt-listen");
-        assert_ne!(mqtt.port(), 0);
-        Self { server, mqtt }
-    }
-
-    /// Device `name` of `app` (password `pw`) that devices `gateways` may act for.
-    async fn create_gatewayed(&self, app: &str, name: &str, gateways: &[&str]) {
-        let body = json!({
-            "metadata": {"application": app, "name": name},
-            "spec": {
-                "authentication": {"credentials": [{"pass": "pw"}]},
-                "gatewaySelector": {"matchNames": gateways},
-            },
-        });
-        let (status, body) = self
-            .api_send(reqwest::Method::POST, &format!("apps/{app}/devices"), Some(body))
-            .await;
-        assert!(status.is_success(), "{status}: {body}");
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://{}", self.mqtt)
-    }
-
-    async fn stop(self) {
-        self.server.stop().await;
-    }
+/// Device `name` of `app` (password `pw`) that devices `gateways` may act for.
+async fn create_gatewayed(server: &FlagServer, app: &str, name: &str, gateways: &[&str]) {
+    let body = json!({
+        "metadata": {"application": app, "name": name},
+        "spec": {
+            "authentication": {"credentials": [{"pass": "pw"}]},
+            "gatewaySelector": {"matchNames": gateways},
+        },
+    });
+    let (status, body) = server
+        .api_send(reqwest::Method::POST, &format!("apps/{app}/devices"), Some(body))
+        .await;
+    assert!(status.is_success(), "{status}: {body}");
 }
 
 /// A device's first status: running 1.0.0, 256-byte blocks, correlation id `id`.
@@ -196,8 +166,8 @@ impl Raw5 {
     }
 }
 
-fn endpoint(server: &MqttServer, version: MqttVersion) -> MqttConfig {
-    let mut config = MqttConfig::new(server.url(), "unused");
+fn endpoint(server: &FlagServer, version: MqttVersion) -> MqttConfig {
+    let mut config = MqttConfig::new(format!("mqtt://{}", server.mqtt()), "unused");
     config.version = version;
     config
 }
@@ -205,7 +175,7 @@ fn endpoint(server: &MqttServer, version: MqttVersion) -> MqttConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleets_update_over_mqtt_3_1_1_and_5_on_both_registries() {
     for backend in BACKENDS {
-        let server = MqttServer::start(backend, &[]).await;
+        let server = mqtt_server(backend, &[]).await;
         let image = firmware_bytes(8 * 1024, 4);
         let names: Vec<String> = (0..10).map(|i| format!("sim-{i}")).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -312,18 +282,18 @@ fn mosquitto_pub(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_clients_play_a_device_and_a_gateway() {
-    let server = MqttServer::start(Backend::Sqlite, &[]).await;
+    let server = mqtt_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(4096, 6);
     server.with_devices("mosq", &image, &["dev", "gw"]).await;
-    server.create_gatewayed("mosq", "sensor", &["gw"]).await;
+    create_gatewayed(&server, "mosq", "sensor", &["gw"]).await;
     let dir = tempfile::tempdir().unwrap();
     let status = dir.path().join("status.cbor");
     std::fs::write(&status, first_status(41)).unwrap();
 
     // A device: mosquitto_sub (MQTT 5) takes the command the status mosquitto_pub (MQTT 3.1.1)
     // published gets, as two connections of the same device.
-    let sub = mosquitto_sub(server.mqtt, "dev@mosq", "command/inbox/#", 1).await;
-    let published = mosquitto_pub(server.mqtt, "dev@mosq", "pw", "dfu", &status);
+    let sub = mosquitto_sub(server.mqtt(), "dev@mosq", "command/inbox/#", 1).await;
+    let published = mosquitto_pub(server.mqtt(), "dev@mosq", "pw", "dfu", &status);
     assert!(published.status.success(), "{published:?}");
     let received = payloads(sub).await;
     assert_eq!(received.len(), 1);
@@ -333,15 +303,15 @@ async fn mosquitto_clients_play_a_device_and_a_gateway() {
     assert_eq!(command.correlation_id(), Some(41));
 
     // A gateway publishing for a device that names it: the command arrives under that device.
-    let sub = mosquitto_sub(server.mqtt, "gw@mosq", "command/inbox/+/dfu", 1).await;
-    let published = mosquitto_pub(server.mqtt, "gw@mosq", "pw", "dfu/sensor", &status);
+    let sub = mosquitto_sub(server.mqtt(), "gw@mosq", "command/inbox/+/dfu", 1).await;
+    let published = mosquitto_pub(server.mqtt(), "gw@mosq", "pw", "dfu/sensor", &status);
     assert!(published.status.success(), "{published:?}");
     let received = payloads(sub).await;
     assert_eq!(received[0].0, "command/inbox/sensor/dfu");
     assert_eq!(decode_command(&received[0].1).unwrap().kind(), "write");
 
     // A wrong password is refused at CONNECT.
-    let refused = mosquitto_pub(server.mqtt, "dev@mosq", "wrong", "dfu", &status);
+    let refused = mosquitto_pub(server.mqtt(), "dev@mosq", "wrong", "dfu", &status);
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("not authori"), "{said}");
@@ -350,14 +320,14 @@ async fn mosquitto_clients_play_a_device_and_a_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_acts_for_two_devices_on_one_connection_and_for_no_other() {
-    let server = MqttServer::start(Backend::Sqlite, &[]).await;
+    let server = mqtt_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(4096, 7);
     server.with_devices("gws", &image, &["gw", "stranger"]).await;
-    server.create_gatewayed("gws", "s1", &["gw"]).await;
-    server.create_gatewayed("gws", "s2", &["other-gw", "gw"]).await;
-    server.create_gatewayed("gws", "s3", &["other-gw"]).await;
+    create_gatewayed(&server, "gws", "s1", &["gw"]).await;
+    create_gatewayed(&server, "gws", "s2", &["other-gw", "gw"]).await;
+    create_gatewayed(&server, "gws", "s3", &["other-gw"]).await;
 
-    let (mut gw, ack) = Raw5::connect(server.mqtt, "gw@gws", "pw").await;
+    let (mut gw, ack) = Raw5::connect(server.mqtt(), "gw@gws", "pw").await;
     assert_eq!(ack.code, ConnectReturnCode::Success);
     let granted = gw
         .subscribe(&["command/inbox/#", "command/inbox/s1/dfu", "command/inbox/s3/dfu"])
@@ -402,11 +372,11 @@ async fn a_gateway_acts_for_two_devices_on_one_connection_and_for_no_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_cannot_reach_each_others_topics() {
-    let server = MqttServer::start(Backend::Sqlite, &[]).await;
+    let server = mqtt_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(4096, 8);
     server.with_devices("iso", &image, &["a", "b"]).await;
-    let (mut a, _) = Raw5::connect(server.mqtt, "a@iso", "pw").await;
-    let (mut b, _) = Raw5::connect(server.mqtt, "b@iso", "pw").await;
+    let (mut a, _) = Raw5::connect(server.mqtt(), "a@iso", "pw").await;
+    let (mut b, _) = Raw5::connect(server.mqtt(), "b@iso", "pw").await;
     assert_eq!(
         a.subscribe(&[
             "#",
@@ -443,7 +413,7 @@ async fn devices_cannot_reach_each_others_topics() {
     b.nothing_queued().await;
 
     // MQTT 3.1.1 has no negative PUBACK: publishing as another device closes the connection.
-    let mut raw = TcpStream::connect(server.mqtt).await.unwrap();
+    let mut raw = TcpStream::connect(server.mqtt()).await.unwrap();
     let mut connect = rumqttc::mqttbytes::v4::Connect::new("raw-v3");
     connect.set_login("a@iso", "pw");
     let mut out = BytesMut::new();
@@ -483,7 +453,7 @@ async fn devices_cannot_reach_each_others_topics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_clients_are_refused_while_a_device_updates() {
-    let server = MqttServer::start(Backend::Sqlite, &["--header-timeout-ms", "300"]).await;
+    let server = mqtt_server(Backend::Sqlite, &["--header-timeout-ms", "300"]).await;
     let image = firmware_bytes(6000, 9);
     server.with_devices("hostile", &image, &["sim-0", "victim"]).await;
 
@@ -496,11 +466,11 @@ async fn hostile_clients_are_refused_while_a_device_updates() {
         ("victim@../../etc/passwd", "pw", ConnectReturnCode::NotAuthorized),
         ("victim", "pw", ConnectReturnCode::BadUserNamePassword),
     ] {
-        let (mut client, ack) = Raw5::connect(server.mqtt, user, password).await;
+        let (mut client, ack) = Raw5::connect(server.mqtt(), user, password).await;
         assert_eq!(ack.code, code, "{user}");
         assert!(client.next().await.is_none(), "closed after the refusal: {user}");
     }
-    let mut old = TcpStream::connect(server.mqtt).await.unwrap();
+    let mut old = TcpStream::connect(server.mqtt()).await.unwrap();
     old.write_all(&[0x10, 12, 0, 6, b'M', b'Q', b'I', b's', b'd', b'p', 3, 2, 0, 30])
         .await
         .unwrap();
@@ -515,11 +485,11 @@ async fn hostile_clients_are_refused_while_a_device_updates() {
     // Silent, slow and garbage connections, opened while a device updates over MQTT.
     let mut silent = Vec::new();
     for _ in 0..50 {
-        silent.push(TcpStream::connect(server.mqtt).await.unwrap());
+        silent.push(TcpStream::connect(server.mqtt()).await.unwrap());
     }
-    let mut slow = TcpStream::connect(server.mqtt).await.unwrap();
+    let mut slow = TcpStream::connect(server.mqtt()).await.unwrap();
     slow.write_all(&[0x10, 100]).await.unwrap();
-    let mut garbage = TcpStream::connect(server.mqtt).await.unwrap();
+    let mut garbage = TcpStream::connect(server.mqtt()).await.unwrap();
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let updating = tokio::spawn(simulate_owned(fleet(
         "hostile",
@@ -531,7 +501,7 @@ async fn hostile_clients_are_refused_while_a_device_updates() {
     )));
     // A signed-in client sending what no client sends, too large a packet, a status that is no
     // status, flooding statuses without reading.
-    let (mut rude, _) = Raw5::connect(server.mqtt, "victim@hostile", "pw").await;
+    let (mut rude, _) = Raw5::connect(server.mqtt(), "victim@hostile", "pw").await;
     let (reason, why) = rude.publish("dfu", b"not cbor".to_vec(), b"x").await;
     assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
     assert!(why.is_some());
@@ -548,8 +518,8 @@ async fn hostile_clients_are_refused_while_a_device_updates() {
         }
         other => panic!("{other:?}"),
     }
-    let (mut flood, _) = Raw5::connect(server.mqtt, "victim@hostile", "pw").await;
-    let (mut connack, _) = Raw5::connect(server.mqtt, "victim@hostile", "pw").await;
+    let (mut flood, _) = Raw5::connect(server.mqtt(), "victim@hostile", "pw").await;
+    let (mut connack, _) = Raw5::connect(server.mqtt(), "victim@hostile", "pw").await;
     connack
         .send(Packet::ConnAck(ConnAck {
             session_present: false,
@@ -600,12 +570,12 @@ async fn simulate_owned(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_status_gets_the_same_command_over_http_and_mqtt() {
-    let server = MqttServer::start(Backend::Sqlite, &[]).await;
+    let server = mqtt_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(5000, 3);
     server
         .with_devices("both", &image, &["over-http", "over-mqtt"])
         .await;
-    let (mut device, _) = Raw5::connect(server.mqtt, "over-mqtt@both", "pw").await;
+    let (mut device, _) = Raw5::connect(server.mqtt(), "over-mqtt@both", "pw").await;
     device.subscribe(&["command/inbox/#"]).await;
     let statuses = [
         first_status(9),
@@ -636,11 +606,17 @@ async fn the_same_status_gets_the_same_command_over_http_and_mqtt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ajour_simulate_drives_devices_over_mqtt() {
-    let server = MqttServer::start(Backend::Sqlite, &[]).await;
+    let server = mqtt_server(Backend::Sqlite, &[]).await;
     let image = firmware_bytes(6000, 5);
     server.with_devices("cli", &image, &["d-0", "d-1", "d-2"]).await;
     let output = tokio::process::Command::new(AJOUR)
-        .args(["simulate", "--transport", "mqtt", "--url", &server.url()])
+        .args([
+            "simulate",
+            "--transport",
+            "mqtt",
+            "--url",
+            &format!("mqtt://{}", server.mqtt()),
+        ])
         .args([
             "--app",
             "cli",

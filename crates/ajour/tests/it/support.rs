@@ -394,6 +394,20 @@ impl FlagServer {
         &self.running().service
     }
 
+    /// The address the CoAP endpoint got (started with `--coap-listen`).
+    pub fn coap(&self) -> SocketAddr {
+        self.running()
+            .coap_addr
+            .expect("a CoAP endpoint: start with --coap-listen")
+    }
+
+    /// The address the MQTT endpoint got (started with `--mqtt-listen`).
+    pub fn mqtt(&self) -> SocketAddr {
+        self.running()
+            .mqtt_addr
+            .expect("an MQTT endpoint: start with --mqtt-listen")
+    }
+
     pub fn add_firmware(&self, name: &str, version: &str, data: &[u8]) {
         FileStore::new(server::firmware_dir(self.data_dir.path()), Duration::ZERO)
             .add(&FirmwareName::parse(name).unwrap(), version, data)

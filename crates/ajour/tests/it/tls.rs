@@ -176,6 +176,42 @@ impl TlsServer {
         assert_eq!(outcome, updated_to("2.0.0", FIRMWARE_LEN));
     }
 
+    /// Application `app` (firmware `fw`) that trusts `ca`'s certificates, in Drogue's form: the
+    /// base64 of the PEM text in `spec.trustAnchors`.
+    async fn create_app_trusting(&self, app: &str, ca: &CertifiedIssuer<'static, KeyPair>) {
+        use base64::Engine;
+        let anchor = base64::engine::general_purpose::STANDARD.encode(ca.pem());
+        let spec = json!({
+            "firmware": {"file": {"name": "fw"}},
+            "trustAnchors": {"anchors": [{"certificate": anchor}]},
+        });
+        let app = json!({"metadata": {"name": app}, "spec": spec});
+        let (status, body) = self
+            .connection
+            .api_send(reqwest::Method::POST, "apps", Some(app))
+            .await;
+        assert!(status.is_success(), "{status}: {body}");
+    }
+
+    /// `status` posted to `/v1/dfu` over HTTPS with no `Authorization`, presenting `identity`
+    /// (a client certificate and its key, PEM), if any, from a client made now.
+    async fn post_status(&self, identity: Option<&str>, status: &[u8]) -> reqwest::Response {
+        let mut client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.pki.ca_pem().as_bytes()).unwrap());
+        if let Some(identity) = identity {
+            client = client.identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
+        }
+        client
+            .build()
+            .unwrap()
+            .post(format!("{}/v1/dfu", self.connection.url))
+            .body(status.to_vec())
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn metrics(&self) -> Metrics {
         let response = self
             .connection
@@ -535,28 +571,11 @@ fn device_cert(ca: &CertifiedIssuer<'static, KeyPair>, device: &str, dir: &Path,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
-    use base64::Engine;
     let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
     let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
     let dir = server.dir.path().to_path_buf();
-    // The application trusts its own CA, in Drogue's form: base64 of the PEM text.
     let ca = application_ca("Application 1");
-    let anchor = base64::engine::general_purpose::STANDARD.encode(ca.pem());
-    let (status, body) = server
-        .connection
-        .api_send(
-            reqwest::Method::POST,
-            "apps",
-            Some(json!({
-                "metadata": {"name": "certs"},
-                "spec": {
-                    "firmware": {"file": {"name": "fw"}},
-                    "trustAnchors": {"anchors": [{"certificate": anchor}]},
-                },
-            })),
-        )
-        .await;
-    assert!(status.is_success(), "{status}: {body}");
+    server.create_app_trusting("certs", &ca).await;
     server
         .connection
         .create_device("certs", "dev-1", "pw", None)
@@ -570,19 +589,7 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     );
 
     // HTTPS: no Authorization header, the certificate signs the device in.
-    let post = |identity: Option<&str>| {
-        let mut client = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap());
-        if let Some(identity) = identity {
-            client = client.identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap());
-        }
-        let client = client.build().unwrap();
-        let url = format!("{}/v1/dfu", server.connection.url);
-        let body = status_bytes.clone();
-        async move { client.post(url).body(body).send().await.unwrap() }
-    };
-    let answered = post(Some(&good.identity)).await;
+    let answered = server.post_status(Some(&good.identity), &status_bytes).await;
     assert_eq!(answered.status(), reqwest::StatusCode::OK);
     let bytes = answered.bytes().await.unwrap();
     let command = ajour_protocol::decode_command(&bytes).unwrap();
@@ -590,14 +597,23 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     assert_eq!(command.correlation_id(), Some(5));
     // Another CA with the very same name, a device that does not exist: refused alike.
     assert_eq!(
-        post(Some(&forged.identity)).await.status(),
+        server
+            .post_status(Some(&forged.identity), &status_bytes)
+            .await
+            .status(),
         reqwest::StatusCode::FORBIDDEN
     );
     assert_eq!(
-        post(Some(&ghost.identity)).await.status(),
+        server
+            .post_status(Some(&ghost.identity), &status_bytes)
+            .await
+            .status(),
         reqwest::StatusCode::FORBIDDEN
     );
-    assert_eq!(post(None).await.status(), reqwest::StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        server.post_status(None, &status_bytes).await.status(),
+        reqwest::StatusCode::UNAUTHORIZED
+    );
 
     // MQTTS: Mosquitto's clients with the certificate and no user name or password.
     let ca_file = dir.join("server-ca.pem");
@@ -729,22 +745,9 @@ async fn ajour_simulate_trusts_a_private_ca_over_https_and_mqtts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_certificates_lock_the_address_out_as_wrong_passwords_do() {
-    use base64::Engine;
     let server = TlsServer::start(|config| config.service.guard.address_failures = 3).await;
     let ca = application_ca("Locked");
-    let anchor = base64::engine::general_purpose::STANDARD.encode(ca.pem());
-    let (status, body) = server
-        .connection
-        .api_send(
-            reqwest::Method::POST,
-            "apps",
-            Some(json!({
-                "metadata": {"name": "locked"},
-                "spec": {"firmware": {"file": {"name": "fw"}}, "trustAnchors": {"anchors": [{"certificate": anchor}]}},
-            })),
-        )
-        .await;
-    assert!(status.is_success(), "{status}: {body}");
+    server.create_app_trusting("locked", &ca).await;
     server.connection.create_device("locked", "dev", "pw", None).await;
     let dir = server.dir.path();
     let good = device_cert(&ca, "dev", dir, "locked-good");
@@ -753,26 +756,36 @@ async fn refused_certificates_lock_the_address_out_as_wrong_passwords_do() {
         &ajour_protocol::Status::first(b"1.0.0".to_vec(), Some(256), None),
         ajour_protocol::Encoding::Packed,
     );
-    let post = |identity: &str| {
-        let client = reqwest::Client::builder()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap())
-            .identity(reqwest::Identity::from_pem(identity.as_bytes()).unwrap())
-            .build()
-            .unwrap();
-        let url = format!("{}/v1/dfu", server.connection.url);
-        let body = status_bytes.clone();
-        async move { client.post(url).body(body).send().await.unwrap().status() }
-    };
-    assert_eq!(post(&good.identity).await, reqwest::StatusCode::OK);
+    assert_eq!(
+        server
+            .post_status(Some(&good.identity), &status_bytes)
+            .await
+            .status(),
+        reqwest::StatusCode::OK
+    );
     for _ in 0..3 {
-        assert_eq!(post(&forged.identity).await, reqwest::StatusCode::FORBIDDEN);
+        assert_eq!(
+            server
+                .post_status(Some(&forged.identity), &status_bytes)
+                .await
+                .status(),
+            reqwest::StatusCode::FORBIDDEN
+        );
     }
     // Locked out: no certificate is checked from this address for now, not even the right one.
     assert_eq!(
-        post(&forged.identity).await,
+        server
+            .post_status(Some(&forged.identity), &status_bytes)
+            .await
+            .status(),
         reqwest::StatusCode::TOO_MANY_REQUESTS
     );
-    assert_eq!(post(&good.identity).await, reqwest::StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        server
+            .post_status(Some(&good.identity), &status_bytes)
+            .await
+            .status(),
+        reqwest::StatusCode::TOO_MANY_REQUESTS
+    );
     server.stop().await;
 }
