@@ -10,6 +10,7 @@ use axum::response::IntoResponse;
 use clap::Args;
 use std::sync::Arc;
 
+/// What every bare baseline (HTTP, CoAP, MQTT endpoint) is started with.
 #[derive(Debug, Args)]
 pub struct BareServerArgs {
     #[arg(long, default_value = "127.0.0.1:0")]

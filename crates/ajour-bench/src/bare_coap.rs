@@ -5,19 +5,9 @@
 //! and sent back in a piggybacked ACK (2.05, option 4210 `dfu`). Nothing else: no credentials
 //! (option 4209 is not read), no duplicate cache, no registry, no status tracking, no metrics.
 
+use crate::bare::BareServerArgs;
 use crate::bare_wire::{answer, Image};
-use clap::Args;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
-
-#[derive(Debug, Args)]
-pub struct BareCoapServerArgs {
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
-    #[arg(long, default_value_t = 65536)]
-    pub image_size: usize,
-    #[arg(long, default_value = "2.0.0")]
-    pub version: String,
-}
 
 /// A UDP socket on `listen` with a 4 MiB receive buffer, as Ajour's endpoint asks for: with the
 /// default, a thousand devices' requests arriving at once overflow it, and each datagram dropped
@@ -40,7 +30,7 @@ const COMMAND_OPTION: u16 = 4210;
 /// The largest datagram read.
 const MAX_DATAGRAM: usize = 64 * 1024;
 
-pub async fn serve(args: BareCoapServerArgs) -> anyhow::Result<()> {
+pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
     let image = Image::new(args.version, crate::fleet::bench_image(args.image_size));
     let socket = bind(&args.listen)?;
     println!("bare CoAP endpoint listening on coap://{}", socket.local_addr()?);

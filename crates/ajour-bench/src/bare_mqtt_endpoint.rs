@@ -11,9 +11,9 @@
 //! write. Nothing else: no credentials, no registry, no routing between connections (the command
 //! goes back on the connection the status came on), no topic checks, no limits, no metrics.
 
+use crate::bare::BareServerArgs;
 use crate::bare_wire::{answer, Image};
 use bytes::BytesMut;
-use clap::Args;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use std::sync::Arc;
@@ -21,23 +21,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[derive(Debug, Args)]
-pub struct BareMqttEndpointServerArgs {
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub listen: String,
-    #[arg(long, default_value_t = 65536)]
-    pub image_size: usize,
-    #[arg(long, default_value = "2.0.0")]
-    pub version: String,
-}
-
 /// The topic statuses are published to, and the one commands go out on.
 const STATUS_TOPIC: &str = "dfu";
 const COMMAND_TOPIC: &str = "command/inbox//dfu";
 /// The largest packet read or written.
 const MAX_PACKET: usize = 1024 * 1024;
 
-pub async fn serve(args: BareMqttEndpointServerArgs) -> anyhow::Result<()> {
+pub async fn serve(args: BareServerArgs) -> anyhow::Result<()> {
     let image = Arc::new(Image::new(
         args.version,
         crate::fleet::bench_image(args.image_size),

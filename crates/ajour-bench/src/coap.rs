@@ -2,9 +2,7 @@
 //! --coap-listen`), each on its own UDP socket with the simulator's `CoapLink` (confirmable
 //! requests, RFC 7252 retransmissions), against the bare CoAP server in the same run.
 
-use crate::fleet::{
-    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD, TO,
-};
+use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
 use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
 use ajour_sim::CoapLink;
@@ -23,24 +21,17 @@ pub async fn run(args: CoapBenchArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut reports = Vec::new();
     if !args.fleet.no_ajour {
-        let ajour = args.fleet.ajour_binary()?;
-        let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
-        let mut serve_args = serve_flags(&data_dir);
-        serve_args.extend(["--coap-listen", "127.0.0.1:0"]);
-        serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
-        let server = ServerProcess::start(&ajour, &serve_args)?;
+        let (_data, server) = args
+            .fleet
+            .start_ajour_with(&["--coap-listen", "127.0.0.1:0"])
+            .await?;
         let coap = server.coap_address()?;
-        provision(&server.url, args.fleet.devices, Some(Credentials::Plain), false).await?;
         let mut report = drive_coap(&server, &coap, &args, "ajour").await?;
         report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
         reports.push(report);
     }
     if !args.fleet.no_bare {
-        let size = args.fleet.image_size.to_string();
-        let server = ServerProcess::start(
-            &FleetArgs::bench_binary()?,
-            &["bare-coap-server", "--image-size", &size, "--version", TO],
-        )?;
+        let server = args.fleet.start_bare("bare-coap-server")?;
         let address = server.url.trim_start_matches("coap://").to_string();
         reports.push(drive_coap(&server, &address, &args, "bare").await?);
     }

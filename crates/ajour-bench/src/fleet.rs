@@ -55,6 +55,33 @@ pub struct FleetArgs {
 }
 
 impl FleetArgs {
+    /// `ajour serve` under test with one more device endpoint on (`endpoint_flags`), on its
+    /// defaults otherwise (and `--serve-arg`s), serving the benchmark image, its devices
+    /// registered as the documented way registers them (plain passwords through the API). The
+    /// guard keeps its data directory.
+    pub async fn start_ajour_with(
+        &self,
+        endpoint_flags: &[&str],
+    ) -> anyhow::Result<(tempfile::TempDir, ServerProcess)> {
+        let ajour = self.ajour_binary()?;
+        let (data, data_dir) = data_dir_with_firmware(&ajour, self.image_size)?;
+        let mut serve_args = serve_flags(&data_dir);
+        serve_args.extend_from_slice(endpoint_flags);
+        serve_args.extend(self.serve_args.iter().map(String::as_str));
+        let server = ServerProcess::start(&ajour, &serve_args)?;
+        provision(&server.url, self.devices, Some(Credentials::Plain), false).await?;
+        Ok((data, server))
+    }
+
+    /// The bare baseline `subcommand` of this binary, serving the benchmark image.
+    pub fn start_bare(&self, subcommand: &str) -> anyhow::Result<ServerProcess> {
+        let size = self.image_size.to_string();
+        ServerProcess::start(
+            &Self::bench_binary()?,
+            &[subcommand, "--image-size", &size, "--version", TO],
+        )
+    }
+
     /// The `ajour` binary to start, which must exist.
     pub fn ajour_binary(&self) -> anyhow::Result<PathBuf> {
         let path = match &self.ajour {

@@ -1,7 +1,7 @@
 //! `ajour-bench http`: N devices updating concurrently over the HTTP endpoint.
 
 use crate::fleet::{
-    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD, TO,
+    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD,
 };
 use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
@@ -153,11 +153,7 @@ async fn drive_ajour(
 }
 
 async fn run_bare(args: &HttpBenchArgs) -> anyhow::Result<LoadReport> {
-    let size = args.fleet.image_size.to_string();
-    let server = ServerProcess::start(
-        &FleetArgs::bench_binary()?,
-        &["bare-server", "--image-size", &size, "--version", TO],
-    )?;
+    let server = args.fleet.start_bare("bare-server")?;
     drive_http(std::slice::from_ref(&server), args, "bare").await
 }
 

@@ -55,13 +55,13 @@ enum BenchCommand {
     Coap(coap::CoapBenchArgs),
     /// The bare CoAP baseline (started by `ajour-bench coap`).
     #[command(hide = true)]
-    BareCoapServer(bare_coap::BareCoapServerArgs),
+    BareCoapServer(bare::BareServerArgs),
     /// N devices updating concurrently over the MQTT device endpoint (`--mqtt-listen`), each on
     /// its own connection, against `ajour serve` and a bare MQTT endpoint.
     MqttEndpoint(mqtt_endpoint::MqttEndpointBenchArgs),
     /// The bare MQTT endpoint baseline (started by `ajour-bench mqtt-endpoint`).
     #[command(hide = true)]
-    BareMqttEndpointServer(bare_mqtt_endpoint::BareMqttEndpointServerArgs),
+    BareMqttEndpointServer(bare::BareServerArgs),
 }
 
 #[tokio::main]

@@ -7,9 +7,7 @@
 //! connection, CONNECT (the one password verification), SUBSCRIBE and the first status, as over
 //! HTTP and CoAP it carries the password verification.
 
-use crate::fleet::{
-    data_dir_with_firmware, drive, provision, serve_flags, Credentials, FleetArgs, Load, APP, PASSWORD, TO,
-};
+use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
 use crate::process::ServerProcess;
 use crate::report::{print_table, status_writes, LoadReport};
 use ajour_client::mqtt::{MqttConfig, MqttVersion};
@@ -49,30 +47,17 @@ pub async fn run(args: MqttEndpointBenchArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut reports = Vec::new();
     if !args.fleet.no_ajour {
-        let ajour = args.fleet.ajour_binary()?;
-        let (_data, data_dir) = data_dir_with_firmware(&ajour, args.fleet.image_size)?;
-        let mut serve_args = serve_flags(&data_dir);
-        serve_args.extend(["--mqtt-listen", "127.0.0.1:0"]);
-        serve_args.extend(args.fleet.serve_args.iter().map(String::as_str));
-        let server = ServerProcess::start(&ajour, &serve_args)?;
+        let (_data, server) = args
+            .fleet
+            .start_ajour_with(&["--mqtt-listen", "127.0.0.1:0"])
+            .await?;
         let mqtt = format!("mqtt://{}", server.mqtt_address()?);
-        provision(&server.url, args.fleet.devices, Some(Credentials::Plain), false).await?;
         let mut report = drive_mqtt(&server, &mqtt, &args, "ajour").await?;
         report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
         reports.push(report);
     }
     if !args.fleet.no_bare {
-        let size = args.fleet.image_size.to_string();
-        let server = ServerProcess::start(
-            &FleetArgs::bench_binary()?,
-            &[
-                "bare-mqtt-endpoint-server",
-                "--image-size",
-                &size,
-                "--version",
-                TO,
-            ],
-        )?;
+        let server = args.fleet.start_bare("bare-mqtt-endpoint-server")?;
         let url = server.url.clone();
         reports.push(drive_mqtt(&server, &url, &args, "bare").await?);
     }
