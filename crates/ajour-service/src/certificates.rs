@@ -173,6 +173,7 @@ impl UpdateService {
 impl UpdateService {
     /// A sign-in refused for too many failed logins, counted as the password path counts it.
     fn refused_throttled(&self, by: LockedBy, left: Duration) -> Refusal {
+        error_total("auth_throttled");
         match self.auth.throttled(by, left) {
             AuthError::Throttled { retry_after } => Refusal::Throttled { retry_after },
             _ => Refusal::Denied,

@@ -180,8 +180,9 @@ impl std::fmt::Display for ReadError {
 /// The first packet of a connection, once whole in `buffer` (`Ok(None)`: more bytes needed).
 /// Its protocol level chooses the codec for the rest of the connection.
 pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Connect>, ReadError> {
-    let header = match rumqttc::mqttbytes::check(buffer.iter(), max_size) {
-        Ok(header) => header,
+    // The whole packet first (its size checked): the codecs read it from there.
+    match rumqttc::mqttbytes::check(buffer.iter(), max_size) {
+        Ok(_) => {}
         Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => return Ok(None),
         Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size)) => {
             return Err(ReadError::TooLarge(size))
@@ -193,7 +194,6 @@ pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Con
     }
     // Variable header: after the type byte and the remaining length (1 to 4 bytes, the last
     // without its top bit), the protocol name (2-byte length, "MQTT"), then the protocol level.
-    let _ = header;
     let Some(length_bytes) = buffer.iter().skip(1).take(4).position(|b| b & 0x80 == 0) else {
         return Err(ReadError::Malformed("remaining length".into()));
     };
