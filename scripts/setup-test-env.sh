@@ -15,9 +15,10 @@ sudo=()
 # broker, the OCI registry and the OCI client that checks what Ajour pushed. umoci builds the
 # server's image without a container engine (scripts/build-image.sh, tests/image.rs), with the
 # CA bundle it puts in the image and strip; python3-venv for the deployment tests' tools below;
-# libcoap3-bin for coap-client (as coap-client-notls), the CoAP peer of tests/it/coap.rs.
+# libcoap3-bin for coap-client (as coap-client-notls), the CoAP peer of tests/it/coap.rs; git,
+# which the local build runner clones with (tests/it/builds.rs).
 packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo
-    umoci ca-certificates binutils python3-venv libcoap3-bin)
+    umoci ca-certificates binutils python3-venv libcoap3-bin git)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -7,13 +7,16 @@
 //!
 //! Ajour's own resources are under `/api/dfu/v1alpha1`: a device's update history
 //! (`/apps/{app}/devices/{device}/history`) and an application's staged rollouts
-//! (`/apps/{app}/rollouts`).
+//! (`/apps/{app}/rollouts`). Firmware builds are under `/api/build/v1alpha1`, on the original's
+//! paths.
 //!
 //! Writes go to the registry and then tell the update service to forget what it cached about the
 //! object, so a changed firmware spec reaches devices on their next status. Reads of a device show
 //! its latest progress, including progress not yet written to the database.
 
 mod auth;
+// Firmware builds (`/api/build/v1alpha1`).
+mod builds;
 // Drogue's discovery documents, for `drg` (docs/drogue-tools.md).
 mod discovery;
 mod error;
@@ -44,6 +47,8 @@ pub struct ApiState {
     pub service: Arc<UpdateService>,
     /// Users' access tokens and applications' owners and members.
     pub access: Arc<dyn AccessStore>,
+    /// Firmware builds; `None`: builds are off (the build API answers 501).
+    pub builds: Option<Arc<ajour_build::Builds>>,
     /// The base URL the discovery documents name (`--public-url`, else each request's `Host`).
     pub public_url: PublicUrl,
 }
@@ -57,6 +62,7 @@ pub fn router(state: ApiState, token: ApiToken) -> Router {
     registry::routes()
         .merge(history::routes())
         .merge(rollouts::routes())
+        .merge(builds::routes())
         .merge(tokens::routes())
         .merge(members::routes())
         .merge(discovery::routes())

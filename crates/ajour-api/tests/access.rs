@@ -39,6 +39,7 @@ impl Api {
             registry: stored.clone(),
             service,
             access: stored,
+            builds: None,
             public_url: Default::default(),
         };
         Self {

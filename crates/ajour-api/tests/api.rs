@@ -33,6 +33,7 @@ async fn api(registry: Arc<MemoryRegistry>) -> (axum::Router, tempfile::TempDir)
                 registry,
                 service,
                 access,
+                builds: None,
                 public_url: Default::default(),
             },
             ApiToken::new(TOKEN),

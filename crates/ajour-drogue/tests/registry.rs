@@ -47,6 +47,7 @@ impl RegistryApi {
                 registry: stored.clone(),
                 service,
                 access: stored.clone(),
+                builds: None,
                 public_url: Default::default(),
             },
             ApiToken::new(TOKEN),

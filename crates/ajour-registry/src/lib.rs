@@ -10,6 +10,7 @@
 //! It knows nothing of firmware or devices' update state beyond the JSON sections it stores.
 
 pub mod access;
+pub mod builds;
 pub mod credentials;
 mod error;
 mod metered;
@@ -22,6 +23,7 @@ mod selector;
 mod sql;
 
 pub use access::{AccessStore, StoredToken};
+pub use builds::{BuildFilter, BuildStore, NewBuild};
 pub use credentials::{
     seal_plain_passwords, unique_user_names, CredentialKey, CredentialKeys, DerivedVerifier,
     DeviceCredentials, FastCheck, KeyError, SlowCheck, VERIFIERS_SECTION,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 mod access;
 mod beside;
+mod builds;
 mod rollouts;
 
 pub use beside::BesideRegistry;
@@ -228,8 +229,16 @@ impl SqlRegistry {
     /// [`Self::forget`] within `tx`.
     async fn forget_in(tx: &mut Tx<'_>, key: &Key) -> Result<(), RegistryError> {
         let (app, device, tables): (_, _, &[&str]) = match key {
-            Key::App(app) => (app, None, &["device_history", "rollout_devices", "rollouts"]),
-            Key::Device(app, device) => (app, Some(device), &["device_history", "rollout_devices"]),
+            Key::App(app) => (
+                app,
+                None,
+                &["device_history", "rollout_devices", "rollouts", "builds"],
+            ),
+            Key::Device(app, device) => (
+                app,
+                Some(device),
+                &["device_history", "rollout_devices", "builds"],
+            ),
         };
         for table in tables {
             let query = match device {

@@ -62,6 +62,9 @@ pub enum Command {
     /// many fail.
     #[command(subcommand)]
     Rollout(crate::rollout_cli::RolloutCommand),
+    /// Build firmware from its source and publish it (see docs/builds.md).
+    #[command(subcommand)]
+    Build(crate::build_cli::BuildCommand),
     /// Manage users' access tokens (for `drg` and scripts; see docs/drogue-tools.md).
     #[command(subcommand)]
     Token(crate::token_cli::TokenCommand),
@@ -287,6 +290,8 @@ pub struct ServeArgs {
     /// The Hawkbit firmware source (see docs/hawkbit.md).
     #[command(flatten, next_help_heading = "Hawkbit")]
     pub hawkbit: HawkbitServeArgs,
+    #[command(flatten, next_help_heading = "Builds")]
+    pub builds: crate::build_cli::BuildServeArgs,
 }
 
 /// `ajour serve` flags for the Hawkbit firmware source (`spec.firmware.hawkbit`).
@@ -414,6 +419,7 @@ impl ServeArgs {
             _ => None,
         };
         config.tls_reload = Duration::from_millis(self.tls_reload_ms);
+        config.builds = self.builds.config();
         config
     }
 
@@ -628,6 +634,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::App(command) => app(command).await,
         Command::Device(command) => device(command).await,
         Command::Rollout(command) => crate::rollout_cli::run(command).await,
+        Command::Build(command) => crate::build_cli::run(command).await,
         Command::Token(command) => crate::token_cli::run(command).await,
         Command::Firmware(FirmwareCommand::Add {
             name,

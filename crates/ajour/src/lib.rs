@@ -5,6 +5,7 @@
 //! This crate only wires: the protocol, decisions, registry, firmware sources and endpoints live
 //! in their own crates, and the backends are chosen in one place, [`server::start`].
 
+pub mod build_cli;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -166,7 +166,7 @@ impl CreateArgs {
 }
 
 /// `10%`, `25` or `ring=canary` as a wave.
-fn wave_spec(text: &str) -> anyhow::Result<Value> {
+pub(crate) fn wave_spec(text: &str) -> anyhow::Result<Value> {
     if let Some(percent) = text.strip_suffix('%') {
         let percent: f64 = percent
             .trim()

@@ -4,10 +4,13 @@
 //! ([`ajour_transport::coap`]) beside them.
 
 use ajour_api::{ApiState, ApiToken};
+use ajour_build::local::{LocalConfig, LocalRunner};
+use ajour_build::tekton::TektonRunner;
+use ajour_build::{BuildRunner, Builds, BuildsConfig, RolloutStarter};
 use ajour_hawkbit::{HawkbitConfig, HawkbitSource, HawkbitStats};
 use ajour_registry::{
-    AccessStore, BesideRegistry, CredentialKeys, HistoryRetention, KeyError, MeteredRegistry, Registry,
-    RolloutStore, SqlRegistry, SqlRegistryOptions,
+    AccessStore, BesideRegistry, BuildStore, CredentialKeys, HistoryRetention, KeyError, MeteredRegistry,
+    Registry, RolloutStore, SqlRegistry, SqlRegistryOptions,
 };
 use ajour_service::{ServiceConfig, UpdateService};
 use ajour_store::{FileStore, Firmware, FirmwareSource, OciConfig, OciStore};
@@ -73,6 +76,68 @@ pub struct ServerConfig {
     pub tls: Option<TlsFiles>,
     /// How often the TLS certificate and key files are checked for a change (`--tls-reload-ms`).
     pub tls_reload: Duration,
+    /// Firmware builds: the runner, and how builds run.
+    pub builds: BuildServerConfig,
+}
+
+/// Where builds run (`--build-runner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuildRunnerKind {
+    /// No builds: the build API answers 501.
+    Off,
+    /// On this machine (`ajour_build::local`).
+    Local,
+    /// As Tekton PipelineRuns (`ajour_build::tekton`).
+    Tekton,
+}
+
+impl std::fmt::Display for BuildRunnerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BuildRunnerKind::Off => "off",
+            BuildRunnerKind::Local => "local",
+            BuildRunnerKind::Tekton => "tekton",
+        })
+    }
+}
+
+/// How `ajour serve` builds firmware.
+#[derive(Debug, Clone)]
+pub struct BuildServerConfig {
+    /// Off by default: the local runner runs commands from specs, which must be a choice.
+    pub runner: BuildRunnerKind,
+    pub concurrency: usize,
+    /// How long a build's record outlives its instance before any instance closes it.
+    pub lease: Duration,
+    /// Applications whose firmware may be built; empty: every one.
+    pub allowed_apps: Vec<String>,
+    /// The local runner's directory; default: `builds` in the data directory.
+    pub work_dir: Option<PathBuf>,
+    pub tekton: ajour_build::tekton::TektonConfig,
+}
+
+impl Default for BuildServerConfig {
+    fn default() -> Self {
+        let builds = BuildsConfig::default();
+        Self {
+            runner: BuildRunnerKind::Off,
+            concurrency: builds.concurrency,
+            lease: builds.lease,
+            allowed_apps: builds.allowed_apps,
+            work_dir: None,
+            tekton: Default::default(),
+        }
+    }
+}
+
+impl BuildServerConfig {
+    fn builds(&self) -> BuildsConfig {
+        BuildsConfig {
+            concurrency: self.concurrency,
+            lease: self.lease,
+            allowed_apps: self.allowed_apps.clone(),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -97,6 +162,7 @@ impl ServerConfig {
             mqtt_listen: None,
             tls: None,
             tls_reload: Duration::from_secs(5),
+            builds: BuildServerConfig::default(),
         }
     }
 
@@ -114,6 +180,38 @@ impl Default for ServerConfig {
 /// Where firmware files live under a data directory.
 pub fn firmware_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("firmware")
+}
+
+/// The build runner `config` chooses, `None` when builds are off: the one place a runner is
+/// chosen.
+async fn build_runner(
+    config: &ServerConfig,
+    oci: Option<Arc<OciStore>>,
+) -> anyhow::Result<Option<Arc<dyn BuildRunner>>> {
+    Ok(match config.builds.runner {
+        BuildRunnerKind::Off => None,
+        BuildRunnerKind::Local => {
+            let work_dir = config
+                .builds
+                .work_dir
+                .clone()
+                .unwrap_or_else(|| config.data_dir.join("builds"));
+            Some(Arc::new(LocalRunner::new(LocalConfig::new(work_dir), oci)))
+        }
+        BuildRunnerKind::Tekton => Some(Arc::new(
+            TektonRunner::connect(ajour_build::tekton::TektonConfig {
+                registry_prefix: config
+                    .oci
+                    .as_ref()
+                    .map(|oci| oci.registry_prefix.clone())
+                    .unwrap_or_default(),
+                ..config.builds.tekton.clone()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .context("--build-runner tekton: connecting to the Kubernetes API")?,
+        )),
+    })
 }
 
 /// A running server.
@@ -243,6 +341,7 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         None => database.clone(),
     };
     let access: Arc<dyn AccessStore> = database.clone();
+    let build_store: Arc<dyn BuildStore> = database.clone();
     let rollout_store: Arc<dyn RolloutStore> = database;
     let registry: Arc<dyn Registry> = Arc::new(MeteredRegistry::new(registry));
 
@@ -254,17 +353,18 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         )),
         None => None,
     };
+    let oci = match &config.oci {
+        Some(oci) => Some(Arc::new(
+            OciStore::new(oci.clone()).context("configuring the OCI registry source")?,
+        )),
+        None => None,
+    };
     let firmware: Arc<dyn FirmwareSource> = Arc::new(Firmware {
         file: Some(Arc::new(FileStore::new(
             config.firmware_dir(),
             config.firmware_recheck,
         ))),
-        container: match &config.oci {
-            Some(oci) => Some(Arc::new(
-                OciStore::new(oci.clone()).context("configuring the OCI registry source")?,
-            )),
-            None => None,
-        },
+        container: oci.clone().map(|source| source as Arc<dyn FirmwareSource>),
         hawkbit: hawkbit.clone().map(|source| source as Arc<dyn FirmwareSource>),
     });
     let service =
@@ -279,11 +379,30 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
     };
     let drogue = integration.as_ref().map(|i| i.stats());
 
+    let builds = build_runner(&config, oci.clone()).await?.map(|runner| {
+        // A build may start a rollout of what it published: the update service's.
+        let rollouts = service.clone();
+        let start_rollout: RolloutStarter = Arc::new(move |app, spec| {
+            let rollouts = rollouts.clone();
+            Box::pin(async move {
+                rollouts
+                    .create_rollout(&app, spec)
+                    .await
+                    .map(|rollout| rollout.id)
+                    .map_err(|e| e.to_string())
+            })
+        });
+        Arc::new(
+            Builds::new(build_store, registry.clone(), runner, config.builds.builds())
+                .with_rollouts(start_rollout),
+        )
+    });
     let metrics = metrics_handle();
     let api_state = ApiState {
         registry: registry.clone(),
         service: service.clone(),
         access,
+        builds: builds.clone(),
         public_url: {
             let public = ajour_api::PublicUrl::new(config.public_url.as_deref(), listener.local_addr()?)
                 .map_err(|e| anyhow::anyhow!(e))
@@ -375,6 +494,18 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
             let _ = tls_stopped.wait_for(|s| *s).await;
         }))
     });
+    let build_maintenance = builds.clone().map(|builds| {
+        let mut builds_stopped = shutdown.subscribe();
+        tokio::spawn(async move {
+            builds
+                .run_maintenance(async move {
+                    let _ = builds_stopped.wait_for(|s| *s).await;
+                })
+                .await;
+            // Builds under way stop with the server, recorded as failed.
+            builds.shutdown().await;
+        })
+    });
     let limits = config.connections;
     let slots = connection_slots.clone();
     let traffic = service.traffic().clone();
@@ -397,6 +528,9 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         }
         if let Some(integration) = integration {
             integration.stop().await;
+        }
+        if let Some(build_maintenance) = build_maintenance {
+            build_maintenance.await.context("builds")?;
         }
         // Last, so that what the drained requests and the integration recorded is written too.
         let _ = stop_writer.send(());

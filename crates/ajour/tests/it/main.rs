@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod bad_input;
 mod binary;
+mod builds;
 mod coap;
 mod devices;
 mod discovery;
