@@ -55,6 +55,9 @@ pub struct TektonConfig {
     /// The prefix specs' image names are relative to (the server's `--oci-registry`): the
     /// pipeline is given full references.
     pub registry_prefix: String,
+    /// A Secret holding a docker `config.json` (type `kubernetes.io/dockerconfigjson`), bound
+    /// as the pipeline's `registry-credentials` workspace for the push; `None`: none bound.
+    pub registry_secret: Option<String>,
 }
 
 impl Default for TektonConfig {
@@ -67,8 +70,16 @@ impl Default for TektonConfig {
             workspace_size: "1Gi".into(),
             grace: Duration::from_secs(120),
             registry_prefix: String::new(),
+            registry_secret: None,
         }
     }
+}
+
+/// kube's client speaks TLS through rustls with the process's default provider: ring, as the
+/// rest of Ajour (where a build links aws-lc-rs too, as the workspace's tests do, none would be
+/// the default and the client would panic). A process that installed one already keeps its own.
+fn install_ring() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Runs builds as Tekton PipelineRuns.
@@ -90,6 +101,7 @@ impl TektonRunner {
     /// A runner speaking to the API server `client` talks to. An empty `config.namespace`
     /// becomes the client's default namespace.
     pub fn new(client: kube::Client, mut config: TektonConfig) -> Self {
+        install_ring();
         if config.namespace.is_empty() {
             config.namespace = client.default_namespace().to_string();
         }
@@ -103,6 +115,7 @@ impl TektonRunner {
 
     /// A runner for the cluster this process runs in, or the current kubeconfig context's.
     pub async fn connect(config: TektonConfig) -> Result<Self, String> {
+        install_ring();
         let client = kube::Client::try_default().await.map_err(|e| {
             format!("no Kubernetes API to run Tekton builds in (neither in a cluster nor a kubeconfig): {e}")
         })?;
@@ -355,6 +368,17 @@ pub fn pipeline_run(job: &BuildJob, config: &TektonConfig) -> Result<Value, Stri
         .iter()
         .map(|env| format!("{}={}", env.name, env.value.joined()))
         .collect();
+    let mut workspaces = vec![json!({
+        "name": "source",
+        "volumeClaimTemplate": {"spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": config.workspace_size}},
+        }},
+    })];
+    if let Some(secret) = &config.registry_secret {
+        // The publish task logs in to the registry with this docker config.json Secret.
+        workspaces.push(json!({"name": "registry-credentials", "secret": {"secretName": secret}}));
+    }
     Ok(json!({
         "apiVersion": format!("{API_GROUP}/{API_VERSION}"),
         "kind": KIND,
@@ -378,13 +402,7 @@ pub fn pipeline_run(job: &BuildJob, config: &TektonConfig) -> Result<Value, Stri
                 {"name": "IMAGE", "value": image},
                 {"name": "VERSION", "value": spec.version.as_deref().unwrap_or("")},
             ],
-            "workspaces": [{
-                "name": "source",
-                "volumeClaimTemplate": {"spec": {
-                    "accessModes": ["ReadWriteOnce"],
-                    "resources": {"requests": {"storage": config.workspace_size}},
-                }},
-            }],
+            "workspaces": workspaces,
         },
     }))
 }

@@ -293,6 +293,8 @@ fn config() -> TektonConfig {
 }
 
 fn runner(url: &str, config: TektonConfig) -> TektonRunner {
+    // As the server does: ring is the provider (the workspace's tests link aws-lc-rs too).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     TektonRunner::new(client, config)
 }
@@ -1018,11 +1020,31 @@ async fn publishing_under_the_version_tag_needs_the_version_and_names_that_tag()
     assert_eq!(image["value"], "registry:5000/my-fw:2.1.0");
 
     let unversioned = self::job(51, None, minimal_build());
-    let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
-    let runner = TektonRunner::new(client, config);
+    let runner = runner("http://127.0.0.1:9", config);
     assert!(runner
         .check(&unversioned.plan, Publish::VersionTag)
         .unwrap_err()
         .contains("needs build.version"));
     assert_eq!(runner.check(&unversioned.plan, Publish::SpecImage), Ok(()));
+}
+
+/// A configured registry Secret is bound as the pipeline's `registry-credentials` workspace.
+#[test]
+fn a_registry_secret_is_bound_as_the_credentials_workspace() {
+    let job = self::job(52, None, minimal_build());
+    let without = TektonConfig {
+        namespace: "builds".into(),
+        ..TektonConfig::default()
+    };
+    let run = ajour_build::tekton::pipeline_run(&job, &without).unwrap();
+    assert_eq!(run["spec"]["workspaces"].as_array().unwrap().len(), 1);
+    let with = TektonConfig {
+        registry_secret: Some("firmware-registry".into()),
+        ..without
+    };
+    let run = ajour_build::tekton::pipeline_run(&job, &with).unwrap();
+    assert_eq!(
+        run["spec"]["workspaces"][1],
+        json!({"name": "registry-credentials", "secret": {"secretName": "firmware-registry"}})
+    );
 }

@@ -49,6 +49,10 @@ pub struct BuildServeArgs {
     /// The Pipeline each build runs (deploy/tekton ships it).
     #[arg(long, value_name = "NAME", default_value_t = ajour_build::tekton::TektonConfig::default().pipeline)]
     pub tekton_pipeline: String,
+    /// A Secret (type kubernetes.io/dockerconfigjson) the pipeline pushes to the registry with,
+    /// bound as its `registry-credentials` workspace (default: none; see docs/tekton.md).
+    #[arg(long, value_name = "SECRET")]
+    pub tekton_registry_secret: Option<String>,
     /// The service account the PipelineRun's tasks run as.
     #[arg(long, value_name = "NAME", default_value_t = ajour_build::tekton::TektonConfig::default().service_account)]
     pub tekton_service_account: String,
@@ -67,6 +71,7 @@ impl BuildServeArgs {
                 namespace: self.tekton_namespace.clone().unwrap_or_default(),
                 pipeline: self.tekton_pipeline.clone(),
                 service_account: self.tekton_service_account.clone(),
+                registry_secret: self.tekton_registry_secret.clone(),
                 ..defaults
             },
         }
