@@ -82,6 +82,7 @@ impl BuildServeArgs {
 pub enum BuildCommand {
     /// Build an application's firmware (or one device's own) from its build spec, and publish it.
     Trigger {
+        /// The application whose firmware (or whose device's) is built.
         app: String,
         /// Build this device's own firmware instead of the application's.
         device: Option<String>,
@@ -107,13 +108,16 @@ pub enum BuildCommand {
     /// List builds: every application and device with a build spec and its latest build, or with
     /// APP (and DEVICE) that target's builds, newest first.
     List {
+        /// Only this application's builds (its own).
         app: Option<String>,
+        /// With APP: only this device's builds.
         device: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },
     /// Show one build.
     Get {
+        /// The build's number.
         id: i64,
         /// Print it as the API gives it (JSON).
         #[arg(long)]
@@ -123,6 +127,7 @@ pub enum BuildCommand {
     },
     /// Print a build's log; with --follow, as it is written, until the build ends.
     Logs {
+        /// The build's number.
         id: i64,
         #[arg(long, short)]
         follow: bool,

@@ -12,7 +12,6 @@ use crate::support::*;
 use ajour::server::{BuildRunnerKind, ServerConfig};
 use ajour_registry::{BuildStore, NewBuild, SqlRegistry, SqlRegistryOptions};
 use ajour_sim::Outcome;
-use ajour_store::OciConfig;
 use ajour_testkit::oci_registry::{sha256_digest, skopeo_raw_manifest};
 use ajour_testkit::OciRegistry;
 use ajour_types::build::BuildTarget;
@@ -22,17 +21,6 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
-
-fn oci_config(registry: &OciRegistry) -> OciConfig {
-    OciConfig {
-        registry_prefix: format!("{}/fw/", registry.host()),
-        plain_http: true,
-        always_recheck: Duration::from_millis(200),
-        error_retry: Duration::from_millis(100),
-        request_timeout: Duration::from_secs(5),
-        ..OciConfig::default()
-    }
-}
 
 async fn build_server(
     backend: Backend,

@@ -18,18 +18,6 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The server's OCI source: quick to re-check `Always` tags and to retry after a failure.
-fn oci_config(registry: &OciRegistry) -> OciConfig {
-    OciConfig {
-        registry_prefix: format!("{}/fw/", registry.host()),
-        plain_http: true,
-        always_recheck: Duration::from_millis(200),
-        error_retry: Duration::from_millis(100),
-        request_timeout: Duration::from_secs(5),
-        ..OciConfig::default()
-    }
-}
-
 /// Push firmware to the registry (setting up, as `ajour firmware push` does).
 async fn push(registry: &OciRegistry, auth: OciAuth, image: &str, version: &str, data: &[u8]) {
     OciStore::new(OciConfig {

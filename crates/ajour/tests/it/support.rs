@@ -528,3 +528,16 @@ pub fn updated_to(version: &str, bytes: usize) -> Outcome {
         bytes,
     }
 }
+
+/// The server's OCI source for `registry` (images under `fw/`): quick to re-check `Always` tags and
+/// to retry after a failure.
+pub fn oci_config(registry: &ajour_testkit::OciRegistry) -> ajour_store::OciConfig {
+    ajour_store::OciConfig {
+        registry_prefix: format!("{}/fw/", registry.host()),
+        plain_http: true,
+        always_recheck: Duration::from_millis(200),
+        error_retry: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(5),
+        ..ajour_store::OciConfig::default()
+    }
+}
