@@ -27,7 +27,8 @@ impl ApiToken {
         Self(token.into())
     }
 
-    fn matches(&self, presented: &str) -> bool {
+    /// Whether `presented` is this token (in constant time).
+    pub fn matches(&self, presented: &str) -> bool {
         self.0.as_bytes().ct_eq(presented.as_bytes()).into()
     }
 }
@@ -102,18 +103,31 @@ async fn identify(gate: &Gate, header: &str) -> Result<Option<Caller>, ApiError>
             None => return Ok(None),
         },
     };
-    if gate.bootstrap.matches(&token) {
+    let caller = caller_of_token(&gate.bootstrap, gate.access.as_ref(), &token).await?;
+    Ok(caller.filter(|caller| match (&user, caller) {
+        (Some(user), Caller::User(owner)) => user == owner,
+        _ => true,
+    }))
+}
+
+/// Who `token` (the bootstrap token or a user's access token) belongs to; `None`: no one. The
+/// one check behind the API's credentials and the console's sign-in.
+pub async fn caller_of_token(
+    bootstrap: &ApiToken,
+    access: &dyn AccessStore,
+    token: &str,
+) -> Result<Option<Caller>, ApiError> {
+    if bootstrap.matches(token) {
         return Ok(Some(Caller::Administrator));
     }
-    let Some(prefix) = token_prefix(&token) else {
+    let Some(prefix) = token_prefix(token) else {
         return Ok(None);
     };
-    let Some(stored) = gate.access.token(prefix).await? else {
+    let Some(stored) = access.token(prefix).await? else {
         return Ok(None);
     };
-    let hash_matches: bool = stored.hash.as_bytes().ct_eq(hash(&token).as_bytes()).into();
-    let user_matches = user.is_none_or(|user| user == stored.user);
-    Ok((hash_matches && user_matches).then_some(Caller::User(stored.user)))
+    let hash_matches: bool = stored.hash.as_bytes().ct_eq(hash(token).as_bytes()).into();
+    Ok(hash_matches.then_some(Caller::User(stored.user)))
 }
 
 /// What user access tokens start with.
@@ -153,7 +167,7 @@ pub(crate) fn new_token(user: &str, description: Option<String>) -> (String, Sto
 /// Whether `caller` may do what needs `need` to application `app`. A user who is neither its
 /// owner nor a member gets "not found", the answer for an application that does not exist, so
 /// names are not found out by trying them.
-pub(crate) async fn require(
+pub async fn require(
     state: &ApiState,
     caller: &Caller,
     app: &AppName,

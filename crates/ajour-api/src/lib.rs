@@ -28,7 +28,7 @@ mod rollouts;
 mod stream;
 mod tokens;
 
-pub use auth::{ApiToken, Caller};
+pub use auth::{caller_of_token, require, ApiToken, Caller};
 pub use error::ApiError;
 // For `drg`: where the server is, as its discovery documents name it.
 pub use discovery::{parse_public_url, PublicUrl};

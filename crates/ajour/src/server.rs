@@ -431,7 +431,12 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
         )
         .merge(ajour_transport::http::router(service.clone()))
         .merge(ajour_api::router(api_state.clone(), ApiToken::new(token.clone())))
-        .merge(ajour_api::public_router(api_state))
+        .merge(ajour_api::public_router(api_state.clone()))
+        .merge(ajour_console::router(ajour_console::ConsoleState::new(
+            api_state,
+            &token,
+            config.tls.is_some(),
+        )))
         .layer(tower_http::trace::TraceLayer::new_for_http());
 
     let addr = listener.local_addr()?;
