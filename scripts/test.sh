@@ -8,7 +8,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The crate map's promises that the compiler does not check: the endpoint and Drogue crates build no
 # database driver, and the server binary links none of the load generator.
-for crate in ajour-types ajour-transport ajour-drogue ajour-service ajour-client ajour-build; do
+for crate in ajour-types ajour-transport ajour-drogue ajour-service ajour-client ajour-build ajour-console; do
     if cargo tree --locked -p "$crate" -e normal --prefix none | grep -q '^sqlx '; then
         echo "error: $crate depends on sqlx (docs/ARCHITECTURE.md says it must not)" >&2
         exit 1

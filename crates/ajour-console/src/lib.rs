@@ -13,6 +13,10 @@
 //! The pages work without JavaScript; `live.js` (a few lines, embedded like the stylesheet)
 //! refreshes the parts marked `data-live` every second without a reload.
 
+// A page's error is the answer it gives instead (a `Response`), made once per request: boxing it
+// would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 mod pages;
 mod session;
 
@@ -79,7 +83,12 @@ pub fn router(state: ConsoleState) -> Router {
             get(|| asset("text/javascript", include_str!("../assets/live.js"))),
         )
         .with_state(state)
+        // Its forms are a few fields.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FORM))
 }
+
+/// The largest form the console takes.
+pub const MAX_FORM: usize = 16 * 1024;
 
 async fn asset(kind: &'static str, body: &'static str) -> Response {
     (

@@ -11,6 +11,7 @@ mod bad_input;
 mod binary;
 mod builds;
 mod coap;
+mod console;
 mod devices;
 mod discovery;
 mod drg;
