@@ -16,9 +16,10 @@ sudo=()
 # server's image without a container engine (scripts/build-image.sh, tests/image.rs), with the
 # CA bundle it puts in the image and strip; python3-venv for the deployment tests' tools below;
 # libcoap3-bin for coap-client (as coap-client-notls), the CoAP peer of tests/it/coap.rs; git,
-# which the local build runner clones with (tests/it/builds.rs).
+# which the local build runner clones with (tests/it/builds.rs); chromium and chromium-driver,
+# the headless browser and its WebDriver server that tests/console.rs drives the web console with.
 packages=(postgresql postgresql-client mosquitto mosquitto-clients docker-registry skopeo
-    umoci ca-certificates binutils python3-venv libcoap3-bin git)
+    umoci ca-certificates binutils python3-venv libcoap3-bin git chromium chromium-driver)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -50,6 +51,23 @@ if [ "$(cat "$venv/.requirements" 2>/dev/null)" != "$requirements" ] ||
     # shellcheck disable=SC2086 # the pins are words
     "$venv/bin/pip" install --quiet --disable-pip-version-check $requirements
     echo "$requirements" >"$venv/.requirements"
+fi
+
+# axe-core, the accessibility checker tests/console.rs runs in each page of the web console,
+# pinned, from npm (the machine's Node.js) into a directory of its own beside the virtualenv; the
+# tests read node_modules/axe-core/axe.min.js there ($AJOUR_TEST_AXE names another axe.min.js).
+# Installed again when the pin changes or the file is missing.
+npm_dir=${AJOUR_TEST_NPM:-${XDG_CACHE_HOME:-$HOME/.cache}/ajour-test/npm}
+npm_packages="axe-core@4.10.3"
+if [ "$(cat "$npm_dir/.packages" 2>/dev/null)" != "$npm_packages" ] ||
+    [ ! -s "$npm_dir/node_modules/axe-core/axe.min.js" ]; then
+    command -v npm >/dev/null || { echo "setup: npm (Node.js) is needed to install $npm_packages" >&2; exit 1; }
+    echo "setup: installing $npm_packages into $npm_dir"
+    rm -rf "$npm_dir"
+    mkdir -p "$npm_dir"
+    # shellcheck disable=SC2086 # the pins are words
+    npm install --prefix "$npm_dir" --save-exact --no-audit --no-fund --silent $npm_packages
+    echo "$npm_packages" >"$npm_dir/.packages"
 fi
 
 # Drogue's CLI, the real one, that crates/ajour/tests/it/drg.rs drives against `ajour serve`:

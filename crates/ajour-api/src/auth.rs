@@ -167,12 +167,7 @@ pub(crate) fn new_token(user: &str, description: Option<String>) -> (String, Sto
 /// Whether `caller` may do what needs `need` to application `app`. A user who is neither its
 /// owner nor a member gets "not found", the answer for an application that does not exist, so
 /// names are not found out by trying them.
-pub async fn require(
-    state: &ApiState,
-    caller: &Caller,
-    app: &AppName,
-    need: Need,
-) -> Result<(), ApiError> {
+pub async fn require(state: &ApiState, caller: &Caller, app: &AppName, need: Need) -> Result<(), ApiError> {
     let Caller::User(user) = caller else {
         return Ok(());
     };

@@ -73,7 +73,16 @@ impl Keys {
     fn csrf(&self, cookie: &str) -> String {
         hex::encode(self.mac("csrf", cookie))
     }
+
+    /// The sign-in form's CSRF token for the browser holding `nonce` (its `ajour_login`
+    /// cookie): so that no other site can sign a browser in under a token of its choosing.
+    fn login_csrf(&self, nonce: &str) -> String {
+        hex::encode(self.mac("login", nonce))
+    }
 }
+
+/// The cookie that ties a sign-in form to the browser it was given to.
+const LOGIN_COOKIE: &str = "ajour_login";
 
 /// A signed-in caller, and the CSRF token of their session.
 pub(crate) struct Session {
@@ -130,12 +139,13 @@ pub(crate) async fn session(state: &ConsoleState, headers: &HeaderMap) -> Result
     }
 }
 
-fn login_form(error: Option<&str>) -> Markup {
+fn login_form(csrf: &str, error: Option<&str>) -> Markup {
     html! {
         @if let Some(error) = error {
             p.error role="alert" { (error) }
         }
         form #login method="post" action="/login" {
+            input type="hidden" name="csrf" value=(csrf);
             label for="token" { "API token" }
             input #token type="password" name="token" autocomplete="current-password" required autofocus;
             button type="submit" { "Sign in" }
@@ -150,16 +160,52 @@ fn login_form(error: Option<&str>) -> Markup {
     }
 }
 
-pub(crate) async fn login_page() -> Response {
-    respond(StatusCode::OK, page("Sign in", None, login_form(None)))
+/// The sign-in page, with `error`, and a fresh `ajour_login` nonce for its form.
+fn login_answer(state: &ConsoleState, status: StatusCode, error: Option<&str>) -> Response {
+    let mut nonce = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
+    let nonce = hex::encode(nonce);
+    let cookie = format!(
+        "{LOGIN_COOKIE}={nonce}; Path=/login; Max-Age=3600; HttpOnly; SameSite=Strict{}",
+        if state.secure { "; Secure" } else { "" }
+    );
+    let mut response = respond(
+        status,
+        page("Sign in", None, login_form(&state.keys.login_csrf(&nonce), error)),
+    );
+    if let Ok(value) = header::HeaderValue::from_str(&cookie) {
+        response.headers_mut().append(header::SET_COOKIE, value);
+    }
+    response
+}
+
+pub(crate) async fn login_page(State(state): State<ConsoleState>) -> Response {
+    login_answer(&state, StatusCode::OK, None)
 }
 
 #[derive(serde::Deserialize)]
 pub(crate) struct LoginForm {
     token: String,
+    csrf: Option<String>,
 }
 
-pub(crate) async fn login(State(state): State<ConsoleState>, Form(form): Form<LoginForm>) -> Response {
+pub(crate) async fn login(
+    State(state): State<ConsoleState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let expected = cookie_of(&headers, LOGIN_COOKIE).map(|nonce| state.keys.login_csrf(nonce));
+    let forged = match (&expected, &form.csrf) {
+        (Some(expected), Some(posted)) => !bool::from(expected.as_bytes().ct_eq(posted.as_bytes())),
+        _ => true,
+    };
+    if forged {
+        return login_answer(
+            &state,
+            StatusCode::FORBIDDEN,
+            Some("The sign-in form was not sent from this page: sign in again."),
+        );
+    }
     let token = form.token.trim();
     match caller_of_token(&state.bootstrap, state.api.access.as_ref(), token).await {
         Ok(Some(_)) => {
@@ -171,10 +217,7 @@ pub(crate) async fn login(State(state): State<ConsoleState>, Form(form): Form<Lo
             );
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
-        Ok(None) => respond(
-            StatusCode::UNAUTHORIZED,
-            page("Sign in", None, login_form(Some("That token is not valid."))),
-        ),
+        Ok(None) => login_answer(&state, StatusCode::UNAUTHORIZED, Some("That token is not valid.")),
         Err(error) => error.into_response(),
     }
 }

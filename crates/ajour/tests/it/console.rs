@@ -1,5 +1,5 @@
 //! The web console's doors, without a browser (the browser drives it in `tests/console.rs`): the
-//! sign-in and its cookie, pages closed without a session or with a forged one, forms refused
+//! sign-in (its form tied to the browser it was given to) and its cookie, pages closed without a session or with a forged one, forms refused
 //! without their CSRF token, hostile names and oversize forms answered with an error page, a
 //! user seeing only their applications, and a deleted token ending its sessions at once.
 
@@ -16,14 +16,34 @@ fn browser() -> reqwest::Client {
         .unwrap()
 }
 
-/// Sign in with `token`: the session cookie (`name=value`) and its attributes.
-async fn sign_in(server: &Connection, token: &str) -> (String, String) {
+/// The sign-in form as a browser gets it: its cookie (`ajour_login=…`) and CSRF token.
+async fn login_form(server: &Connection) -> (String, String) {
     let response = browser()
-        .post(format!("{}/login", server.url))
-        .form(&[("token", token)])
+        .get(format!("{}/login", server.url))
         .send()
         .await
         .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let set = response.headers()[SET_COOKIE].to_str().unwrap().to_string();
+    let cookie = set.split_once(';').unwrap().0.to_string();
+    (cookie, csrf(&response.text().await.unwrap()))
+}
+
+/// Post the sign-in form with `token`, as the browser holding `form` does.
+async fn post_login(server: &Connection, form: &(String, String), token: &str) -> reqwest::Response {
+    browser()
+        .post(format!("{}/login", server.url))
+        .header(COOKIE, &form.0)
+        .form(&[("token", token), ("csrf", &form.1)])
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Sign in with `token`: the session cookie (`name=value`) and its attributes.
+async fn sign_in(server: &Connection, token: &str) -> (String, String) {
+    let form = login_form(server).await;
+    let response = post_login(server, &form, token).await;
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     assert_eq!(response.headers()[LOCATION], "/");
     let set = response.headers()[SET_COOKIE].to_str().unwrap().to_string();
@@ -92,18 +112,33 @@ async fn sign_in_sessions_and_forms_hold_against_what_a_browser_should_not_do() 
             "{path}"
         );
     }
-    let response = browser()
-        .post(format!("{}/login", server.url))
-        .form(&[("token", "wrong")])
-        .send()
-        .await
-        .unwrap();
+    let form = login_form(&server).await;
+    let response = post_login(&server, &form, "wrong").await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert!(response
         .text()
         .await
         .unwrap()
         .contains("That token is not valid."));
+    // Another site cannot sign a browser in (under a token of its choosing): the form must come
+    // with the cookie it was given with.
+    let forged = browser()
+        .post(format!("{}/login", server.url))
+        .form(&[("token", server.token.as_str()), ("csrf", form.1.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+    let sessions = forged
+        .headers()
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter(|c| c.to_str().unwrap().starts_with("ajour_session="))
+        .count();
+    assert_eq!(sessions, 0);
+    let other = login_form(&server).await;
+    let mixed = post_login(&server, &(other.0, form.1.clone()), &server.token).await;
+    assert_eq!(mixed.status(), StatusCode::FORBIDDEN);
 
     let (cookie, attributes) = sign_in(&server, &server.token).await;
     for attribute in ["HttpOnly", "SameSite=Strict", "Max-Age=28800", "Path=/"] {
