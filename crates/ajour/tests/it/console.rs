@@ -257,6 +257,41 @@ async fn sign_in_sessions_and_forms_hold_against_what_a_browser_should_not_do() 
         (StatusCode::SEE_OTHER, Some("/login"))
     );
 
+    // A device's own firmware, set and removed from its page.
+    server.create_device("mine", "dev", "pw", None).await;
+    let (_, page, _) = get(&server, Some(&cookie), "/apps/mine/devices/dev").await;
+    let token = csrf(&page);
+    let (status, _, location) = post(
+        &server,
+        &cookie,
+        "/apps/mine/devices/dev/firmware",
+        &[("csrf", &token), ("kind", "container"), ("value", "fw-image:2")],
+    )
+    .await;
+    assert_eq!(
+        (status, location.as_deref()),
+        (
+            StatusCode::SEE_OTHER,
+            Some("/apps/mine/devices/dev?notice=override-set")
+        )
+    );
+    let device = server.device("mine", "dev").await;
+    assert_eq!(
+        device["spec"]["firmware"],
+        serde_json::json!({"container": {"image": "fw-image:2", "imagePullPolicy": "Always"}})
+    );
+    let (_, page, _) = get(&server, Some(&cookie), "/apps/mine/devices/dev").await;
+    assert!(page.contains("container image fw-image:2"), "{page}");
+    let (status, _, _) = post(
+        &server,
+        &cookie,
+        "/apps/mine/devices/dev/firmware/remove",
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    assert_eq!(server.device("mine", "dev").await["spec"].get("firmware"), None);
+
     // Signing out clears the cookie.
     let (_, page, _) = get(&server, Some(&cookie), "/").await;
     let response = browser()

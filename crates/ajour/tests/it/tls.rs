@@ -789,3 +789,44 @@ async fn refused_certificates_lock_the_address_out_as_wrong_passwords_do() {
     );
     server.stop().await;
 }
+
+/// Over HTTPS the console's cookies are `Secure`: a browser never sends them in clear.
+#[tokio::test]
+async fn the_consoles_cookies_are_secure_over_https() {
+    let server = TlsServer::start(|_| {}).await;
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let form = client
+        .get(format!("{}/login", server.connection.url))
+        .send()
+        .await
+        .unwrap();
+    let login_cookie = form.headers()[reqwest::header::SET_COOKIE]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(login_cookie.ends_with("; Secure"), "{login_cookie}");
+    let page = form.text().await.unwrap();
+    let at = page.find(r#"name="csrf" value=""#).unwrap() + 19;
+    let signed_in = client
+        .post(format!("{}/login", server.connection.url))
+        .header(reqwest::header::COOKIE, login_cookie.split_once(';').unwrap().0)
+        .form(&[
+            ("token", server.connection.token.as_str()),
+            ("csrf", &page[at..at + 64]),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), reqwest::StatusCode::SEE_OTHER);
+    let session = signed_in.headers()[reqwest::header::SET_COOKIE].to_str().unwrap();
+    assert!(
+        session.starts_with("ajour_session=") && session.ends_with("; Secure"),
+        "{session}"
+    );
+    server.stop().await;
+}
