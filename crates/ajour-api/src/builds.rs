@@ -16,7 +16,7 @@ use crate::{ApiError, ApiState};
 use ajour_build::{Builds, TriggerError};
 use ajour_registry::{AppName, BuildFilter, DeviceName, ListParams, RegistryError, Scope};
 use ajour_types::access::Need;
-use ajour_types::build::{Build, BuildTarget};
+use ajour_types::build::{has_build_section, Build, BuildTarget};
 use ajour_types::rollout::RolloutSpec;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -254,13 +254,9 @@ async fn build_log(
     Path(id): Path<i64>,
     Query(params): Query<LogParams>,
 ) -> Result<Json<Value>, ApiError> {
-    let (builds, _) = readable_build(&state, &caller, id).await?;
-    // The state is read before the log: a build seen ended has its whole log in what follows.
-    let build = builds
-        .store()
-        .build(id)
-        .await?
-        .ok_or_else(|| ApiError::Registry(RegistryError::NotFound(format!("build {id}"))))?;
+    // The build (its state) is read before the log: a build seen ended has its whole log in
+    // what follows.
+    let (builds, build) = readable_build(&state, &caller, id).await?;
     let log = builds.store().build_log(id).await?.unwrap_or_default();
     let from = params.from.unwrap_or(0).max(log.start);
     let end = log.start + log.text.len() as u64;
@@ -323,14 +319,7 @@ async fn overview(
 }
 
 fn has_build(spec: &Map<String, Value>) -> bool {
-    let Some(firmware) = spec.get("firmware") else {
-        return false;
-    };
-    firmware
-        .get("container")
-        .or_else(|| firmware.get("oci"))
-        .and_then(|c| c.get("build"))
-        .is_some_and(|b| !b.is_null())
+    has_build_section(spec.get("firmware"))
 }
 
 fn entry(app: &str, device: Option<&str>, build: Option<&Build>) -> Value {

@@ -45,9 +45,12 @@ impl From<ajour_types::NameError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, error, message) = match self {
+impl ApiError {
+    /// Its status code, Drogue's error name, and the message a client is shown: the one mapping,
+    /// answered as JSON by the API and as a page by the console. A database failure is logged
+    /// here and shown only as "registry unavailable".
+    pub fn parts(self) -> (StatusCode, &'static str, String) {
+        match self {
             ApiError::Unauthorized(message) => {
                 (StatusCode::UNAUTHORIZED, "Unauthorized", message.to_string())
             }
@@ -69,7 +72,13 @@ impl IntoResponse for ApiError {
                     )
                 }
             },
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error, message) = self.parts();
         (status, Json(json!({"error": error, "message": message}))).into_response()
     }
 }

@@ -7,7 +7,7 @@
   function refresh() {
     if (busy || document.hidden) return;
     busy = true;
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Ajour-Live": "1" } })
+    fetch(window.location.href, { credentials: "same-origin" })
       .then(function (response) {
         if (response.redirected || !response.ok) return null;
         return response.text();

@@ -9,7 +9,7 @@ use ajour_api::{require, ApiError, Caller};
 use ajour_registry::{AppName, BuildFilter, DeviceName, Key, ListParams, RegistryError, Resource, Scope};
 use ajour_service::RolloutAction;
 use ajour_types::access::Need;
-use ajour_types::build::{Build, BuildState, BuildTarget};
+use ajour_types::build::{has_build_section, Build, BuildState, BuildTarget};
 use ajour_types::rollout::{Phase, RolloutState};
 use ajour_types::{FirmwareReport, FirmwareState};
 use axum::extract::{Form, Path, Query, State};
@@ -118,30 +118,9 @@ impl DeviceView {
     }
 }
 
-/// An API error as a page.
+/// An API error as a page: the API's status code and message.
 fn error_page(session: &Session, error: ApiError) -> Response {
-    let (status, message) = match error {
-        ApiError::Unauthorized(message) => (StatusCode::UNAUTHORIZED, message.to_string()),
-        ApiError::Forbidden(message) => (StatusCode::FORBIDDEN, message),
-        ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, message),
-        ApiError::NotImplemented(message) => (StatusCode::NOT_IMPLEMENTED, message),
-        ApiError::Conflict(message) => (StatusCode::CONFLICT, message),
-        ApiError::Registry(RegistryError::NotFound(what)) => {
-            (StatusCode::NOT_FOUND, format!("{what} not found"))
-        }
-        ApiError::Registry(RegistryError::Conflict) => (
-            StatusCode::CONFLICT,
-            "it was changed meanwhile: open the page again and retry".into(),
-        ),
-        ApiError::Registry(RegistryError::Invalid(message)) => (StatusCode::BAD_REQUEST, message),
-        ApiError::Registry(other) => {
-            tracing::warn!(error = %other, "console: registry failure");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the registry is unavailable".into(),
-            )
-        }
-    };
+    let (status, _, message) = error.parts();
     respond(
         status,
         page(
@@ -231,7 +210,7 @@ fn describe_firmware(firmware: Option<&Value>) -> String {
     if let Some(file) = firmware.get("file") {
         format!("file {}", text(file, "name"))
     } else if let Some(container) = firmware.get("container").or_else(|| firmware.get("oci")) {
-        let built = if container.get("build").is_some_and(|b| !b.is_null()) {
+        let built = if has_build_section(Some(firmware)) {
             " (built from source)"
         } else {
             ""
@@ -990,12 +969,7 @@ pub(crate) async fn rollout_action(
 /// The targets with a build section the caller sees: each application and device whose firmware
 /// says how to build it.
 async fn buildable(state: &ConsoleState, session: &Session) -> Result<Vec<BuildTarget>, Response> {
-    let has_build = |spec: &Map<String, Value>| {
-        spec.get("firmware")
-            .and_then(|f| f.get("container").or_else(|| f.get("oci")))
-            .and_then(|c| c.get("build"))
-            .is_some_and(|b| !b.is_null())
-    };
+    let has_build = |spec: &Map<String, Value>| has_build_section(spec.get("firmware"));
     let mut targets = Vec::new();
     for app in visible_apps(state, session).await? {
         let Ok(name) = AppName::parse(&app.metadata.name) else {
@@ -1124,14 +1098,6 @@ pub(crate) async fn trigger_build(
         Some(device) => Some(DeviceName::parse(device).map_err(|e| error_page(&session, e.into()))?),
         None => None,
     };
-    if !builds.allows(app.as_str()) {
-        return Err(error_page(
-            &session,
-            ApiError::Forbidden(format!(
-                "builds of application {app} are not allowed on this server"
-            )),
-        ));
-    }
     let build = builds
         .trigger(BuildTarget { app, device }, None)
         .await

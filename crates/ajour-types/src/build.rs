@@ -143,6 +143,15 @@ pub enum BuildSpecError {
     Invalid(String, String),
 }
 
+/// Whether a firmware section (`spec.firmware`) has a build section, buildable or not: what the
+/// build lists show. [`BuildPlan::from_firmware`] says whether it can be built.
+pub fn has_build_section(firmware: Option<&Value>) -> bool {
+    firmware
+        .and_then(|f| f.get("container").or_else(|| f.get("oci")))
+        .and_then(|container| container.get("build"))
+        .is_some_and(|build| !build.is_null())
+}
+
 /// A buildable firmware: the image to publish to and how to build it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BuildPlan {

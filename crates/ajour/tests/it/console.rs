@@ -6,7 +6,6 @@
 use crate::support::*;
 use reqwest::header::{COOKIE, LOCATION, SET_COOKIE};
 use reqwest::{redirect, StatusCode};
-use serde_json::Value;
 
 /// A client that shows redirects instead of following them.
 fn browser() -> reqwest::Client {
@@ -228,14 +227,7 @@ async fn sign_in_sessions_and_forms_hold_against_what_a_browser_should_not_do() 
     assert!(!page.contains("<script>"), "{page}");
 
     // A user sees only the applications they may, and their session ends with their token.
-    let response = server
-        .http
-        .post(format!("{}/api/tokens/v1alpha1?user=eve", server.url))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .unwrap();
-    let eve: Value = response.json().await.unwrap();
+    let eve = server.user_token("eve").await;
     let (eve_cookie, _) = sign_in(&server, eve["token"].as_str().unwrap()).await;
     let (status, overview, _) = get(&server, Some(&eve_cookie), "/").await;
     assert_eq!(status, StatusCode::OK);

@@ -367,15 +367,7 @@ async fn only_those_who_may_read_an_application_watch_it() {
     assert_eq!(refused(&watched, None).await, 401);
     assert_eq!(refused(&watched, Some(&basic("admin", "wrong"))).await, 401);
     // A user who is neither its owner nor a member: as if it did not exist.
-    let response = server
-        .http
-        .post(format!("{}/api/tokens/v1alpha1?user=eve", server.url))
-        .bearer_auth(&server.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let eve: Value = response.json().await.unwrap();
+    let eve = server.user_token("eve").await;
     let eve = basic("eve", eve["token"].as_str().unwrap());
     assert_eq!(refused(&watched, Some(&eve)).await, 404);
     // She is who she says (her token works), she just may not see it.

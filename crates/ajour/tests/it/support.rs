@@ -89,6 +89,19 @@ impl Connection {
     }
 
     /// `GET {url}/{path}` (outside the API: `healthz`, `readyz`, `metrics`).
+    /// A new access token of `user`, made with the bootstrap token: `{"token", "prefix"}`.
+    pub async fn user_token(&self, user: &str) -> Value {
+        let response = self
+            .http
+            .post(format!("{}/api/tokens/v1alpha1?user={user}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str) -> reqwest::Response {
         self.http
             .get(format!("{}/{path}", self.url))

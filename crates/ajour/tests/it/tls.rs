@@ -234,11 +234,14 @@ impl TlsServer {
 
 /// A reqwest client that trusts the test CA (and nothing else).
 fn https_client(pki: &Pki) -> reqwest::Client {
+    trusting(pki).build().unwrap()
+}
+
+/// A client trusting only `pki`'s CA.
+fn trusting(pki: &Pki) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(reqwest::Certificate::from_pem(pki.ca_pem().as_bytes()).unwrap())
-        .build()
-        .unwrap()
 }
 
 #[tokio::test]
@@ -794,9 +797,7 @@ async fn refused_certificates_lock_the_address_out_as_wrong_passwords_do() {
 #[tokio::test]
 async fn the_consoles_cookies_are_secure_over_https() {
     let server = TlsServer::start(|_| {}).await;
-    let client = reqwest::Client::builder()
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(server.pki.ca_pem().as_bytes()).unwrap())
+    let client = trusting(&server.pki)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
