@@ -4,7 +4,7 @@
 
 use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
 use crate::process::ServerProcess;
-use crate::report::{print_table, status_writes, LoadReport};
+use crate::report::{print_rounds, status_writes, LoadReport};
 use ajour_sim::CoapLink;
 use clap::Args;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,27 +19,43 @@ pub async fn run(args: CoapBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
     // A socket per device, in this process.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let mut reports = Vec::new();
-    if !args.fleet.no_ajour {
-        let (_data, server) = args
-            .fleet
-            .start_ajour_with(&["--coap-listen", "127.0.0.1:0"])
-            .await?;
-        let coap = server.coap_address()?;
-        let mut report = drive_coap(&server, &coap, &args, "ajour").await?;
-        report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
-        reports.push(report);
-    }
-    if !args.fleet.no_bare {
-        let server = args.fleet.start_bare("bare-coap-server")?;
-        let address = server.url.trim_start_matches("coap://").to_string();
-        reports.push(drive_coap(&server, &address, &args, "bare").await?);
+    // The server and the address it printed (once).
+    let ajour = match args.fleet.no_ajour {
+        false => {
+            let (data, server) = args
+                .fleet
+                .start_ajour_with(&["--coap-listen", "127.0.0.1:0"])
+                .await?;
+            let coap = server.coap_address()?;
+            Some((data, server, coap))
+        }
+        true => None,
+    };
+    let bare = match args.fleet.no_bare {
+        false => Some(args.fleet.start_bare("bare-coap-server")?),
+        true => None,
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..args.fleet.rounds {
+        let mut reports = Vec::new();
+        if let Some((_data, server, coap)) = &ajour {
+            let writes_before = status_writes(&server.url).await?;
+            let mut report = drive_coap(server, coap, &args, "ajour").await?;
+            report.status_writes =
+                Some((status_writes(&server.url).await? - writes_before) / f64::from(args.fleet.devices));
+            reports.push(report);
+        }
+        if let Some(server) = &bare {
+            let address = server.url.trim_start_matches("coap://").to_string();
+            reports.push(drive_coap(server, &address, &args, "bare").await?);
+        }
+        rounds.push(reports);
     }
     let title = format!(
         "CoAP endpoint: {} devices, image {} bytes, mtu {}, whole update, confirmable requests, one UDP socket per device",
         args.fleet.devices, args.fleet.image_size, args.fleet.mtu
     );
-    print_table(&title, &reports);
+    print_rounds(&title, &rounds);
     Ok(())
 }
 

@@ -52,6 +52,12 @@ pub struct FleetArgs {
     /// Give up after this many seconds (per target).
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+    /// Measure this many rounds, Ajour then the baseline in each, against the same two servers
+    /// (the fleet starts again from the old version each round), and report the median ratio:
+    /// on a machine shared with the load generator one short run of each is at the mercy of
+    /// what else runs at that moment (`coap` and `mqtt-endpoint` only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
 }
 
 impl FleetArgs {

@@ -9,7 +9,7 @@
 
 use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
 use crate::process::ServerProcess;
-use crate::report::{print_table, status_writes, LoadReport};
+use crate::report::{print_rounds, status_writes, LoadReport};
 use ajour_client::mqtt::{MqttConfig, MqttVersion};
 use ajour_sim::{EncodedStatus, Link, LinkError, MqttLink};
 use bytes::Bytes;
@@ -45,21 +45,36 @@ pub async fn run(args: MqttEndpointBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.command_timeout > 0.0, "--command-timeout must be positive");
     // A connection per device, in this process and in the server.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let mut reports = Vec::new();
-    if !args.fleet.no_ajour {
-        let (_data, server) = args
-            .fleet
-            .start_ajour_with(&["--mqtt-listen", "127.0.0.1:0"])
-            .await?;
-        let mqtt = format!("mqtt://{}", server.mqtt_address()?);
-        let mut report = drive_mqtt(&server, &mqtt, &args, "ajour").await?;
-        report.status_writes = Some(status_writes(&server.url).await? / f64::from(args.fleet.devices));
-        reports.push(report);
-    }
-    if !args.fleet.no_bare {
-        let server = args.fleet.start_bare("bare-mqtt-endpoint-server")?;
-        let url = server.url.clone();
-        reports.push(drive_mqtt(&server, &url, &args, "bare").await?);
+    // The server and the address it printed (once).
+    let ajour = match args.fleet.no_ajour {
+        false => {
+            let (data, server) = args
+                .fleet
+                .start_ajour_with(&["--mqtt-listen", "127.0.0.1:0"])
+                .await?;
+            let mqtt = format!("mqtt://{}", server.mqtt_address()?);
+            Some((data, server, mqtt))
+        }
+        true => None,
+    };
+    let bare = match args.fleet.no_bare {
+        false => Some(args.fleet.start_bare("bare-mqtt-endpoint-server")?),
+        true => None,
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..args.fleet.rounds {
+        let mut reports = Vec::new();
+        if let Some((_data, server, mqtt)) = &ajour {
+            let writes_before = status_writes(&server.url).await?;
+            let mut report = drive_mqtt(server, mqtt, &args, "ajour").await?;
+            report.status_writes =
+                Some((status_writes(&server.url).await? - writes_before) / f64::from(args.fleet.devices));
+            reports.push(report);
+        }
+        if let Some(server) = &bare {
+            reports.push(drive_mqtt(server, &server.url, &args, "bare").await?);
+        }
+        rounds.push(reports);
     }
     let title = format!(
         "MQTT endpoint: {} devices, image {} bytes, mtu {}, whole update, MQTT {}, one connection per device \
@@ -72,7 +87,7 @@ pub async fn run(args: MqttEndpointBenchArgs) -> anyhow::Result<()> {
             MqttVersionArg::V5 => "5",
         }
     );
-    print_table(&title, &reports);
+    print_rounds(&title, &rounds);
     Ok(())
 }
 

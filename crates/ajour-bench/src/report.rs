@@ -86,6 +86,75 @@ pub async fn status_writes(url: &str) -> anyhow::Result<f64> {
 /// baseline when both ran.
 pub fn print_table(title: &str, reports: &[LoadReport]) {
     println!("{title}");
+    print_rows(reports);
+    if let Some(bare) = reports.iter().find(|r| r.target == "bare") {
+        for ajour in reports.iter().filter(|r| r.target != "bare") {
+            println!(
+                "{}/bare: {:.0}% of the round trips per second, p99 {:.2}x (after each device's first round trip)",
+                ajour.target,
+                ratio(ajour, bare),
+                ajour.p99_us as f64 / bare.p99_us.max(1) as f64
+            );
+        }
+    }
+    for r in reports {
+        if let Some(cpu) = r.broker_cpu_seconds {
+            println!("broker cpu during {}: {cpu:.2} s", r.target);
+        }
+    }
+}
+
+/// The tables of several rounds (each Ajour's run then the baseline's), then the ratio of each
+/// round and their median: the figure to compare with a target, as one round can fall on a
+/// moment the machine was busy with something else.
+pub fn print_rounds(title: &str, rounds: &[Vec<LoadReport>]) {
+    if let [only] = rounds {
+        return print_table(title, only);
+    }
+    for (i, reports) in rounds.iter().enumerate() {
+        print_table(&format!("{title}: round {} of {}", i + 1, rounds.len()), reports);
+    }
+    let mut ratios: Vec<f64> = rounds
+        .iter()
+        .filter_map(|reports| {
+            let bare = reports.iter().find(|r| r.target == "bare")?;
+            let ajour = reports.iter().find(|r| r.target == "ajour")?;
+            Some(ratio(ajour, bare))
+        })
+        .collect();
+    if ratios.is_empty() {
+        return;
+    }
+    let each = ratios
+        .iter()
+        .map(|r| format!("{r:.0}%"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    ratios.sort_by(f64::total_cmp);
+    println!(
+        "ajour/bare over {} rounds: median {:.0}% of the round trips per second (rounds: {each})",
+        ratios.len(),
+        median(&ratios)
+    );
+}
+
+/// Ajour's round trips per second as a percentage of the baseline's.
+fn ratio(ajour: &LoadReport, bare: &LoadReport) -> f64 {
+    100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second()
+}
+
+/// The median of sorted, non-empty `values` (the mean of the middle two of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// One row per report, under the columns' names.
+fn print_rows(reports: &[LoadReport]) {
     println!(
         "{:<7} {:>11} {:>8} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>9} {:>8}",
         "target",
@@ -121,19 +190,16 @@ pub fn print_table(title: &str, reports: &[LoadReport]) {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    if let Some(bare) = reports.iter().find(|r| r.target == "bare") {
-        for ajour in reports.iter().filter(|r| r.target != "bare") {
-            println!(
-                "{}/bare: {:.0}% of the round trips per second, p99 {:.2}x (after each device's first round trip)",
-                ajour.target,
-                100.0 * ajour.round_trips_per_second() / bare.round_trips_per_second(),
-                ajour.p99_us as f64 / bare.p99_us.max(1) as f64
-            );
-        }
-    }
-    for r in reports {
-        if let Some(cpu) = r.broker_cpu_seconds {
-            println!("broker cpu during {}: {cpu:.2} s", r.target);
-        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[1.0]), 1.0);
+        assert_eq!(median(&[1.0, 5.0, 9.0]), 5.0);
+        assert_eq!(median(&[1.0, 3.0, 5.0, 9.0]), 4.0);
     }
 }

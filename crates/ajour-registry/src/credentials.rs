@@ -35,6 +35,9 @@ const MAX_DERIVED: usize = 8;
 pub struct CredentialKey {
     id: String,
     secret: [u8; 32],
+    /// HMAC keyed with `secret`, its key blocks already hashed: each verifier starts from a copy,
+    /// which saves two of the SHA-256 blocks a device's every sign-in would hash.
+    keyed: Hmac<Sha256>,
 }
 
 impl CredentialKey {
@@ -45,6 +48,7 @@ impl CredentialKey {
         Self {
             id: hex::encode(&digest[..6]),
             secret,
+            keyed: Hmac::<Sha256>::new_from_slice(&secret).expect("HMAC takes any key length"),
         }
     }
 
@@ -54,7 +58,7 @@ impl CredentialKey {
 
     /// The verifier of `password` presented as `login` by device `device` of `app`.
     fn mac(&self, app: &str, device: &str, login: &str, password: &str) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).expect("HMAC takes any key length");
+        let mut mac = self.keyed.clone();
         // Length-prefixed, so no two tuples feed the same bytes.
         for part in ["ajour-credential-v1", app, device, login, password] {
             mac.update(&(part.len() as u64).to_le_bytes());

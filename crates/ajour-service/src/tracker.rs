@@ -101,7 +101,17 @@ struct Inner {
     step: f64,
     devices: Mutex<HashMap<Key, Tracked>>,
     writes: AtomicU64,
+    /// Writes rendering their JSON and in the registry's hands at once. When a whole fleet
+    /// starts updating together, each device's phase change is a write; without a bound every
+    /// one of them would render its report and wait for a database connection holding it
+    /// (about 3 KiB each: 35 MiB of 175 at 10,000 devices, docs/benchmarks.md). Waiting here,
+    /// before rendering, a write holds only its key, and renders the newest status when its
+    /// turn comes.
+    write_slots: tokio::sync::Semaphore,
 }
+
+/// [`Inner::write_slots`]: well above any database pool Ajour opens (8 connections by default).
+const WRITE_SLOTS: usize = 64;
 
 impl StatusTracker {
     /// Progress is written at most once per `interval`, when it advanced `step` percentage points.
@@ -113,6 +123,7 @@ impl StatusTracker {
                 step,
                 devices: Mutex::default(),
                 writes: AtomicU64::new(0),
+                write_slots: tokio::sync::Semaphore::new(WRITE_SLOTS),
             }),
             writers: TaskTracker::new(),
         }
@@ -275,6 +286,10 @@ impl Inner {
             return;
         };
         let _writing = lock.lock().await;
+        // Never closed, so acquiring cannot fail.
+        let Ok(_slot) = self.write_slots.acquire().await else {
+            return;
+        };
         let (status, report) = {
             let mut devices = self.devices.lock().unwrap();
             let Some(tracked) = devices.get_mut(&key) else {

@@ -38,6 +38,7 @@
 //! that the endpoint cannot amplify a flood (RFC 7252 §11.3).
 
 use ajour_protocol::MAX_STATUS_SIZE;
+use ajour_service::hot_metrics::{HotGauge, HotLabeledCounter};
 use ajour_service::{error_total, Refusal, SignIn, UpdateService};
 use ajour_types::{basic_auth, Key};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
@@ -457,6 +458,14 @@ fn uint(value: u64) -> Vec<u8> {
     bytes[first..].to_vec()
 }
 
+/// Counted on every request (handles looked up once).
+static IN_PROGRESS: HotGauge = HotGauge::new("ajour_coap_requests_in_progress");
+static REQUESTS: HotLabeledCounter<4> = HotLabeledCounter::new(
+    "ajour_coap_requests_total",
+    "code",
+    ["2.05", "2.04", "4.01", "4.03"],
+);
+
 /// The code as CoAP writes it, `c.dd`, for metrics.
 fn code_name(code: ResponseType) -> &'static str {
     match code {
@@ -559,7 +568,7 @@ impl Endpoint {
         };
         let request_len = datagram.len();
         tokio::spawn(async move {
-            metrics::gauge!("ajour_coap_requests_in_progress").increment(1);
+            IN_PROGRESS.increment(1.0);
             let reply = answer(&self.service, &request, peer).await;
             let bytes: Option<Arc<[u8]>> = self.encode(&request, reply, request_len).map(Into::into);
             let mut exchanges = self.exchanges.lock().unwrap_or_else(PoisonError::into_inner);
@@ -571,7 +580,7 @@ impl Endpoint {
             if let Some(bytes) = bytes {
                 self.send(&bytes, peer);
             }
-            metrics::gauge!("ajour_coap_requests_in_progress").decrement(1);
+            IN_PROGRESS.decrement(1.0);
             drop(slot);
         });
     }
@@ -604,7 +613,7 @@ impl Endpoint {
                 .to_bytes_unlimited()
                 .ok()?;
         }
-        metrics::counter!("ajour_coap_requests_total", "code" => code_name(reply.code)).increment(1);
+        REQUESTS.increment(code_name(reply.code), 1);
         Some(bytes)
     }
 

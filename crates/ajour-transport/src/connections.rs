@@ -4,6 +4,7 @@
 //! for a bounded time on shutdown. No client, slow, idle or hostile, can hold the server's files or
 //! its shutdown (docs/http-and-api.md, "Connections, timeouts and shutdown").
 
+use ajour_service::hot_metrics::HotGauge;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::future::Future;
@@ -140,6 +141,9 @@ too many connections; retry later\n";
 /// The largest request head (request line and headers) read; hyper answers `431` past it. Small,
 /// so that 10,000 connections sending heads cannot hold much memory.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+
+/// Counted on every request (the handle looked up once).
+static REQUESTS_IN_PROGRESS: HotGauge = HotGauge::new("ajour_http_requests_in_progress");
 
 /// Accept connections until `stop` resolves and serve `app` on each under `limits`, at most as
 /// many at once as `slots` has permits. Then stop accepting, let the connections finish what they
@@ -454,7 +458,7 @@ impl ConnectionClock {
         state.requests += 1;
         state.head_since = None;
         state.last_activity = Instant::now();
-        metrics::gauge!("ajour_http_requests_in_progress").increment(1);
+        REQUESTS_IN_PROGRESS.increment(1.0);
         RequestInProgress(self.clone())
     }
 
@@ -496,7 +500,7 @@ impl Drop for RequestInProgress {
         let mut state = self.0.state();
         state.requests -= 1;
         state.last_activity = Instant::now();
-        metrics::gauge!("ajour_http_requests_in_progress").decrement(1);
+        REQUESTS_IN_PROGRESS.decrement(1.0);
     }
 }
 

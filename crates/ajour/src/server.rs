@@ -265,6 +265,9 @@ impl RunningServer {
 
 /// Wire the server on `listener` and start serving.
 pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Result<RunningServer> {
+    // First: the handles of `ajour_service::hot_metrics` are taken from the recorder installed
+    // when they are first used, and devices must never be counted before it is.
+    let metrics = metrics_handle();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let (token, token_generated) = api_token(&config)?;
@@ -397,7 +400,6 @@ pub async fn start(listener: TcpListener, config: ServerConfig) -> anyhow::Resul
                 .with_rollouts(start_rollout),
         )
     });
-    let metrics = metrics_handle();
     let api_state = ApiState {
         registry: registry.clone(),
         service: service.clone(),
