@@ -5,7 +5,8 @@
 //!   benchmarks.
 //! - [`registry`]: a client of the Drogue-shaped registry API (`/api/registry/v1alpha1`), Ajour's
 //!   or Drogue Cloud's; used by the CLI and by Drogue mode's registry backend.
-//! - [`tls`]: the TLS set-up both use (system roots plus a CA file, rustls with ring).
+//! - [`tls`]: the TLS set-up both use (system roots plus a CA file, a client certificate, rustls
+//!   with ring).
 //!
 //! Nothing here knows about firmware or decisions.
 
@@ -14,7 +15,7 @@ pub mod registry;
 pub mod tls;
 
 pub use registry::{RegistryClient, RegistryClientConfig};
-pub use tls::TlsOptions;
+pub use tls::{ClientCert, TlsOptions};
 
 use std::path::PathBuf;
 
@@ -31,6 +32,14 @@ pub enum SetupError {
     },
     #[error("the CA file {0} holds no PEM certificate")]
     NoCertificate(PathBuf),
+    /// The client certificate file: unreadable, not PEM, no certificate, or one that cannot be used.
+    #[error("the client certificate file {path} {reason}")]
+    ClientCert { path: PathBuf, reason: String },
+    /// The client key file: unreadable, not PEM, no key, or one that cannot be used.
+    #[error("the client key file {path} {reason}")]
+    ClientKey { path: PathBuf, reason: String },
+    #[error("the client key file {key} holds the key of another certificate than the client certificate file {cert}")]
+    ClientKeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("TLS set-up: {0}")]
     Tls(#[from] rustls::Error),
     #[error("HTTP client set-up: {0}")]

@@ -132,12 +132,13 @@ pub struct ClientError(String);
 /// `capacity` bounds the requests (publishes, subscriptions) queued for the connection.
 pub fn connect(config: &MqttConfig, capacity: usize) -> Result<(MqttClient, MqttConnection), SetupError> {
     let (host, port, tls) = parse_broker_url(&config.url)?;
-    let tls = if tls || config.tls.ca_file.is_some() || config.tls.insecure {
-        let tls_config = client_config(&config.tls)?;
-        Some(rumqttc::TlsConfiguration::Rustls(tls_config))
-    } else {
-        None
-    };
+    let tls =
+        if tls || config.tls.ca_file.is_some() || config.tls.insecure || config.tls.client_cert.is_some() {
+            let tls_config = client_config(&config.tls)?;
+            Some(rumqttc::TlsConfiguration::Rustls(tls_config))
+        } else {
+            None
+        };
     // MQTT has no password without a user name: a token alone is not sent.
     let credentials = config
         .username

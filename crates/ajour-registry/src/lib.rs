@@ -10,6 +10,9 @@
 //! It knows nothing of firmware or devices' update state beyond the JSON sections it stores.
 
 pub mod access;
+pub mod aliases;
+#[cfg(feature = "sql")]
+mod backfill;
 pub mod builds;
 pub mod credentials;
 mod error;
@@ -23,6 +26,7 @@ mod selector;
 mod sql;
 
 pub use access::{AccessStore, StoredToken};
+pub use aliases::device_aliases;
 pub use builds::{BuildFilter, BuildStore, NewBuild};
 pub use credentials::{
     seal_plain_passwords, unique_user_names, CredentialKey, CredentialKeys, DerivedVerifier,
@@ -136,6 +140,13 @@ pub trait Registry: Send + Sync + 'static {
         username: &str,
     ) -> Result<Option<DeviceName>, RegistryError> {
         let _ = (app, username);
+        Ok(None)
+    }
+    /// The device of `app` that lists `alias` in its `spec.alias` (Drogue's aliases; a device
+    /// signing in with a client certificate is looked up by its certificate's subject DN here).
+    /// An alias names one device of an application at most. Backends without aliases find none.
+    async fn device_by_alias(&self, app: &AppName, alias: &str) -> Result<Option<DeviceName>, RegistryError> {
+        let _ = (app, alias);
         Ok(None)
     }
     /// Writes by any instance to objects' specs and credentials, as they happen, for backends that

@@ -101,6 +101,12 @@ impl Registry for MeteredRegistry {
         result
     }
 
+    async fn device_by_alias(&self, app: &AppName, alias: &str) -> Result<Option<DeviceName>, RegistryError> {
+        let result = self.inner.device_by_alias(app, alias).await;
+        count("get", &result);
+        result
+    }
+
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
         self.inner.changes().await
     }

@@ -11,9 +11,12 @@
 //! - a database that is newer than this build (a migration applied that it does not know), was
 //!   migrated by another build (a checksum differs) or is half-migrated is refused with a message
 //!   saying what to do, instead of sqlx's bare `VersionMissing`/`VersionMismatch`/`Dirty`;
-//! - it says what it applied ([`SchemaReport`]), for `ajour migrate`.
+//! - it says what it applied ([`SchemaReport`]), for `ajour migrate`;
+//! - still holding the lock, it fills in data a migration asked for that SQL cannot fill in alike
+//!   on both backends ([`crate::backfill`]).
 //!
-//! [`check`] looks without changing anything, for a server told not to migrate.
+//! [`check`] looks without changing anything, for a server told not to migrate (and refuses a
+//! database with a backfill pending, as it refuses one with a migration pending).
 
 use crate::RegistryError;
 use sqlx::migrate::{AppliedMigration, Migrate, Migration, Migrator};
@@ -103,6 +106,8 @@ async fn migrate_locked(connection: &mut AnyConnection) -> Result<SchemaReport, 
             description: migration.description.to_string(),
         });
     }
+    // Still under the lock: one instance fills in what the migrations left to fill in.
+    crate::backfill::run_pending(connection).await?;
     Ok(SchemaReport {
         applied,
         version: Some(newest_known()),
@@ -136,6 +141,14 @@ pub(crate) async fn check(pool: &AnyPool, is_sqlite: bool) -> Result<SchemaRepor
         return Err(RegistryError::Schema(format!(
             "the database schema is {at}, older than this ajour needs ({newest}), and migrations were turned off \
              (--no-migrate): run `ajour migrate` first"
+        )));
+    }
+    let backfills = crate::backfill::pending(&mut connection).await?;
+    if !backfills.is_empty() {
+        return Err(RegistryError::Schema(format!(
+            "the database schema is at version {newest}, but filling in data after its migrations ({}) did not finish, \
+             and migrations were turned off (--no-migrate): run `ajour migrate` first",
+            backfills.join(", ")
         )));
     }
     Ok(SchemaReport {

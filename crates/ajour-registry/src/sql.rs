@@ -1,6 +1,7 @@
 //! The registry in SQL: SQLite or PostgreSQL through `sqlx`'s `Any` driver, so both run the same
 //! queries and the same migrations (`migrations/`). Placeholders are `$n`, which both accept.
 
+use crate::aliases::device_aliases;
 use crate::credentials::{seal_plain_passwords, unique_user_names, CredentialKeys};
 use crate::model::{AppName, DeviceName, Key, ListParams, Metadata, Resource, Scope};
 use crate::schema::{self, SchemaReport};
@@ -384,16 +385,19 @@ impl SqlRegistry {
             return Ok(false);
         }
         Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        Self::record_aliases(&mut tx, key, &resource.spec).await?;
         self.announce(&mut tx, key).await?;
         tx.commit().await?;
         Ok(true)
     }
 
-    /// Seal the plain-text passwords in a device's spec (one keyed hash each: no need to leave
-    /// the async workers).
-    fn seal_passwords(&self, key: &Key, spec: &mut Map<String, Value>) -> Result<(), RegistryError> {
+    /// Check a device's spec and seal the plain-text passwords in it (one keyed hash each: no
+    /// need to leave the async workers): a malformed credential or alias list is refused before
+    /// anything is written.
+    fn check_and_seal(&self, key: &Key, spec: &mut Map<String, Value>) -> Result<(), RegistryError> {
         match key {
             Key::Device(app, device) => {
+                device_aliases(spec)?;
                 seal_plain_passwords(app, device, spec, &self.options.credential_keys)
             }
             Key::App(_) => Ok(()),
@@ -433,24 +437,100 @@ impl SqlRegistry {
             .execute(&mut **tx)
             .await?;
         for username in unique_user_names(spec) {
-            let inserted =
-                sqlx::query("INSERT INTO device_users (application, username, device) VALUES ($1, $2, $3)")
-                    .bind(app.as_str())
-                    .bind(username.as_str())
-                    .bind(device.as_str())
-                    .execute(&mut **tx)
-                    .await;
-            match inserted {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                    return Err(RegistryError::AlreadyExists(format!(
-                        "unique user name '{username}' in application '{app}'"
-                    )))
-                }
-                Err(e) => return Err(e.into()),
-            }
+            insert_index_row(
+                tx,
+                "INSERT INTO device_users (application, username, device) VALUES ($1, $2, $3)",
+                key,
+                &username,
+            )
+            .await
+            .map_err(|e| e.taken(|| format!("unique user name '{username}' in application '{app}'")))?;
         }
         Ok(())
+    }
+
+    /// Record the aliases (`spec.alias`) of device `key` (replacing its old ones) within `tx`.
+    /// An alias another device of the application lists is refused, naming that device.
+    async fn record_aliases(
+        tx: &mut Tx<'_>,
+        key: &Key,
+        spec: &Map<String, Value>,
+    ) -> Result<(), RegistryError> {
+        let Key::Device(app, device) = key else {
+            return Ok(());
+        };
+        let aliases = device_aliases(spec)?;
+        sqlx::query("DELETE FROM device_aliases WHERE application = $1 AND device = $2")
+            .bind(app.as_str())
+            .bind(device.as_str())
+            .execute(&mut **tx)
+            .await?;
+        for alias in aliases {
+            // Looked for first so that the refusal can name the device: after a failed insert a
+            // PostgreSQL transaction takes no more queries. The unique key still decides between
+            // two writers racing for one alias.
+            let holder =
+                sqlx::query("SELECT device FROM device_aliases WHERE application = $1 AND alias = $2")
+                    .bind(app.as_str())
+                    .bind(alias.as_str())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+            if let Some(holder) = holder {
+                let holder: String = holder.try_get("device")?;
+                return Err(RegistryError::AlreadyExists(format!(
+                    "alias '{alias}' (listed by device '{holder}') in application '{app}'"
+                )));
+            }
+            insert_index_row(
+                tx,
+                "INSERT INTO device_aliases (application, alias, device) VALUES ($1, $2, $3)",
+                key,
+                &alias,
+            )
+            .await
+            .map_err(|e| e.taken(|| format!("alias '{alias}' in application '{app}'")))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a row of a name index (a name finds one device of an application) was not inserted.
+enum IndexRowError {
+    /// Another device has the name.
+    Taken,
+    Other(RegistryError),
+}
+
+impl IndexRowError {
+    /// The registry's error, `what` saying which name was taken.
+    fn taken(self, what: impl FnOnce() -> String) -> RegistryError {
+        match self {
+            IndexRowError::Taken => RegistryError::AlreadyExists(what()),
+            IndexRowError::Other(error) => error,
+        }
+    }
+}
+
+/// Insert `(application, name, device)` of device `key` with `insert` within `tx`.
+async fn insert_index_row(
+    tx: &mut Tx<'_>,
+    insert: &'static str,
+    key: &Key,
+    name: &str,
+) -> Result<(), IndexRowError> {
+    let Key::Device(app, device) = key else {
+        return Ok(());
+    };
+    let inserted = sqlx::query(insert)
+        .bind(app.as_str())
+        .bind(name)
+        .bind(device.as_str())
+        .execute(&mut **tx)
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(IndexRowError::Taken),
+        Err(e) => Err(IndexRowError::Other(e.into())),
     }
 }
 
@@ -493,7 +573,7 @@ impl Registry for SqlRegistry {
                 return Err(RegistryError::NotFound(format!("application '{app}'")));
             }
         }
-        self.seal_passwords(key, &mut resource.spec)?;
+        self.check_and_seal(key, &mut resource.spec)?;
         let (app, name) = key_parts(key);
         let m = &mut resource.metadata;
         m.application = app.map(str::to_string);
@@ -531,6 +611,7 @@ impl Registry for SqlRegistry {
             Err(e) => return Err(e.into()),
         }
         Self::record_user_names(&mut tx, key, &resource.spec).await?;
+        Self::record_aliases(&mut tx, key, &resource.spec).await?;
         self.announce(&mut tx, key).await?;
         tx.commit().await?;
         Ok(resource)
@@ -586,7 +667,7 @@ impl Registry for SqlRegistry {
         {
             return Err(RegistryError::Conflict);
         }
-        self.seal_passwords(key, &mut resource.spec)?;
+        self.check_and_seal(key, &mut resource.spec)?;
         let m = &mut resource.metadata;
         m.uid = current.metadata.uid.clone();
         m.creation_timestamp = current.metadata.creation_timestamp.clone();
@@ -608,10 +689,12 @@ impl Registry for SqlRegistry {
         let deleted = match key {
             Key::App(app) => {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query("DELETE FROM device_users WHERE application = $1")
-                    .bind(app.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+                for index in ["device_users", "device_aliases"] {
+                    sqlx::query(&format!("DELETE FROM {index} WHERE application = $1"))
+                        .bind(app.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 Self::forget_in(&mut tx, key).await?;
                 sqlx::query("DELETE FROM devices WHERE application = $1")
                     .bind(app.as_str())
@@ -628,6 +711,7 @@ impl Registry for SqlRegistry {
             Key::Device(app, device) => {
                 let mut tx = self.pool.begin().await?;
                 Self::record_user_names(&mut tx, key, &Map::new()).await?;
+                Self::record_aliases(&mut tx, key, &Map::new()).await?;
                 Self::forget_in(&mut tx, key).await?;
                 let deleted = sqlx::query("DELETE FROM devices WHERE application = $1 AND name = $2")
                     .bind(app.as_str())
@@ -732,6 +816,19 @@ impl Registry for SqlRegistry {
         let row = sqlx::query("SELECT device FROM device_users WHERE application = $1 AND username = $2")
             .bind(app.as_str())
             .bind(username)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            let device: String = row.try_get("device")?;
+            Ok(DeviceName::parse(&device)?)
+        })
+        .transpose()
+    }
+
+    async fn device_by_alias(&self, app: &AppName, alias: &str) -> Result<Option<DeviceName>, RegistryError> {
+        let row = sqlx::query("SELECT device FROM device_aliases WHERE application = $1 AND alias = $2")
+            .bind(app.as_str())
+            .bind(alias)
             .fetch_optional(&self.pool)
             .await?;
         row.map(|row| {

@@ -360,6 +360,187 @@ async fn unique_user_names_find_their_device_and_are_unique_per_application() {
     }
 }
 
+/// A device listing `aliases` in its `spec.alias`.
+fn aliased(name: &str, aliases: Value) -> Resource {
+    resource(json!({"metadata": {"name": name}, "spec": {"alias": aliases}}))
+}
+
+#[tokio::test]
+async fn aliases_find_their_device_and_are_unique_per_application() {
+    const DN: &str = "O=Drogue IoT, OU=Cloud, CN=Device 1";
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        let (app, other) = (AppName::parse("app").unwrap(), AppName::parse("other").unwrap());
+        for a in ["app", "other"] {
+            r.create(&app_key(a), resource(json!({"metadata": {"name": a}})))
+                .await
+                .unwrap();
+        }
+        let found = |app: &AppName, alias: &str| {
+            let (app, alias) = (app.clone(), alias.to_string());
+            async move {
+                r.device_by_alias(&app, &alias)
+                    .await
+                    .unwrap()
+                    .map(|d| d.to_string())
+            }
+        };
+        r.create(
+            &device_key("app", "sensor-7"),
+            aliased("sensor-7", json!([DN, "x"])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(found(&app, DN).await.as_deref(), Some("sensor-7"), "{backend}");
+        assert_eq!(found(&app, "x").await.as_deref(), Some("sensor-7"), "{backend}");
+        assert_eq!(
+            found(&app, "sensor-7").await,
+            None,
+            "{backend}: a name is no alias"
+        );
+        assert_eq!(found(&other, DN).await, None, "{backend}: per application");
+        // Another application may list the alias; another device of the same one may not, and
+        // nothing of that write is stored.
+        r.create(&device_key("other", "d"), aliased("d", json!([DN])))
+            .await
+            .unwrap();
+        assert_eq!(found(&other, DN).await.as_deref(), Some("d"), "{backend}");
+        let taken = r
+            .create(&device_key("app", "d2"), aliased("d2", json!(["y", DN])))
+            .await;
+        let Err(RegistryError::AlreadyExists(message)) = &taken else {
+            panic!("{backend}: {taken:?}");
+        };
+        assert_eq!(
+            message,
+            &format!("alias '{DN}' (listed by device 'sensor-7') in application 'app'"),
+            "{backend}"
+        );
+        assert!(
+            r.get(&device_key("app", "d2")).await.unwrap().is_none(),
+            "{backend}"
+        );
+        assert_eq!(found(&app, "y").await, None, "{backend}: nothing half-stored");
+        r.create(&device_key("app", "d2"), aliased("d2", json!(["y"])))
+            .await
+            .unwrap();
+        let taken = r
+            .update(&device_key("app", "d2"), aliased("d2", json!(["y", "x"])))
+            .await;
+        assert!(
+            matches!(taken, Err(RegistryError::AlreadyExists(_))),
+            "{backend}: {taken:?}"
+        );
+        assert_eq!(
+            found(&app, "y").await.as_deref(),
+            Some("d2"),
+            "{backend}: kept as it was"
+        );
+        // An update replaces the list: an alias dropped finds nothing, one added finds the device.
+        r.update(
+            &device_key("app", "sensor-7"),
+            aliased("sensor-7", json!([DN, "z"])),
+        )
+        .await
+        .unwrap();
+        assert_eq!(found(&app, "x").await, None, "{backend}");
+        assert_eq!(found(&app, "z").await.as_deref(), Some("sensor-7"), "{backend}");
+        // Freed aliases can be taken by another device.
+        r.update(&device_key("app", "d2"), aliased("d2", json!(["y", "x"])))
+            .await
+            .unwrap();
+        assert_eq!(found(&app, "x").await.as_deref(), Some("d2"), "{backend}");
+        // A spec without aliases leaves none behind.
+        r.update(
+            &device_key("app", "d2"),
+            resource(json!({"metadata": {"name": "d2"}, "spec": {}})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(found(&app, "x").await, None, "{backend}");
+        // Deleting the device frees its aliases.
+        r.delete(&device_key("app", "sensor-7")).await.unwrap();
+        assert_eq!(found(&app, DN).await, None, "{backend}");
+        assert_eq!(found(&app, "z").await, None, "{backend}");
+        r.create(&device_key("app", "d3"), aliased("d3", json!([DN])))
+            .await
+            .unwrap();
+        assert_eq!(found(&app, DN).await.as_deref(), Some("d3"), "{backend}");
+        // Deleting the application deletes its devices' aliases, and no other application's.
+        r.delete(&app_key("app")).await.unwrap();
+        assert_eq!(found(&app, DN).await, None, "{backend}");
+        assert_eq!(found(&other, DN).await.as_deref(), Some("d"), "{backend}");
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
+        r.create(&device_key("app", "again"), aliased("again", json!([DN])))
+            .await
+            .unwrap();
+        assert_eq!(found(&app, DN).await.as_deref(), Some("again"), "{backend}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_alias_lists_are_refused_before_anything_is_stored() {
+    for (backend, b) in backends().await {
+        let r = &b.registry;
+        let app = AppName::parse("app").unwrap();
+        r.create(&app_key("app"), resource(json!({"metadata": {"name": "app"}})))
+            .await
+            .unwrap();
+        let too_many: Vec<String> = (0..65).map(|i| format!("a{i}")).collect();
+        let cases = [
+            (json!("O=Drogue IoT"), "spec.alias: must be a list of strings"),
+            (json!(["ok", 7]), "spec.alias: entry 1 is not a string"),
+            (json!(["ok", ""]), "spec.alias: entry 1 is empty"),
+            (
+                json!(["x".repeat(1025)]),
+                "spec.alias: entry 0 is 1025 bytes long, at most 1024 are allowed",
+            ),
+            (
+                json!(too_many),
+                "spec.alias: 65 aliases listed, at most 64 are allowed",
+            ),
+        ];
+        for (aliases, expected) in &cases {
+            let created = r
+                .create(&device_key("app", "d"), aliased("d", aliases.clone()))
+                .await;
+            let Err(RegistryError::Invalid(message)) = &created else {
+                panic!("{backend}: {aliases}: {created:?}");
+            };
+            assert_eq!(message, expected, "{backend}");
+            assert!(
+                r.get(&device_key("app", "d")).await.unwrap().is_none(),
+                "{backend}"
+            );
+            assert_eq!(r.device_by_alias(&app, "ok").await.unwrap(), None, "{backend}");
+        }
+        r.create(&device_key("app", "d"), aliased("d", json!(["ok"])))
+            .await
+            .unwrap();
+        for (aliases, expected) in &cases {
+            let updated = r
+                .update(&device_key("app", "d"), aliased("d", aliases.clone()))
+                .await;
+            let Err(RegistryError::Invalid(message)) = &updated else {
+                panic!("{backend}: {aliases}: {updated:?}");
+            };
+            assert_eq!(message, expected, "{backend}");
+        }
+        let stored = r.get(&device_key("app", "d")).await.unwrap().unwrap();
+        assert_eq!(stored.spec["alias"], json!(["ok"]), "{backend}");
+        assert_eq!(
+            r.device_by_alias(&app, "ok")
+                .await
+                .unwrap()
+                .map(|d| d.to_string()),
+            Some("d".to_string()),
+            "{backend}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn concurrent_status_writes_all_land_and_keep_the_spec() {
     for (backend, b) in backends().await {

@@ -283,3 +283,198 @@ async fn without_migrating_only_a_current_schema_is_accepted() {
         );
     }
 }
+
+/// The migration that made `device_aliases`.
+const ALIASES_MIGRATION: i64 = 20261214000001;
+
+/// `url`'s database with the migrations before `ALIASES_MIGRATION` applied, as an older ajour
+/// left it, and devices written to it then (application `app`): name and spec.
+async fn before_aliases(url: &str, devices: &[(String, serde_json::Value)]) {
+    use sqlx::migrate::Migrate;
+    static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+    sqlx::any::install_default_drivers();
+    let mut connection = sqlx::AnyConnection::connect(url).await.unwrap();
+    connection.ensure_migrations_table().await.unwrap();
+    let older = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && m.version < ALIASES_MIGRATION);
+    for migration in older {
+        connection.apply(migration).await.unwrap();
+    }
+    let row = |table: &str| {
+        format!(
+            "INSERT INTO {table} VALUES ({})",
+            (1..=if table == "devices" { 10 } else { 9 })
+                .map(|n| format!("${n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    // Columns in the order of the first migration.
+    sqlx::query(&row("applications"))
+        .bind("app")
+        .bind("uid-app")
+        .bind("2026-12-01T00:00:00.000Z")
+        .bind(1i64)
+        .bind("v1")
+        .bind("{}")
+        .bind("{}")
+        .bind("{}")
+        .bind("{}")
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    // One transaction: a thousand devices are written at once, not synced one by one.
+    let mut tx = connection.begin().await.unwrap();
+    for (name, spec) in devices {
+        sqlx::query(&row("devices"))
+            .bind("app")
+            .bind(name.as_str())
+            .bind(format!("uid-{name}"))
+            .bind("2026-12-01T00:00:00.000Z")
+            .bind(1i64)
+            .bind("v1")
+            .bind("{}")
+            .bind("{}")
+            .bind(spec.to_string())
+            .bind("{}")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    connection.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn aliases_of_devices_stored_before_the_migration_are_indexed_once() {
+    use ajour_registry::{AppName, Key, Registry};
+    use serde_json::json;
+    const DN: &str = "O=Drogue IoT, OU=Cloud, CN=Device 1";
+    for backend in BACKENDS {
+        let db = database(backend).await;
+        let mut devices = vec![
+            ("sensor-7".to_string(), json!({"alias": [DN, "both"]})),
+            // Listed by two devices before anything checked: the first by name keeps it.
+            ("sensor-8".into(), json!({"alias": ["both", "eight"]})),
+            // Written before aliases were checked: passed over, the rest still indexed.
+            ("broken".into(), json!({"alias": ["fine", 7]})),
+            ("plain".into(), json!({"firmware": {"file": {"name": "fw"}}})),
+        ];
+        // More than one page of devices (500 are read at a time), sorting between the others.
+        devices.extend((0..1001).map(|i| (format!("many-{i:04}"), json!({"alias": [format!("m{i}")]}))));
+        before_aliases(&db.url, &devices).await;
+        let registry = connect(&db.url, true).await.unwrap();
+        assert_eq!(
+            registry
+                .schema()
+                .applied
+                .iter()
+                .map(|m| m.version)
+                .collect::<Vec<_>>(),
+            [ALIASES_MIGRATION],
+            "{backend:?}"
+        );
+        let app = AppName::parse("app").unwrap();
+        let found = |alias: &str| {
+            let alias = alias.to_string();
+            let (registry, app) = (&registry, app.clone());
+            async move {
+                registry
+                    .device_by_alias(&app, &alias)
+                    .await
+                    .unwrap()
+                    .map(|d| d.to_string())
+            }
+        };
+        assert_eq!(found(DN).await.as_deref(), Some("sensor-7"), "{backend:?}");
+        assert_eq!(found("both").await.as_deref(), Some("sensor-7"), "{backend:?}");
+        assert_eq!(found("eight").await.as_deref(), Some("sensor-8"), "{backend:?}");
+        assert_eq!(found("fine").await, None, "{backend:?}");
+        for i in [0, 499, 500, 999, 1000] {
+            let expected = format!("many-{i:04}");
+            assert_eq!(
+                found(&format!("m{i}")).await.as_deref(),
+                Some(expected.as_str()),
+                "{backend:?}"
+            );
+        }
+        let indexed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM device_aliases")
+            .fetch_one(registry.pool())
+            .await
+            .unwrap();
+        assert_eq!(indexed, 1001 + 3, "{backend:?}");
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM pending_backfills")
+            .fetch_one(registry.pool())
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "{backend:?}: done, and marked done");
+        // The device that lost the contested alias is refused when written again with it.
+        let eight = Key::Device(
+            app.clone(),
+            ajour_registry::DeviceName::parse("sensor-8").unwrap(),
+        );
+        let mut stored = registry.get(&eight).await.unwrap().unwrap();
+        stored.metadata.resource_version.clear();
+        let written = registry.update(&eight, stored).await;
+        assert!(
+            matches!(&written, Err(RegistryError::AlreadyExists(m)) if m.contains("'both' (listed by device 'sensor-7')")),
+            "{backend:?}: {written:?}"
+        );
+        // The index is then kept by writes as for any device: deleting one frees its aliases.
+        let device = Key::Device(
+            app.clone(),
+            ajour_registry::DeviceName::parse("sensor-7").unwrap(),
+        );
+        registry.delete(&device).await.unwrap();
+        assert_eq!(found(DN).await, None, "{backend:?}");
+        // Once: a later start does not index again (the alias taken out by hand stays out).
+        sqlx::query("DELETE FROM device_aliases WHERE alias = 'eight'")
+            .execute(registry.pool())
+            .await
+            .unwrap();
+        drop(registry);
+        let again = connect(&db.url, true).await.unwrap();
+        assert!(again.schema().applied.is_empty(), "{backend:?}");
+        let eight = again.device_by_alias(&app, "eight").await.unwrap();
+        assert_eq!(eight, None, "{backend:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_unfinished_backfill_is_done_by_the_next_migrating_start_and_refused_without() {
+    use ajour_registry::{AppName, Registry};
+    use serde_json::json;
+    for backend in BACKENDS {
+        let db = database(backend).await;
+        before_aliases(&db.url, &[("d".to_string(), json!({"alias": ["a"]}))]).await;
+        // As a start that applied the migration and stopped before filling in: the migration
+        // applied (its row in pending_backfills with it), nothing filled in.
+        {
+            use sqlx::migrate::Migrate;
+            static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+            let mut connection = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+            let aliases = MIGRATOR.iter().find(|m| m.version == ALIASES_MIGRATION).unwrap();
+            connection.apply(aliases).await.unwrap();
+            connection.close().await.unwrap();
+        }
+        let Err(RegistryError::Schema(message)) = connect(&db.url, false).await else {
+            panic!("{backend:?}: a pending backfill accepted without migrating");
+        };
+        assert_eq!(
+            message,
+            format!(
+                "the database schema is at version {}, but filling in data after its migrations (device_aliases) \
+                 did not finish, and migrations were turned off (--no-migrate): run `ajour migrate` first",
+                newest_known()
+            ),
+            "{backend:?}"
+        );
+        let registry = connect(&db.url, true).await.unwrap();
+        assert!(registry.schema().applied.is_empty(), "{backend:?}");
+        let app = AppName::parse("app").unwrap();
+        let found = registry.device_by_alias(&app, "a").await.unwrap();
+        assert_eq!(found.map(|d| d.to_string()).as_deref(), Some("d"), "{backend:?}");
+        connect(&db.url, false).await.unwrap();
+    }
+}

@@ -1,11 +1,17 @@
 //! Signing a device in with its client certificate (Drogue's X.509 form, [`crate::x509`]): the
 //! chain the TLS layer took (and checked the client holds the key of) is checked here against
 //! the trust anchors of the application it names, because the anchors live in the registry, per
-//! application, and change while the server runs. The device is the one named by the
-//! certificate's Common Name in that application.
+//! application, and change while the server runs. The device is found in that application in
+//! either of Drogue's two forms: first the device listing the certificate's whole subject DN
+//! (`O=Drogue IoT, OU=Cloud, CN=Device 1`, [`x509::dn_string`]'s form) in its `spec.alias`
+//! ([`Registry::device_by_alias`]), else the device named by the certificate's Common Name. A
+//! certificate without a Common Name signs in only by its DN. Tested end to end in
+//! `crates/ajour/tests/it/tls.rs` (`devices_sign_in_with_client_certificates_over_https_and_mqtts`
+//! by the name, `a_device_signs_in_by_its_certificates_subject_dn_listed_as_its_alias` by the
+//! alias).
 
 use crate::guard::LockedBy;
-use crate::x509::{self, PresentedChain, TrustAnchors};
+use crate::x509::{self, CertError, PresentedChain, TrustAnchors};
 use crate::{error_total, AuthError, Device, Refusal, UpdateService};
 use ajour_registry::{ListParams, Registry, Scope};
 use ajour_types::{AppName, DeviceName, Key};
@@ -92,7 +98,8 @@ impl IssuerIndex {
 impl UpdateService {
     /// Sign in the device a client certificate names: the chain must lead to a trust anchor of
     /// the device's application (`spec.trustAnchors`), be valid now and fit client
-    /// authentication, and its Common Name must be a device of that application. With
+    /// authentication; the device is the one of that application listing the certificate's
+    /// subject DN in its `spec.alias`, or else the one whose name is its Common Name. With
     /// `as_device`, the device the signed-in gateway acts for, as with a password. Every failure
     /// is [`Refusal::Denied`] (counted against the address, as a wrong password is), and logged
     /// at `info` with its reason: the operator sees why; the client learns nothing.
@@ -143,11 +150,32 @@ impl UpdateService {
                     continue;
                 }
             };
-            let Ok(name) = DeviceName::parse(&identity.common_name) else {
-                return Err(denied(
-                    None,
-                    &format!("'{}' names no device", identity.common_name),
-                ));
+            // Drogue's two forms: the whole subject DN as a device's alias first, as Drogue
+            // looks it up, then the Common Name as the device's name.
+            let by_alias = match self.registry.device_by_alias(&app, &identity.subject_dn).await {
+                Ok(found) => found,
+                Err(error) => {
+                    error_total("registry");
+                    tracing::warn!(%error, "device authentication unavailable");
+                    return Err(Refusal::Unavailable);
+                }
+            };
+            let found_by_alias = by_alias.is_some();
+            let name = match (by_alias, identity.common_name.as_deref()) {
+                (Some(device), _) => device,
+                (None, None) => return Err(denied(None, &CertError::NoCommonName)),
+                (None, Some(cn)) => match DeviceName::parse(cn) {
+                    Ok(name) => name,
+                    Err(_) => {
+                        return Err(denied(
+                            None,
+                            &format!(
+                                "its subject DN '{}' is no device's alias, and its Common Name '{cn}' names no device",
+                                identity.subject_dn
+                            ),
+                        ))
+                    }
+                },
             };
             let key = Key::Device(app, name);
             if let Err((by, left)) = self.auth.guard.admit(&key, given.peer) {
@@ -158,7 +186,15 @@ impl UpdateService {
                     self.auth.guard.succeeded(&key, given.peer);
                     self.session_device(&key, given.as_device).await
                 }
-                Ok(None) => Err(denied(Some(&key), &format!("{key} does not exist"))),
+                // Found by its alias and deleted since: the index is written with the device.
+                Ok(None) if found_by_alias => Err(denied(Some(&key), &format!("{key} does not exist"))),
+                Ok(None) => Err(denied(
+                    Some(&key),
+                    &format!(
+                        "{key} does not exist (and the subject DN '{}' is no device's alias)",
+                        identity.subject_dn
+                    ),
+                )),
                 Err(error) => {
                     error_total("registry");
                     tracing::warn!(%error, "device authentication unavailable");

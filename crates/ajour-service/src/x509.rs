@@ -1,13 +1,13 @@
 //! Client certificates as device credentials, in Drogue Cloud's X.509 form: an application lists
 //! CA certificates as its trust anchors (`spec.trustAnchors.anchors[].certificate`, base64 of the
 //! PEM text), and a device signs in with a client certificate whose chain leads up to one of
-//! them. The device is the one named by the certificate's subject: its Common Name is the device
-//! name ([`crate::certificates`]; Drogue's other form, the whole subject DN string such as
-//! `O=Drogue IoT, OU=Cloud, CN=Device 1` listed in a device's `spec.alias`, is not looked up). The
-//! application is found by the issuer DN at the top of the
-//! presented chain, which equals the subject DN of one of its anchors (Drogue keeps an `x509/ca`
-//! alias of it). This module only parses and checks; looking applications and devices up is the
-//! caller's, with the DN strings given here. Nothing here panics on bad input: every certificate
+//! them. The device is the one named by the certificate's subject, in either of Drogue's two
+//! forms ([`crate::certificates`] looks it up): the device that lists the whole subject DN string
+//! (such as `O=Drogue IoT, OU=Cloud, CN=Device 1`, [`dn_string`]'s form) in its `spec.alias`, or
+//! else the device whose name is the subject's Common Name. The application is found by the
+//! issuer DN at the top of the presented chain, which equals the subject DN of one of its anchors
+//! (Drogue keeps an `x509/ca` alias of it). This module only parses and checks; looking
+//! applications and devices up is the caller's, with the DN strings given here. Nothing here panics on bad input: every certificate
 //! and spec is the outside world's, and each problem is a value.
 
 use base64::Engine;
@@ -223,8 +223,8 @@ impl PresentedChain {
         &self.issuer_dn
     }
 
-    /// The first Common Name of the client's subject: the device's name. `None` when there is
-    /// none, or it is not a UTF-8 string type.
+    /// The first Common Name of the client's subject: the device's name, when no device lists
+    /// the subject DN as an alias. `None` when there is none, or it is not a UTF-8 string type.
     pub fn common_name(&self) -> Option<&str> {
         self.common_name.as_deref()
     }
@@ -235,8 +235,9 @@ impl PresentedChain {
 pub struct CertIdentity {
     /// The subject DN ([`dn_string`]'s form), to match a device's `spec.alias`.
     pub subject_dn: String,
-    /// The subject's Common Name, to match a device's name.
-    pub common_name: String,
+    /// The subject's Common Name, to match a device's name; `None` when the subject has none (or
+    /// not as a UTF-8 string type): such a certificate names a device by its DN alone.
+    pub common_name: Option<String>,
 }
 
 /// Why a client certificate does not sign a device in.
@@ -256,7 +257,9 @@ pub enum CertError {
     /// The client's certificate is not one for a TLS client: a CA's, or an extended key usage
     /// without client authentication.
     NotForClients { reason: String },
-    /// The certificate is trusted, but its subject has no Common Name to name a device by.
+    /// The certificate is trusted and its subject DN is no device's alias, and its subject has no
+    /// Common Name to name a device by either (the caller's refusal: [`verify`] does not know
+    /// the aliases).
     NoCommonName,
 }
 
@@ -292,7 +295,8 @@ impl fmt::Display for CertError {
             }
             Self::NoCommonName => write!(
                 f,
-                "the client certificate's subject has no Common Name (CN) to name a device by"
+                "the client certificate's subject DN is no device's alias, and it has no Common Name (CN) \
+                 to name a device by"
             ),
         }
     }
@@ -343,10 +347,10 @@ pub fn verify(
             None,
         )
         .map_err(|e| refusal(e, anchors))?;
-    let common_name = chain.common_name.clone().ok_or(CertError::NoCommonName)?;
+    // No Common Name is no refusal here: the subject DN may be a device's alias.
     Ok(CertIdentity {
         subject_dn: chain.subject_dn.clone(),
-        common_name,
+        common_name: chain.common_name.clone(),
     })
 }
 
@@ -490,7 +494,7 @@ mod tests {
             verify(&chain, &anchors, now()),
             Ok(CertIdentity {
                 subject_dn: "O=Drogue IoT, OU=Cloud, CN=Device 1".into(),
-                common_name: "Device 1".into(),
+                common_name: Some("Device 1".into()),
             })
         );
     }
@@ -534,18 +538,28 @@ mod tests {
         assert_eq!(chain.common_name(), None);
         assert_eq!(
             verify(&chain, &anchors_of(&[&ca]), now()),
-            Err(CertError::NoCommonName)
+            Ok(CertIdentity {
+                subject_dn: "O=Drogue IoT, CN=Device 1".into(),
+                common_name: None,
+            })
         );
     }
 
     #[test]
-    fn a_trusted_certificate_without_a_common_name_is_refused() {
+    fn a_trusted_certificate_without_a_common_name_is_verified_with_its_dn_alone() {
         let ca = root_ca("App CA");
         let der = device_cert("x", &ca, |params| {
             params.distinguished_name = name(&[(DnType::OrganizationName, "Drogue IoT")]);
         });
+        // Whether it names a device (by a device's alias) is the caller's to find out.
         let result = verify_chain(vec![der], &anchors_of(&[&ca]));
-        assert_eq!(result, Err(CertError::NoCommonName));
+        assert_eq!(
+            result,
+            Ok(CertIdentity {
+                subject_dn: "O=Drogue IoT".into(),
+                common_name: None,
+            })
+        );
     }
 
     #[test]
@@ -666,7 +680,7 @@ mod tests {
         assert_eq!(chain.issuer_dn(), "O=Drogue IoT, CN=App CA");
         assert_eq!(
             verify(&chain, &anchors, now()).map(|id| id.common_name),
-            Ok("Device 1".to_string())
+            Ok(Some("Device 1".to_string()))
         );
 
         let alone = PresentedChain::new(vec![device]).unwrap();

@@ -7,7 +7,8 @@ use reqwest::StatusCode;
 use std::sync::Arc;
 
 /// One device posting its statuses to `/v1/dfu` with Basic credentials `device@app:password`,
-/// waiting for the command in the answer.
+/// or signed in by the client certificate its HTTP client presents
+/// ([`Self::spread_by_certificate`]), waiting for the command in the answer.
 ///
 /// Given several servers (instances of one Ajour on one database), the device's statuses go to
 /// each in turn, as a load balancer without session affinity would spread them: every instance
@@ -20,9 +21,18 @@ pub struct HttpLink {
     urls: Arc<[String]>,
     /// The server the next status goes to (an index into `urls`, modulo its length).
     next: usize,
-    authorization: String,
+    sign_in: SignIn,
     /// The device a gateway sends statuses for (`as=`); `None`: the device speaks for itself.
     acting_for: Option<String>,
+}
+
+/// How a link's device signs in.
+#[derive(Debug, Clone)]
+enum SignIn {
+    /// Basic credentials: the `Authorization` header's value.
+    Password(String),
+    /// The client certificate of the link's HTTP client, in application `app`.
+    Certificate { app: String },
 }
 
 impl HttpLink {
@@ -57,7 +67,31 @@ impl HttpLink {
             http,
             urls: endpoints.clone(),
             next: first % endpoints.len(),
-            authorization: ajour_types::basic_auth::encode(&format!("{device}@{app}"), password),
+            sign_in: SignIn::Password(ajour_types::basic_auth::encode(
+                &format!("{device}@{app}"),
+                password,
+            )),
+            acting_for: None,
+        }
+    }
+
+    /// A device of application `app` signing in by the client certificate `http` presents
+    /// (made with `reqwest::ClientBuilder::identity`; the certificate names the device), its
+    /// statuses spread as [`Self::spread`]'s. It sends no `Authorization` header: the endpoint
+    /// takes a password over a certificate. The application is named by `?application=`, so
+    /// the server need not find it by the certificate's issuer.
+    pub fn spread_by_certificate(
+        http: reqwest::Client,
+        endpoints: &Arc<[String]>,
+        first: usize,
+        app: &str,
+    ) -> Self {
+        assert!(!endpoints.is_empty(), "a device needs a server to talk to");
+        Self {
+            http,
+            urls: endpoints.clone(),
+            next: first % endpoints.len(),
+            sign_in: SignIn::Certificate { app: app.to_string() },
             acting_for: None,
         }
     }
@@ -74,11 +108,11 @@ impl Link for HttpLink {
     async fn exchange(&mut self, status: EncodedStatus) -> Result<Bytes, LinkError> {
         let url = &self.urls[self.next];
         self.next = (self.next + 1) % self.urls.len();
-        let mut request = self
-            .http
-            .post(url)
-            .header(AUTHORIZATION, &self.authorization)
-            .body(status.bytes);
+        let mut request = self.http.post(url).body(status.bytes);
+        request = match &self.sign_in {
+            SignIn::Password(authorization) => request.header(AUTHORIZATION, authorization),
+            SignIn::Certificate { app } => request.query(&[("application", app)]),
+        };
         if let Some(device) = &self.acting_for {
             request = request.query(&[("as", device)]);
         }
@@ -98,8 +132,16 @@ impl Link for HttpLink {
         let body = response.bytes().await.map_err(unreachable)?;
         match code {
             StatusCode::OK => Ok(body),
-            StatusCode::FORBIDDEN => Err(LinkError::Protocol(
-                "authentication refused (403): check application, device and password".into(),
+            StatusCode::FORBIDDEN => Err(LinkError::Protocol(match self.sign_in {
+                SignIn::Password(_) => "authentication refused (403): check application, device and password".into(),
+                SignIn::Certificate { .. } => "authentication refused (403): check the application's trust anchors, \
+                     and that the client certificate names the device (its subject DN an alias of the device, \
+                     or its Common Name the device's name)"
+                    .into(),
+            })),
+            // The endpoint asks for a password when it saw no client certificate.
+            StatusCode::UNAUTHORIZED if matches!(self.sign_in, SignIn::Certificate { .. }) => Err(LinkError::Protocol(
+                "the server saw no client certificate (401): the endpoint must be https:// on a server with --tls-cert".into(),
             )),
             // A server shutting down, or a proxy in front of one that is away; or logins for
             // this device held back for a while (someone guessed its password).

@@ -38,4 +38,4 @@ pub use http::HttpLink;
 pub use link::{EncodedStatus, Link, LinkError};
 pub use mqtt::MqttLink;
 pub use run::{run_device, DeviceOptions, Ended, Observer};
-pub use simulate::{simulate, simulate_over, DeviceOutcomes, Simulation, Transport};
+pub use simulate::{simulate, simulate_over, ClientCertFiles, DeviceOutcomes, Simulation, Transport};

@@ -1,5 +1,6 @@
 //! Devices on the MQTT endpoint (`ajour serve --mqtt-listen`), as Drogue's MQTT endpoint serves
-//! them: each device connects with its own credentials (`device@app`), subscribes to
+//! them: each device connects with its own credentials (`device@app` and a password, or only a
+//! client certificate over TLS), subscribes to
 //! `command/inbox//dfu`, publishes its status to `dfu` and takes the command that comes back.
 //!
 //! Commands go out at QoS 0, and a connection can drop between a status and its answer: as on
@@ -36,9 +37,39 @@ impl MqttLink {
         password: &str,
         command_timeout: Duration,
     ) -> Result<Self, LinkError> {
+        Self::connect_as(endpoint, app, name, Some(password), command_timeout).await
+    }
+
+    /// [`Self::connect`] signing in by the client certificate in `endpoint.tls.client_cert`
+    /// (over `mqtts://`), which names the device; its issuer finds the application. No user name
+    /// is sent, and no password: the endpoint signs in by password whenever CONNECT has a user
+    /// name (it reads one without a password as an empty password).
+    pub async fn connect_by_certificate(
+        endpoint: &MqttConfig,
+        app: &str,
+        name: &str,
+        command_timeout: Duration,
+    ) -> Result<Self, LinkError> {
+        if endpoint.tls.client_cert.is_none() {
+            return Err(LinkError::Protocol(format!(
+                "{name}@{app}: no client certificate to sign in with"
+            )));
+        }
+        Self::connect_as(endpoint, app, name, None, command_timeout).await
+    }
+
+    /// Connect as device `name` of `app`, with its password, or (`None`) with no credentials in
+    /// CONNECT at all.
+    async fn connect_as(
+        endpoint: &MqttConfig,
+        app: &str,
+        name: &str,
+        password: Option<&str>,
+        command_timeout: Duration,
+    ) -> Result<Self, LinkError> {
         let mut config = endpoint.clone();
-        config.username = Some(format!("{name}@{app}"));
-        config.password = Some(password.to_string());
+        config.username = password.map(|_| format!("{name}@{app}"));
+        config.password = password.map(str::to_string);
         config.client_id = ajour_client::mqtt::unique_client_id(name);
         let mut inbox = Inbox::connect(&config, vec![COMMAND_FILTER.to_string()])
             .map_err(|e| LinkError::Protocol(format!("MQTT set-up: {e}")))?;

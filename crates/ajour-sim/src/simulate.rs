@@ -6,9 +6,11 @@ use crate::{
     LinkError, MqttLink, Outcome, SimulatedDevice,
 };
 use ajour_client::mqtt::MqttConfig;
+use ajour_client::tls::{client_config, presenting, ClientCert, TlsOptions};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +60,73 @@ pub struct Simulation {
     /// A PEM file of CA certificates the devices trust beside the system's, for `https://` and
     /// `mqtts://` (a server with a certificate of a private CA).
     pub ca_file: Option<std::path::PathBuf>,
+    /// The client certificate each device presents, over `https://` and `mqtts://` only; with
+    /// one, a device signs in by it and sends no password.
+    pub client_cert: Option<ClientCertFiles>,
+}
+
+/// The client certificate and key files (PEM) the devices present. `{device}` in a path is
+/// replaced by each device's name, so that each presents its own (`certs/{device}.crt`); without
+/// it every device presents the same one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ClientCertFiles {
+    /// What a path has in place of the device's name.
+    pub const DEVICE: &'static str = "{device}";
+
+    /// The certificate and key files of device `name`.
+    pub fn of_device(&self, name: &str) -> (PathBuf, PathBuf) {
+        (for_device(&self.cert, name), for_device(&self.key, name))
+    }
+
+    /// Whether the devices have files of their own.
+    pub fn per_device(&self) -> bool {
+        [&self.cert, &self.key]
+            .iter()
+            .any(|path| path.to_str().is_some_and(|path| path.contains(Self::DEVICE)))
+    }
+
+    /// The certificate of each of `devices`, each pair of files read and checked once, before
+    /// any device starts: a file missing or unusable is an error naming it (and the device).
+    pub fn read_for(&self, devices: &[String]) -> anyhow::Result<HashMap<String, ClientCert>> {
+        let mut read: HashMap<(PathBuf, PathBuf), ClientCert> = HashMap::new();
+        let mut certs = HashMap::with_capacity(devices.len());
+        for name in devices {
+            let files = self.of_device(name);
+            let cert = match read.get(&files) {
+                Some(cert) => cert.clone(),
+                None => {
+                    let cert = ClientCert::read(&files.0, &files.1)
+                        .with_context(|| format!("the client certificate of device {name}"))?;
+                    read.insert(files, cert.clone());
+                    cert
+                }
+            };
+            certs.insert(name.clone(), cert);
+        }
+        Ok(certs)
+    }
+}
+
+/// `path` with `{device}` replaced by `name`; a path that is not UTF-8 is taken as it is.
+fn for_device(path: &Path, name: &str) -> PathBuf {
+    match path.to_str() {
+        Some(text) => PathBuf::from(text.replace(ClientCertFiles::DEVICE, name)),
+        None => path.to_path_buf(),
+    }
+}
+
+/// Refuse a client certificate where no TLS carries it: `url` must be one with TLS.
+fn presentable_over(url: &str, tls: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        tls,
+        "a client certificate is presented over TLS only, and {url} is not a TLS URL (https:// or mqtts://)"
+    );
+    Ok(())
 }
 
 /// How each device of a simulation ended, by name, in the order they finished.
@@ -69,6 +138,22 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
     match &simulation.transport {
         Transport::Http { urls } => {
             anyhow::ensure!(!urls.is_empty(), "no server URL to simulate devices against");
+            let endpoints = HttpLink::endpoints(urls);
+            let first = std::sync::atomic::AtomicUsize::new(0);
+            if let Some(files) = &simulation.client_cert {
+                for url in urls {
+                    presentable_over(
+                        url,
+                        url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")),
+                    )?;
+                }
+                let clients = certified_clients(simulation, files)?;
+                return simulate_over(simulation, |name| {
+                    let first = first.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    HttpLink::spread_by_certificate(clients[name].clone(), &endpoints, first, &simulation.app)
+                })
+                .await;
+            }
             let mut http = reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .pool_max_idle_per_host(simulation.concurrency);
@@ -78,8 +163,6 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
                 }
             }
             let http = http.build()?;
-            let endpoints = HttpLink::endpoints(urls);
-            let first = std::sync::atomic::AtomicUsize::new(0);
             simulate_over(simulation, |name| {
                 let first = first.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 HttpLink::spread(
@@ -94,6 +177,9 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             .await
         }
         Transport::Coap { urls } => {
+            if simulation.client_cert.is_some() {
+                presentable_over(urls.first().map_or("coap://", String::as_str), false)?;
+            }
             let servers = CoapLink::resolve(urls).await?;
             let first = std::sync::atomic::AtomicUsize::new(0);
             simulate_over(simulation, |name| {
@@ -110,6 +196,20 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             if simulation.ca_file.is_some() {
                 endpoint.tls.ca_file.clone_from(&simulation.ca_file);
             }
+            if let Some(files) = &simulation.client_cert {
+                presentable_over(
+                    &endpoint.url,
+                    ajour_client::mqtt::parse_broker_url(&endpoint.url)?.2,
+                )?;
+                let certs = files.read_for(&simulation.devices)?;
+                return simulate_connected(simulation, |name| {
+                    let mut endpoint = endpoint.clone();
+                    endpoint.tls.client_cert = Some(certs[name].clone());
+                    let (app, name, timeout) = (simulation.app.clone(), name.to_string(), *command_timeout);
+                    async move { MqttLink::connect_by_certificate(&endpoint, &app, &name, timeout).await }
+                })
+                .await;
+            }
             simulate_connected(simulation, |name| {
                 let (endpoint, app, name) = (endpoint.clone(), simulation.app.clone(), name.to_string());
                 let (password, timeout) = (simulation.password.clone(), *command_timeout);
@@ -121,6 +221,10 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             broker,
             command_timeout,
         } => {
+            anyhow::ensure!(
+                simulation.client_cert.is_none(),
+                "devices behind Drogue's MQTT integration present no client certificate: Drogue signed them in"
+            );
             let mqtt = Arc::new(
                 DrogueMqtt::connect(broker, &simulation.app)
                     .await
@@ -129,6 +233,39 @@ pub async fn simulate(simulation: &Simulation) -> anyhow::Result<DeviceOutcomes>
             simulate_over(simulation, |name| mqtt.link(name, *command_timeout)).await
         }
     }
+}
+
+/// The HTTP client of each device of `simulation`, presenting its client certificate (one
+/// client for the fleet when the devices share one), made before any device starts. TLS is
+/// [`client_config`]'s, as the MQTT devices': the system's roots and `simulation.ca_file`, read
+/// once for the fleet.
+fn certified_clients(
+    simulation: &Simulation,
+    files: &ClientCertFiles,
+) -> anyhow::Result<HashMap<String, reqwest::Client>> {
+    let roots = client_config(&TlsOptions {
+        ca_file: simulation.ca_file.clone(),
+        ..TlsOptions::default()
+    })?;
+    let client = |cert: &ClientCert, idle: usize| -> anyhow::Result<reqwest::Client> {
+        Ok(reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(idle)
+            .use_preconfigured_tls(presenting(&roots, cert))
+            .build()?)
+    };
+    let certs = files.read_for(&simulation.devices)?;
+    if !files.per_device() {
+        let Some(cert) = certs.values().next() else {
+            return Ok(HashMap::new());
+        };
+        let shared = client(cert, simulation.concurrency)?;
+        return Ok(certs.into_keys().map(|name| (name, shared.clone())).collect());
+    }
+    certs
+        .into_iter()
+        .map(|(name, cert)| Ok((name, client(&cert, 1)?)))
+        .collect()
 }
 
 /// [`simulate`] over links of the caller's own: `link(name)` is device `name`'s way to the
@@ -199,5 +336,54 @@ async fn run_to_sync(
     match run_device(device, link, options, &mut ()).await? {
         Ended::Done(outcome) => Ok(outcome),
         Ended::Stopped => unreachable!("no observer stops a simulated device"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_in_a_path_is_each_devices_name() {
+        let own = ClientCertFiles {
+            cert: "certs/{device}.crt".into(),
+            key: "keys/{device}/{device}.key".into(),
+        };
+        assert!(own.per_device());
+        assert_eq!(
+            own.of_device("m-0"),
+            (PathBuf::from("certs/m-0.crt"), PathBuf::from("keys/m-0/m-0.key"))
+        );
+        let shared = ClientCertFiles {
+            cert: "certs/fleet.crt".into(),
+            key: "certs/fleet.key".into(),
+        };
+        assert!(!shared.per_device());
+        assert_eq!(shared.of_device("m-0"), shared.of_device("m-1"));
+        assert_eq!(shared.of_device("m-0").0, PathBuf::from("certs/fleet.crt"));
+        // Only the key's path names the device: still a pair per device.
+        let half = ClientCertFiles {
+            cert: "fleet.crt".into(),
+            key: "{device}.key".into(),
+        };
+        assert!(half.per_device());
+    }
+
+    #[test]
+    fn a_missing_file_is_named_with_its_device() {
+        let dir = std::env::temp_dir().join(format!("ajour-sim-missing-{}", std::process::id()));
+        let files = ClientCertFiles {
+            cert: dir.join("{device}.crt"),
+            key: dir.join("{device}.key"),
+        };
+        let error = files.read_for(&["d-1".to_string()]).unwrap_err();
+        let said = format!("{error:#}");
+        assert!(
+            said.starts_with(&format!(
+                "the client certificate of device d-1: the client certificate file {} cannot be read",
+                dir.join("d-1.crt").display()
+            )),
+            "{said}"
+        );
     }
 }

@@ -676,6 +676,7 @@ async fn a_simulation_plays_the_faults_of_its_devices_and_leaves_a_later_wave_no
         device: options_with_target(TO, Duration::from_secs(60)),
         faults: faults.clone(),
         ca_file: None,
+        client_cert: None,
     };
     let (image, earlier) = (image(1000), image_of(FROM, 1000));
     let results = simulate_over(&simulation, |name| {

@@ -135,6 +135,21 @@ impl Registry for MemoryRegistry {
         }))
     }
 
+    async fn device_by_alias(&self, app: &AppName, alias: &str) -> Result<Option<DeviceName>, RegistryError> {
+        self.available()?;
+        let objects = self.objects.lock().unwrap();
+        Ok(objects.values().find_map(|(key, resource)| match key {
+            Key::Device(a, device)
+                if a == app
+                    && ajour_registry::device_aliases(&resource.spec)
+                        .is_ok_and(|aliases| aliases.iter().any(|listed| listed == alias)) =>
+            {
+                Some(device.clone())
+            }
+            _ => None,
+        }))
+    }
+
     async fn get(&self, key: &Key) -> Result<Option<Resource>, RegistryError> {
         self.available()?;
         self.gets.fetch_add(1, Ordering::SeqCst);

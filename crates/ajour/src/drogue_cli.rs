@@ -123,6 +123,7 @@ impl DrogueArgs {
         let tls = TlsOptions {
             ca_file: self.drogue_ca_file.clone(),
             insecure: self.drogue_insecure_tls,
+            client_cert: None,
         };
         let mut registry = RegistryConfig::new(registry_url);
         registry.user = self.drogue_user.clone();

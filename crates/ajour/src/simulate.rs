@@ -9,10 +9,13 @@
 //! `--fail-silent`, `--fail-stall`), and with `--target` devices wait for their turn and end "not
 //! updated" if it does not come by their timeout. Neither a played fault nor "not updated" is a
 //! failure: only a device that failed a check is.
+//!
+//! Over `https://` and `mqtts://` devices may sign in by client certificates instead of a password
+//! (`--client-cert`, `--client-key`), each its own when the paths hold `{device}`.
 
 use crate::drogue_cli::MqttVersionArg;
 use ajour_client::mqtt::MqttConfig;
-use ajour_sim::{assign_faults, DeviceOptions, Fault, Outcome, Simulation, Transport};
+use ajour_sim::{assign_faults, ClientCertFiles, DeviceOptions, Fault, Outcome, Simulation, Transport};
 use anyhow::bail;
 use clap::Args;
 use std::time::{Duration, Instant};
@@ -36,8 +39,15 @@ pub struct SimulateArgs {
     /// Device name; with --count N the devices are DEVICE-0 .. DEVICE-(N-1).
     #[arg(long)]
     pub device: String,
-    #[arg(long, env = "AJOUR_DEVICE_PASSWORD", hide_env_values = true)]
-    pub password: String,
+    /// The devices' password. Not needed, and not sent, with --client-cert: the devices then sign
+    /// in by their certificates.
+    #[arg(
+        long,
+        env = "AJOUR_DEVICE_PASSWORD",
+        hide_env_values = true,
+        required_unless_present = "client_cert"
+    )]
+    pub password: Option<String>,
     /// The firmware version the device runs at start.
     #[arg(long)]
     pub version: String,
@@ -102,6 +112,18 @@ pub struct SimulateArgs {
     /// `mqtts://` (a server started with --tls-cert and a certificate of a private CA).
     #[arg(long, value_name = "FILE")]
     pub ca_cert: Option<std::path::PathBuf>,
+    /// A PEM file with the client certificate (and any intermediates) each device presents over
+    /// `https://` and `mqtts://`, to sign in by it instead of a password (the server's
+    /// application trusts its CA; its subject DN is an alias of the device, or its Common Name
+    /// the device's name). `{device}` in the path is replaced by each device's name
+    /// (`certs/{device}.crt`); without it every device presents the same certificate. Read and
+    /// checked for every device before any starts. Needs --client-key.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The PEM file with the private key of --client-cert's certificate (`{device}` replaced as
+    /// there).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
     /// Drive the devices through Drogue's MQTT integration instead of the HTTP endpoint.
     #[command(flatten)]
     pub mqtt: MqttSimArgs,
@@ -212,7 +234,39 @@ impl SimulateArgs {
         Ok(named)
     }
 
+    /// The client certificate files, refused where no TLS would carry them.
+    fn client_cert(&self) -> anyhow::Result<Option<ClientCertFiles>> {
+        let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) else {
+            return Ok(None);
+        };
+        if let Some(broker) = &self.mqtt.via_mqtt {
+            bail!(
+                "--client-cert is for devices on Ajour's device endpoints over TLS; behind Drogue's MQTT \
+                 integration (--via-mqtt {broker}) Drogue signed the devices in"
+            );
+        }
+        if self.transport()? == TransportArg::Coap {
+            bail!("--client-cert is presented over TLS (https://, mqtts://); the CoAP endpoint has none");
+        }
+        for url in &self.url {
+            let tls = match url.split_once("://") {
+                Some((scheme, _)) => {
+                    ["https", "mqtts", "ssl", "tls"].contains(&scheme.to_ascii_lowercase().as_str())
+                }
+                None => false,
+            };
+            if !tls {
+                bail!("--client-cert is presented over TLS only: --url {url} is not https:// or mqtts://");
+            }
+        }
+        Ok(Some(ClientCertFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        }))
+    }
+
     fn simulation(&self) -> anyhow::Result<Simulation> {
+        let client_cert = self.client_cert()?;
         let command_timeout = Duration::from_secs_f64(self.mqtt.command_timeout.max(0.05));
         let transport = match &self.mqtt.via_mqtt {
             None if self.transport()? == TransportArg::Coap => Transport::Coap {
@@ -255,7 +309,7 @@ impl SimulateArgs {
         Ok(Simulation {
             app: self.app.clone(),
             devices,
-            password: self.password.clone(),
+            password: self.password.clone().unwrap_or_default(),
             version: self.version.clone(),
             mtu: self.mtu,
             transport,
@@ -270,6 +324,7 @@ impl SimulateArgs {
             },
             faults,
             ca_file: self.ca_cert.clone(),
+            client_cert,
         })
     }
 

@@ -174,6 +174,7 @@ impl Servers {
             device: options,
             faults,
             ca_file: None,
+            client_cert: None,
         };
         ajour_sim::simulate(&simulation)
             .await

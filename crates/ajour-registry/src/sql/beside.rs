@@ -88,6 +88,13 @@ impl Registry for BesideRegistry {
     ) -> Result<Option<crate::DeviceName>, RegistryError> {
         self.registry.device_by_user(app, username).await
     }
+    async fn device_by_alias(
+        &self,
+        app: &crate::AppName,
+        alias: &str,
+    ) -> Result<Option<crate::DeviceName>, RegistryError> {
+        self.registry.device_by_alias(app, alias).await
+    }
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
         self.registry.changes().await
     }

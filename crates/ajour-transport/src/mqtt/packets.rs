@@ -202,6 +202,12 @@ pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Con
         Some([0, 4, b'M', b'Q', b'T', b'T', level]) => *level,
         _ => return Err(ReadError::UnsupportedVersion),
     };
+    // The codecs give a user name without a password an empty password; the connect flags (the
+    // byte after the level) say whether one was sent: without one, a client certificate may
+    // sign the client in.
+    let password_sent = buffer
+        .get(start + 7)
+        .is_some_and(|flags| flags & PASSWORD_FLAG != 0);
     match level {
         4 => match v4::Packet::read(buffer, max_size).map_err(malformed)? {
             v4::Packet::Connect(connect) => Ok(Some(Connect {
@@ -209,7 +215,7 @@ pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Con
                 client_id: connect.client_id,
                 keep_alive: connect.keep_alive,
                 username: connect.login.as_ref().map(|l| l.username.clone()),
-                password: connect.login.map(|l| l.password),
+                password: connect.login.map(|l| l.password).filter(|_| password_sent),
                 max_packet_size: None,
             })),
             _ => Err(ReadError::NotConnect),
@@ -220,7 +226,7 @@ pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Con
                 client_id: connect.client_id,
                 keep_alive: connect.keep_alive,
                 username: login.as_ref().map(|l| l.username.clone()),
-                password: login.map(|l| l.password),
+                password: login.map(|l| l.password).filter(|_| password_sent),
                 max_packet_size: connect.properties.and_then(|p| p.max_packet_size),
             })),
             _ => Err(ReadError::NotConnect),
@@ -228,6 +234,9 @@ pub fn read_connect(buffer: &mut BytesMut, max_size: usize) -> Result<Option<Con
         _ => Err(ReadError::UnsupportedVersion),
     }
 }
+
+/// The CONNECT flag saying a password follows (MQTT 3.1.1 §3.1.2.9, MQTT 5 §3.1.2.9).
+const PASSWORD_FLAG: u8 = 0x40;
 
 /// MQTT 5's QoS in the one QoS type the session uses (the codecs have one each).
 fn qos_of(qos: V5QoS) -> QoS {
@@ -538,6 +547,18 @@ mod tests {
         assert_eq!(connect.version, Version::V5);
         assert_eq!(connect.keep_alive, 30);
         assert_eq!(connect.password.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn a_user_name_without_a_password_is_not_an_empty_password() {
+        // The codecs leave the password out when it is empty: the password flag is not set.
+        for mut connect in [connect_v4("dev@app", ""), connect_v5("dev@app", "")] {
+            // Type, a one-byte length, the protocol name (6), the level: then the flags.
+            assert_eq!(connect[9] & PASSWORD_FLAG, 0, "{connect:?}");
+            let connect = read_connect(&mut connect, 1024).unwrap().unwrap();
+            assert_eq!(connect.username.as_deref(), Some("dev@app"));
+            assert_eq!(connect.password, None);
+        }
     }
 
     #[test]

@@ -702,6 +702,7 @@ async fn tls_to_the_integration_takes_a_ca_file_or_the_insecure_switch_and_nothi
         let tls = ajour_drogue::TlsOptions {
             ca_file: Some(broker.ca_file()),
             insecure: false,
+            client_cert: None,
         };
         let mut peer = Peer::connect_with(&broker, MqttVersion::V5, tls).await;
         // Both connected instances answer (each has its own subscription, no group).

@@ -462,6 +462,7 @@ pub fn fleet(app: &str, devices: u32, transport: Transport) -> Simulation {
         ),
         faults: Default::default(),
         ca_file: None,
+        client_cert: None,
     }
 }
 

@@ -553,13 +553,30 @@ fn application_ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
 }
 
-/// A client certificate with Common Name `device`, signed by `ca`, written to `dir`.
+/// A client certificate with subject `O=Drogue IoT, CN=<device>`, signed by `ca`, written to `dir`
+/// as `{file}.crt` and `{file}.key`.
 fn device_cert(ca: &CertifiedIssuer<'static, KeyPair>, device: &str, dir: &Path, file: &str) -> DeviceCert {
+    let subject = [
+        (DnType::OrganizationName, "Drogue IoT"),
+        (DnType::CommonName, device),
+    ];
+    subject_cert(ca, &subject, dir, file)
+}
+
+/// A client certificate with the subject `subject` (in this order), signed by `ca`, written to
+/// `dir` as `{file}.crt` and `{file}.key`.
+fn subject_cert(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    subject: &[(DnType, &str)],
+    dir: &Path,
+    file: &str,
+) -> DeviceCert {
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Drogue IoT");
-    params.distinguished_name.push(DnType::CommonName, device);
+    // Not rcgen's default subject (a CN of its own, which a push would replace in first place).
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    for (kind, value) in subject {
+        params.distinguished_name.push(kind.clone(), *value);
+    }
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, ca).unwrap();
     let paths = (dir.join(format!("{file}.crt")), dir.join(format!("{file}.key")));
@@ -619,90 +636,238 @@ async fn devices_sign_in_with_client_certificates_over_https_and_mqtts() {
     );
 
     // MQTTS: Mosquitto's clients with the certificate and no user name or password.
-    let ca_file = dir.join("server-ca.pem");
-    std::fs::write(&ca_file, server.pki.ca_pem()).unwrap();
-    let status_file = dir.join("status.cbor");
-    std::fs::write(&status_file, &status_bytes).unwrap();
-    let tls_args = |cert: &DeviceCert| {
+    let mqtts = Mqtts::new(&server, mqtt, &status_bytes);
+    let bytes = mqtts.command(&good).await;
+    let command = ajour_protocol::decode_command(&bytes).unwrap();
+    assert_eq!(command.kind(), "write");
+    for refused in [&forged, &ghost] {
+        mqtts.refused(refused);
+    }
+    // A user name and no password: the user name names the application, the certificate the
+    // device (the password flag unset, not an empty password). Another application is refused.
+    let named = mqtts.publish_with(&good, &["-u", "dev-1@certs"]);
+    assert!(named.status.success(), "{named:?}");
+    let elsewhere = mqtts.publish_with(&good, &["-u", "dev-1@other"]);
+    assert!(!elsewhere.status.success(), "{elsewhere:?}");
+    assert!(
+        String::from_utf8_lossy(&elsewhere.stderr).contains("not authori"),
+        "{elsewhere:?}"
+    );
+    server.stop().await;
+}
+
+/// Mosquitto's clients on the MQTTS listener, trusting the server's CA and publishing one status.
+struct Mqtts {
+    addr: SocketAddr,
+    /// The server's CA, for `--cafile`.
+    ca_file: std::path::PathBuf,
+    /// The status published, for `-f`.
+    status_file: std::path::PathBuf,
+}
+
+impl Mqtts {
+    fn new(server: &TlsServer, addr: SocketAddr, status: &[u8]) -> Self {
+        let (ca_file, status_file) = (
+            server.dir.path().join("server-ca.pem"),
+            server.dir.path().join("status.cbor"),
+        );
+        std::fs::write(&ca_file, server.pki.ca_pem()).unwrap();
+        std::fs::write(&status_file, status).unwrap();
+        Self {
+            addr,
+            ca_file,
+            status_file,
+        }
+    }
+
+    /// The arguments that connect presenting `cert`, with no user name or password.
+    fn args(&self, cert: &DeviceCert) -> Vec<String> {
         vec![
             "-h".to_string(),
             "localhost".into(),
             "-p".into(),
-            mqtt.port().to_string(),
+            self.addr.port().to_string(),
             "--cafile".into(),
-            ca_file.display().to_string(),
+            self.ca_file.display().to_string(),
             "--cert".into(),
             cert.cert.display().to_string(),
             "--key".into(),
             cert.key.display().to_string(),
         ]
-    };
-    let mut sub = tokio::process::Command::new("stdbuf")
-        .args(["-oL", "mosquitto_sub"])
-        .args(tls_args(&good))
-        .args([
-            "-V",
-            "mqttv5",
-            "-t",
-            "command/inbox/#",
-            "-d",
-            "-F",
-            "PAYLOAD %x",
-            "-C",
-            "1",
-            "-W",
-            "20",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap());
-    let mut seen = String::new();
-    while !seen.contains("received SUBACK") {
-        let mut line = String::new();
-        let read = tokio::time::timeout(Duration::from_secs(20), {
-            use tokio::io::AsyncBufReadExt;
-            lines.read_line(&mut line)
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert!(read > 0, "mosquitto_sub ended before its SUBACK: {seen}");
-        seen.push_str(&line);
     }
-    let publish = |cert: &DeviceCert| {
+
+    /// `mosquitto_pub` of the status to `dfu` presenting `cert`.
+    fn publish(&self, cert: &DeviceCert) -> std::process::Output {
+        self.publish_with(cert, &[])
+    }
+
+    /// `mosquitto_pub` of the status presenting `cert`, with `more` arguments.
+    fn publish_with(&self, cert: &DeviceCert, more: &[&str]) -> std::process::Output {
         std::process::Command::new("mosquitto_pub")
-            .args(tls_args(cert))
+            .args(self.args(cert))
+            .args(more)
             .args(["-t", "dfu", "-q", "1", "-f"])
-            .arg(&status_file)
+            .arg(&self.status_file)
             .output()
             .unwrap()
-    };
-    let published = publish(&good);
-    assert!(published.status.success(), "{published:?}");
-    let mut rest = String::new();
-    tokio::time::timeout(Duration::from_secs(20), {
-        use tokio::io::AsyncReadExt;
-        lines.read_to_string(&mut rest)
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let payload = rest
-        .lines()
-        .find_map(|line| line.strip_prefix("PAYLOAD "))
-        .unwrap_or_else(|| panic!("no command: {rest}"));
-    let bytes = hex::decode(payload.trim()).unwrap();
-    let command = ajour_protocol::decode_command(&bytes).unwrap();
-    assert_eq!(command.kind(), "write");
-    for refused in [&forged, &ghost] {
-        let output = publish(refused);
+    }
+
+    /// The command answering the status published presenting `cert`, as `mosquitto_sub` gets
+    /// it on a connection of its own with the same certificate, subscribed before the publish.
+    async fn command(&self, cert: &DeviceCert) -> Vec<u8> {
+        use tokio::io::AsyncBufReadExt;
+        let mut sub = tokio::process::Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub"])
+            .args(self.args(cert))
+            .args([
+                "-V",
+                "mqttv5",
+                "-t",
+                "command/inbox/#",
+                "-d",
+                "-F",
+                "PAYLOAD %x",
+                "-C",
+                "1",
+                "-W",
+                "20",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap());
+        let mut seen = String::new();
+        while !seen.contains("received SUBACK") {
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(20), lines.read_line(&mut line))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(read > 0, "mosquitto_sub ended before its SUBACK: {seen}");
+            seen.push_str(&line);
+        }
+        let published = self.publish(cert);
+        assert!(published.status.success(), "{published:?}");
+        let mut rest = String::new();
+        tokio::time::timeout(Duration::from_secs(20), lines.read_to_string(&mut rest))
+            .await
+            .unwrap()
+            .unwrap();
+        let payload = rest
+            .lines()
+            .find_map(|line| line.strip_prefix("PAYLOAD "))
+            .unwrap_or_else(|| panic!("no command: {rest}"));
+        hex::decode(payload.trim()).unwrap()
+    }
+
+    /// The connection presenting `cert` is refused (CONNACK not authorized).
+    fn refused(&self, cert: &DeviceCert) {
+        let output = self.publish(cert);
         assert!(!output.status.success(), "{output:?}");
         assert!(
             String::from_utf8_lossy(&output.stderr).contains("not authori"),
             "{output:?}"
         );
+    }
+}
+
+/// Drogue's other form: a device lists its certificate's whole subject DN in `spec.alias` and is
+/// found by it, whatever the certificate's Common Name says, over HTTPS and MQTTS; a certificate
+/// without a Common Name signs in by its DN alone; a DN no device lists, with a Common Name that
+/// names no device (or none at all), is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_signs_in_by_its_certificates_subject_dn_listed_as_its_alias() {
+    const DN: &str = "O=Drogue IoT, OU=Cloud, CN=Device 1";
+    const NO_CN: &str = "O=Drogue IoT, OU=Sensors";
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    let dir = server.dir.path().to_path_buf();
+    let ca = application_ca("Application 1");
+    server.create_app_trusting("aliased", &ca).await;
+    let create = |name: &'static str, spec: serde_json::Value| {
+        let connection = &server.connection;
+        async move {
+            let device = json!({"metadata": {"name": name}, "spec": spec});
+            connection
+                .api_send(reqwest::Method::POST, "apps/aliased/devices", Some(device))
+                .await
+        }
+    };
+    // No password: only a certificate signs these devices in.
+    let (status, body) = create("sensor-7", json!({"alias": [DN]})).await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    let (status, body) = create("sensor-8", json!({"alias": [NO_CN]})).await;
+    assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+    // The API refuses what the registry refuses: a malformed list (400), an alias taken (409).
+    let (status, body) = create("bad", json!({"alias": DN})).await;
+    assert_eq!(status, reqwest::StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["message"], "spec.alias: must be a list of strings", "{body}");
+    let (status, body) = create("copy", json!({"alias": [DN]})).await;
+    assert_eq!(status, reqwest::StatusCode::CONFLICT, "{body}");
+    assert_eq!(
+        body["message"],
+        format!("alias '{DN}' (listed by device 'sensor-7') in application 'aliased' already exists"),
+        "{body}"
+    );
+
+    let subject = |cn: Option<&'static str>, ou: &'static str| {
+        let mut subject = vec![
+            (DnType::OrganizationName, "Drogue IoT"),
+            (DnType::OrganizationalUnitName, ou),
+        ];
+        subject.extend(cn.map(|cn| (DnType::CommonName, cn)));
+        subject
+    };
+    let listed = subject_cert(&ca, &subject(Some("Device 1"), "Cloud"), &dir, "listed");
+    let without_cn = subject_cert(&ca, &subject(None, "Sensors"), &dir, "without-cn");
+    // Listed by no device, and its Common Name names none ("Device 2" is not even a device name).
+    let unlisted = subject_cert(&ca, &subject(Some("Device 2"), "Cloud"), &dir, "unlisted");
+    let unlisted_without_cn = subject_cert(&ca, &subject(None, "Elsewhere"), &dir, "unlisted-without-cn");
+    let status_bytes = ajour_protocol::encode_status(
+        &ajour_protocol::Status::first(b"1.0.0".to_vec(), Some(MTU), Some(5)),
+        ajour_protocol::Encoding::Packed,
+    );
+
+    // MQTTS: Mosquitto's clients with the certificate (and no user name or password) get the
+    // command that starts sensor-7's update.
+    let mqtts = Mqtts::new(&server, mqtt, &status_bytes);
+    let bytes = mqtts.command(&listed).await;
+    let command = ajour_protocol::decode_command(&bytes).unwrap();
+    assert_eq!(command.kind(), "write");
+    assert!(
+        mqtts.publish(&without_cn).status.success(),
+        "a certificate without a CN whose DN is an alias signs in"
+    );
+    mqtts.refused(&unlisted);
+    mqtts.refused(&unlisted_without_cn);
+
+    // HTTPS: the simulator's device, presenting the certificate and sending no password, updates
+    // to the end; the registry shows sensor-7 in sync.
+    let http = trusting(&server.pki)
+        .identity(reqwest::Identity::from_pem(listed.identity.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let endpoints = ajour_sim::HttpLink::endpoints(&[&server.connection.url]);
+    let mut link = ajour_sim::HttpLink::spread_by_certificate(http, &endpoints, 0, "aliased");
+    let mut device = ajour_sim::SimulatedDevice::new("1.0.0", Some(MTU));
+    let outcome = super::support::run_to_end(&mut device, &mut link, "sensor-7@aliased").await;
+    assert_eq!(outcome, updated_to("2.0.0", FIRMWARE_LEN));
+    assert!(
+        super::support::in_sync(&server.connection.firmware("aliased", "sensor-7").await, "2.0.0"),
+        "{}",
+        server.connection.device("aliased", "sensor-7").await
+    );
+    let answered = server
+        .post_status(Some(&without_cn.identity), &status_bytes)
+        .await;
+    assert_eq!(answered.status(), reqwest::StatusCode::OK);
+    let bytes = answered.bytes().await.unwrap();
+    let command = ajour_protocol::decode_command(&bytes).unwrap();
+    assert_eq!(command.kind(), "write");
+    for refused in [&unlisted, &unlisted_without_cn] {
+        let answered = server.post_status(Some(&refused.identity), &status_bytes).await;
+        assert_eq!(answered.status(), reqwest::StatusCode::FORBIDDEN);
     }
     server.stop().await;
 }
@@ -744,6 +909,172 @@ async fn ajour_simulate_trusts_a_private_ca_over_https_and_mqtts() {
     let said = super::support::failed(simulate(&https, "h", None).await.unwrap());
     assert!(said.contains("2 device(s) failed"), "{said}");
     server.stop().await;
+}
+
+/// `ajour simulate --client-cert DIR/{device}.crt --client-key DIR/{device}.key`: a fleet whose
+/// devices have no password, each presenting a certificate of its own from the application's CA
+/// (Common Name: its name), updates over HTTPS and over MQTTS; a path without `{device}` is one
+/// certificate for every device; a missing certificate file fails the run before any device
+/// starts, naming the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ajour_simulate_presents_each_devices_own_client_certificate_over_https_and_mqtts() {
+    let server = TlsServer::start(|config| config.mqtt_listen = Some("127.0.0.1:0".into())).await;
+    let mqtt = server.running.as_ref().unwrap().mqtt_addr.expect("--mqtt-listen");
+    let ca = application_ca("Fleet CA");
+    server.create_app_trusting("fleet", &ca).await;
+    let certs = tempfile::tempdir().unwrap();
+    let fleets = ["h-0", "h-1", "h-2", "m-0", "m-1", "m-2"];
+    // x-2 has no certificate file; solo's is shared by its whole (one-device) fleet.
+    let missing = ["x-0", "x-1", "x-2"];
+    for name in fleets.iter().chain(&missing).chain(&["solo"]) {
+        // No password: only a certificate signs these devices in.
+        let device = json!({"metadata": {"name": name}, "spec": {}});
+        let (status, body) = server
+            .connection
+            .api_send(reqwest::Method::POST, "apps/fleet/devices", Some(device))
+            .await;
+        assert_eq!(status, reqwest::StatusCode::CREATED, "{body}");
+        if *name != "x-2" {
+            device_cert(&ca, name, certs.path(), name);
+        }
+    }
+    let server_ca = server.dir.path().join("ca.pem");
+    std::fs::write(&server_ca, server.pki.ca_pem()).unwrap();
+    let https = server.connection.url.clone();
+    let mqtts = format!("mqtts://localhost:{}", mqtt.port());
+    let simulate = |url: &str, device: &str, count: &str, cert: &str| {
+        let mut command = tokio::process::Command::new(super::support::AJOUR);
+        command
+            .args(["simulate", "--url", url, "--app", "fleet", "--device", device])
+            .args(["--count", count, "--version", "1.0.0", "--timeout", "60"])
+            .arg("--ca-cert")
+            .arg(&server_ca)
+            .arg("--client-cert")
+            .arg(certs.path().join(format!("{cert}.crt")))
+            .arg("--client-key")
+            .arg(certs.path().join(format!("{cert}.key")))
+            .env_remove("AJOUR_DEVICE_PASSWORD");
+        command.output()
+    };
+    for (url, device) in [(&https, "h"), (&mqtts, "m")] {
+        let said = super::support::succeeded(simulate(url, device, "3", "{device}").await.unwrap());
+        assert!(said.contains("3 device(s): 3 updated"), "{url}: {said}");
+    }
+    let said = super::support::succeeded(simulate(&https, "solo", "1", "solo").await.unwrap());
+    assert!(said.contains("1 device(s): 1 updated"), "{said}");
+    for name in fleets.iter().chain(&["solo"]) {
+        let shown = server.connection.firmware("fleet", name).await;
+        assert!(super::support::in_sync(&shown, "2.0.0"), "{name}: {shown:?}");
+    }
+    let said = super::support::failed(simulate(&https, "x", "3", "{device}").await.unwrap());
+    let file = certs.path().join("x-2.crt");
+    assert!(
+        said.contains(&format!(
+            "the client certificate of device x-2: the client certificate file {} cannot be read",
+            file.display()
+        )),
+        "{said}"
+    );
+    // Read before any device started: none of the fleet reported anything.
+    for name in missing {
+        assert_eq!(server.connection.firmware("fleet", name).await, None, "{name}");
+    }
+    server.stop().await;
+}
+
+/// A client certificate is presented over TLS only: with a plain URL, CoAP or Drogue's MQTT
+/// integration `ajour simulate` refuses it before reading anything; and the certificate and its
+/// key go together.
+#[tokio::test]
+async fn ajour_simulate_refuses_a_client_certificate_where_no_tls_carries_it() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(super::support::AJOUR)
+            .args(["simulate", "--app", "a", "--device", "d", "--version", "1.0.0"])
+            .args(args)
+            .env_remove("AJOUR_DEVICE_PASSWORD")
+            .output()
+            .unwrap()
+    };
+    let pair = [
+        "--client-cert",
+        "/nonexistent/{device}.crt",
+        "--client-key",
+        "/nonexistent/{device}.key",
+    ];
+    let said = super::support::failed(run(&[&["--url", "http://127.0.0.1:1"][..], &pair].concat()));
+    assert!(
+        said.contains(
+            "--client-cert is presented over TLS only: --url http://127.0.0.1:1 is not https:// or mqtts://"
+        ),
+        "{said}"
+    );
+    let said = super::support::failed(run(&[&["--url", "mqtt://127.0.0.1:1"][..], &pair].concat()));
+    assert!(
+        said.contains("--url mqtt://127.0.0.1:1 is not https:// or mqtts://"),
+        "{said}"
+    );
+    let said = super::support::failed(run(&[&["--url", "coap://127.0.0.1:1"][..], &pair].concat()));
+    assert!(said.contains("the CoAP endpoint has none"), "{said}");
+    let said = super::support::failed(run(&[&["--via-mqtt", "mqtt://127.0.0.1:1"][..], &pair].concat()));
+    assert!(said.contains("behind Drogue's MQTT integration"), "{said}");
+    // Both or neither; and without one, a password.
+    let said = super::support::failed(run(&["--url", "https://127.0.0.1:1", "--client-cert", "c.crt"]));
+    assert!(said.contains("--client-key"), "{said}");
+    let said = super::support::failed(run(&["--url", "https://127.0.0.1:1"]));
+    assert!(said.contains("--password"), "{said}");
+}
+
+/// Client certificate files that cannot work are refused when read, naming the file.
+#[test]
+fn client_certificate_files_that_cannot_work_are_refused_naming_the_file() {
+    use ajour_client::ClientCert;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = application_ca("Files CA");
+    let good = device_cert(&ca, "dev", dir.path(), "good");
+    let other = device_cert(&ca, "other", dir.path(), "other");
+    assert!(ClientCert::read(&good.cert, &good.key).is_ok());
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let missing = dir.path().join("missing.crt");
+    let error = |cert: &Path, key: &Path| ClientCert::read(cert, key).unwrap_err().to_string();
+    let name = |path: &Path| path.display().to_string();
+    let cases = [
+        (
+            error(&missing, &good.key),
+            format!("the client certificate file {} cannot be read: ", name(&missing)),
+        ),
+        (
+            error(&good.key, &good.key),
+            format!("the client certificate file {} holds no PEM CERTIFICATE", name(&good.key)),
+        ),
+        (
+            error(&garbage, &good.key),
+            format!("the client certificate file {} is not valid PEM: ", name(&garbage)),
+        ),
+        (
+            error(&good.cert, &missing),
+            format!("the client key file {} cannot be read: ", name(&missing)),
+        ),
+        (
+            error(&good.cert, &good.cert),
+            format!("the client key file {} holds no PEM private key", name(&good.cert)),
+        ),
+        (
+            error(&good.cert, &other.key),
+            format!(
+                "the client key file {} holds the key of another certificate than the client certificate file {}",
+                name(&other.key),
+                name(&good.cert)
+            ),
+        ),
+    ];
+    for (said, expected) in cases {
+        assert!(said.starts_with(&expected), "{said}\nexpected: {expected}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
