@@ -2,9 +2,9 @@
 //! --coap-listen`), each on its own UDP socket with the simulator's `CoapLink` (confirmable
 //! requests, RFC 7252 retransmissions), against the bare CoAP server in the same run.
 
-use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
+use crate::fleet::{alternate, drive, FleetArgs, Load, RoundsArgs, APP, PASSWORD};
 use crate::process::ServerProcess;
-use crate::report::{print_rounds, status_writes, LoadReport};
+use crate::report::{print_rounds, LoadReport};
 use ajour_sim::CoapLink;
 use clap::Args;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 pub struct CoapBenchArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub rounds: RoundsArgs,
 }
 
 pub async fn run(args: CoapBenchArgs) -> anyhow::Result<()> {
@@ -35,22 +37,19 @@ pub async fn run(args: CoapBenchArgs) -> anyhow::Result<()> {
         false => Some(args.fleet.start_bare("bare-coap-server")?),
         true => None,
     };
-    let mut rounds = Vec::new();
-    for _ in 0..args.fleet.rounds {
-        let mut reports = Vec::new();
-        if let Some((_data, server, coap)) = &ajour {
-            let writes_before = status_writes(&server.url).await?;
-            let mut report = drive_coap(server, coap, &args, "ajour").await?;
-            report.status_writes =
-                Some((status_writes(&server.url).await? - writes_before) / f64::from(args.fleet.devices));
-            reports.push(report);
-        }
-        if let Some(server) = &bare {
-            let address = server.url.trim_start_matches("coap://").to_string();
-            reports.push(drive_coap(server, &address, &args, "bare").await?);
-        }
-        rounds.push(reports);
-    }
+    let bare_address = bare
+        .as_ref()
+        .map(|server| server.url.trim_start_matches("coap://").to_string());
+    let rounds = alternate(
+        args.rounds.rounds,
+        args.fleet.devices,
+        ajour
+            .as_ref()
+            .map(|(_data, server, address)| (server, address.as_str())),
+        bare.as_ref().zip(bare_address.as_deref()),
+        async |server, address, target| drive_coap(server, address, &args, target).await,
+    )
+    .await?;
     let title = format!(
         "CoAP endpoint: {} devices, image {} bytes, mtu {}, whole update, confirmable requests, one UDP socket per device",
         args.fleet.devices, args.fleet.image_size, args.fleet.mtu

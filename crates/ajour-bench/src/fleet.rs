@@ -2,7 +2,7 @@
 //! registry, and driving the devices while measuring.
 
 use crate::process::{cpu_seconds, ServerProcess};
-use crate::report::{Latencies, LoadReport};
+use crate::report::{status_writes, Latencies, LoadReport};
 use ajour_client::{RegistryClient, RegistryClientConfig};
 use ajour_sim::{
     run_device, run_fleet, DeviceOptions, Ended, FleetOptions, Link, Observer, Outcome, SimulatedDevice,
@@ -52,12 +52,45 @@ pub struct FleetArgs {
     /// Give up after this many seconds (per target).
     #[arg(long, default_value_t = 900)]
     pub timeout: u64,
+}
+
+/// How many rounds a benchmark measures (`coap`, `mqtt-endpoint`).
+#[derive(Debug, Clone, Args)]
+pub struct RoundsArgs {
     /// Measure this many rounds, Ajour then the baseline in each, against the same two servers
     /// (the fleet starts again from the old version each round), and report the median ratio:
     /// on a machine shared with the load generator one short run of each is at the mercy of
-    /// what else runs at that moment (`coap` and `mqtt-endpoint` only).
+    /// what else runs at that moment.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
+}
+
+/// `rounds` rounds, in each Ajour (`ajour`: its server and the address the fleet is driven at;
+/// its status writes per device read from its metrics) and then the baseline (`bare`), each
+/// driven by `drive(server, address, target)`; the reports, a list a round.
+pub async fn alternate(
+    rounds: u32,
+    devices: u32,
+    ajour: Option<(&ServerProcess, &str)>,
+    bare: Option<(&ServerProcess, &str)>,
+    drive: impl AsyncFn(&ServerProcess, &str, &'static str) -> anyhow::Result<LoadReport>,
+) -> anyhow::Result<Vec<Vec<LoadReport>>> {
+    let mut all = Vec::new();
+    for _ in 0..rounds {
+        let mut reports = Vec::new();
+        if let Some((server, address)) = ajour {
+            let writes_before = status_writes(&server.url).await?;
+            let mut report = drive(server, address, "ajour").await?;
+            report.status_writes =
+                Some((status_writes(&server.url).await? - writes_before) / f64::from(devices));
+            reports.push(report);
+        }
+        if let Some((server, address)) = bare {
+            reports.push(drive(server, address, "bare").await?);
+        }
+        all.push(reports);
+    }
+    Ok(all)
 }
 
 impl FleetArgs {

@@ -54,10 +54,6 @@ pub struct HttpBenchArgs {
 
 pub async fn run(args: HttpBenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
-    anyhow::ensure!(
-        args.fleet.rounds == 1,
-        "--rounds: `coap` and `mqtt-endpoint` only"
-    );
     // Each in-flight request holds a socket in both processes.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let mut reports = Vec::new();

@@ -55,10 +55,6 @@ pub struct MqttBenchArgs {
 }
 
 pub async fn run(args: MqttBenchArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.fleet.rounds == 1,
-        "--rounds: `coap` and `mqtt-endpoint` only"
-    );
     anyhow::ensure!(args.fleet.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(args.command_timeout > 0.0, "--command-timeout must be positive");
     let _ = rlimit::increase_nofile_limit(u64::MAX);

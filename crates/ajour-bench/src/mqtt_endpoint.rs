@@ -7,9 +7,9 @@
 //! connection, CONNECT (the one password verification), SUBSCRIBE and the first status, as over
 //! HTTP and CoAP it carries the password verification.
 
-use crate::fleet::{drive, FleetArgs, Load, APP, PASSWORD};
+use crate::fleet::{alternate, drive, FleetArgs, Load, RoundsArgs, APP, PASSWORD};
 use crate::process::ServerProcess;
-use crate::report::{print_rounds, status_writes, LoadReport};
+use crate::report::{print_rounds, LoadReport};
 use ajour_client::mqtt::{MqttConfig, MqttVersion};
 use ajour_sim::{EncodedStatus, Link, LinkError, MqttLink};
 use bytes::Bytes;
@@ -32,6 +32,8 @@ pub enum MqttVersionArg {
 pub struct MqttEndpointBenchArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub rounds: RoundsArgs,
     /// The MQTT version the devices speak: 5 or 3.1.1.
     #[arg(long, value_enum, default_value = "5")]
     pub mqtt_version: MqttVersionArg,
@@ -61,21 +63,17 @@ pub async fn run(args: MqttEndpointBenchArgs) -> anyhow::Result<()> {
         false => Some(args.fleet.start_bare("bare-mqtt-endpoint-server")?),
         true => None,
     };
-    let mut rounds = Vec::new();
-    for _ in 0..args.fleet.rounds {
-        let mut reports = Vec::new();
-        if let Some((_data, server, mqtt)) = &ajour {
-            let writes_before = status_writes(&server.url).await?;
-            let mut report = drive_mqtt(server, mqtt, &args, "ajour").await?;
-            report.status_writes =
-                Some((status_writes(&server.url).await? - writes_before) / f64::from(args.fleet.devices));
-            reports.push(report);
-        }
-        if let Some(server) = &bare {
-            reports.push(drive_mqtt(server, &server.url, &args, "bare").await?);
-        }
-        rounds.push(reports);
-    }
+
+    let rounds = alternate(
+        args.rounds.rounds,
+        args.fleet.devices,
+        ajour
+            .as_ref()
+            .map(|(_data, server, address)| (server, address.as_str())),
+        bare.as_ref().map(|server| (server, server.url.as_str())),
+        async |server, address, target| drive_mqtt(server, address, &args, target).await,
+    )
+    .await?;
     let title = format!(
         "MQTT endpoint: {} devices, image {} bytes, mtu {}, whole update, MQTT {}, one connection per device \
          (statuses at QoS 1, commands at QoS 0)",

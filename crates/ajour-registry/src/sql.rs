@@ -428,110 +428,97 @@ impl SqlRegistry {
         key: &Key,
         spec: &Map<String, Value>,
     ) -> Result<(), RegistryError> {
-        let Key::Device(app, device) = key else {
-            return Ok(());
-        };
-        sqlx::query("DELETE FROM device_users WHERE application = $1 AND device = $2")
-            .bind(app.as_str())
-            .bind(device.as_str())
-            .execute(&mut **tx)
-            .await?;
-        for username in unique_user_names(spec) {
-            insert_index_row(
-                tx,
-                "INSERT INTO device_users (application, username, device) VALUES ($1, $2, $3)",
-                key,
-                &username,
-            )
-            .await
-            .map_err(|e| e.taken(|| format!("unique user name '{username}' in application '{app}'")))?;
-        }
-        Ok(())
+        record_names(tx, key, &USER_NAMES, unique_user_names(spec)).await
     }
 
     /// Record the aliases (`spec.alias`) of device `key` (replacing its old ones) within `tx`.
-    /// An alias another device of the application lists is refused, naming that device.
     async fn record_aliases(
         tx: &mut Tx<'_>,
         key: &Key,
         spec: &Map<String, Value>,
     ) -> Result<(), RegistryError> {
-        let Key::Device(app, device) = key else {
-            return Ok(());
-        };
-        let aliases = device_aliases(spec)?;
-        sqlx::query("DELETE FROM device_aliases WHERE application = $1 AND device = $2")
-            .bind(app.as_str())
-            .bind(device.as_str())
-            .execute(&mut **tx)
-            .await?;
-        for alias in aliases {
-            // Looked for first so that the refusal can name the device: after a failed insert a
-            // PostgreSQL transaction takes no more queries. The unique key still decides between
-            // two writers racing for one alias.
-            let holder =
-                sqlx::query("SELECT device FROM device_aliases WHERE application = $1 AND alias = $2")
-                    .bind(app.as_str())
-                    .bind(alias.as_str())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-            if let Some(holder) = holder {
-                let holder: String = holder.try_get("device")?;
-                return Err(RegistryError::AlreadyExists(format!(
-                    "alias '{alias}' (listed by device '{holder}') in application '{app}'"
-                )));
-            }
-            insert_index_row(
-                tx,
-                "INSERT INTO device_aliases (application, alias, device) VALUES ($1, $2, $3)",
-                key,
-                &alias,
-            )
-            .await
-            .map_err(|e| e.taken(|| format!("alias '{alias}' in application '{app}'")))?;
-        }
-        Ok(())
+        record_names(tx, key, &ALIASES, device_aliases(spec)?).await
     }
 }
 
-/// Why a row of a name index (a name finds one device of an application) was not inserted.
-enum IndexRowError {
-    /// Another device has the name.
-    Taken,
-    Other(RegistryError),
+/// A table in which a name finds one device of an application: `(application, NAME, device)`,
+/// its key `(application, NAME)`.
+struct NameIndex {
+    table: &'static str,
+    column: &'static str,
+    /// What a name is, in errors.
+    what: &'static str,
 }
 
-impl IndexRowError {
-    /// The registry's error, `what` saying which name was taken.
-    fn taken(self, what: impl FnOnce() -> String) -> RegistryError {
-        match self {
-            IndexRowError::Taken => RegistryError::AlreadyExists(what()),
-            IndexRowError::Other(error) => error,
-        }
-    }
-}
+/// `unique` user names: a device logs in as `username@app`.
+const USER_NAMES: NameIndex = NameIndex {
+    table: "device_users",
+    column: "username",
+    what: "unique user name",
+};
 
-/// Insert `(application, name, device)` of device `key` with `insert` within `tx`.
-async fn insert_index_row(
+/// `spec.alias`: a client certificate's subject DN finds its device.
+const ALIASES: NameIndex = NameIndex {
+    table: "device_aliases",
+    column: "alias",
+    what: "alias",
+};
+
+/// Make `names` device `key`'s in `index`, replacing its old ones, within `tx`. A name another
+/// device of the application has is refused, naming that device.
+async fn record_names(
     tx: &mut Tx<'_>,
-    insert: &'static str,
     key: &Key,
-    name: &str,
-) -> Result<(), IndexRowError> {
+    index: &NameIndex,
+    names: Vec<String>,
+) -> Result<(), RegistryError> {
     let Key::Device(app, device) = key else {
         return Ok(());
     };
-    let inserted = sqlx::query(insert)
+    let NameIndex { table, column, what } = index;
+    sqlx::query(&format!(
+        "DELETE FROM {table} WHERE application = $1 AND device = $2"
+    ))
+    .bind(app.as_str())
+    .bind(device.as_str())
+    .execute(&mut **tx)
+    .await?;
+    for name in names {
+        // Looked for first so that the refusal can name the device: after a failed insert a
+        // PostgreSQL transaction takes no more queries. The unique key still decides between two
+        // writers racing for one name.
+        let holder = sqlx::query(&format!(
+            "SELECT device FROM {table} WHERE application = $1 AND {column} = $2"
+        ))
         .bind(app.as_str())
-        .bind(name)
+        .bind(name.as_str())
+        .fetch_optional(&mut **tx)
+        .await?;
+        if let Some(holder) = holder {
+            let holder: String = holder.try_get("device")?;
+            return Err(RegistryError::AlreadyExists(format!(
+                "{what} '{name}' (listed by device '{holder}') in application '{app}'"
+            )));
+        }
+        let inserted = sqlx::query(&format!(
+            "INSERT INTO {table} (application, {column}, device) VALUES ($1, $2, $3)"
+        ))
+        .bind(app.as_str())
+        .bind(name.as_str())
         .bind(device.as_str())
         .execute(&mut **tx)
         .await;
-    match inserted {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(IndexRowError::Taken),
-        Err(e) => Err(IndexRowError::Other(e.into())),
+        match inserted {
+            Ok(_) => {}
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(RegistryError::AlreadyExists(format!(
+                    "{what} '{name}' in application '{app}'"
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    Ok(())
 }
 
 /// The file of a `sqlite://PATH[?options]` URL; `None` for an in-memory database or another URL.

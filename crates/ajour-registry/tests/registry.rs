@@ -331,6 +331,11 @@ async fn unique_user_names_find_their_device_and_are_unique_per_application() {
             matches!(taken, Err(RegistryError::AlreadyExists(_))),
             "{backend}: {taken:?}"
         );
+        // The refusal names the device that has the name, as an alias's does.
+        assert!(
+            matches!(&taken, Err(RegistryError::AlreadyExists(m)) if m.contains("'alice' (listed by device 'd1')")),
+            "{backend}: {taken:?}"
+        );
         assert!(
             r.get(&device_key("app", "d3")).await.unwrap().is_none(),
             "{backend}: nothing half-stored"

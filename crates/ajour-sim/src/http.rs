@@ -62,17 +62,8 @@ impl HttpLink {
         device: &str,
         password: &str,
     ) -> Self {
-        assert!(!endpoints.is_empty(), "a device needs a server to talk to");
-        Self {
-            http,
-            urls: endpoints.clone(),
-            next: first % endpoints.len(),
-            sign_in: SignIn::Password(ajour_types::basic_auth::encode(
-                &format!("{device}@{app}"),
-                password,
-            )),
-            acting_for: None,
-        }
+        let credentials = ajour_types::basic_auth::encode(&format!("{device}@{app}"), password);
+        Self::signing_in(http, endpoints, first, SignIn::Password(credentials))
     }
 
     /// A device of application `app` signing in by the client certificate `http` presents
@@ -86,12 +77,22 @@ impl HttpLink {
         first: usize,
         app: &str,
     ) -> Self {
+        Self::signing_in(
+            http,
+            endpoints,
+            first,
+            SignIn::Certificate { app: app.to_string() },
+        )
+    }
+
+    /// A link to `endpoints`, starting at `first`, signing in by `sign_in`.
+    fn signing_in(http: reqwest::Client, endpoints: &Arc<[String]>, first: usize, sign_in: SignIn) -> Self {
         assert!(!endpoints.is_empty(), "a device needs a server to talk to");
         Self {
             http,
             urls: endpoints.clone(),
             next: first % endpoints.len(),
-            sign_in: SignIn::Certificate { app: app.to_string() },
+            sign_in,
             acting_for: None,
         }
     }
