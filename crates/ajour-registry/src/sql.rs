@@ -431,6 +431,28 @@ impl SqlRegistry {
         record_names(tx, key, &USER_NAMES, unique_user_names(spec)).await
     }
 
+    /// The device of `app` that has `name` in `index`.
+    async fn device_by_name(
+        &self,
+        index: &NameIndex,
+        app: &AppName,
+        name: &str,
+    ) -> Result<Option<DeviceName>, RegistryError> {
+        let NameIndex { table, column, .. } = index;
+        let row = sqlx::query(&format!(
+            "SELECT device FROM {table} WHERE application = $1 AND {column} = $2"
+        ))
+        .bind(app.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            let device: String = row.try_get("device")?;
+            Ok(DeviceName::parse(&device)?)
+        })
+        .transpose()
+    }
+
     /// Record the aliases (`spec.alias`) of device `key` (replacing its old ones) within `tx`.
     async fn record_aliases(
         tx: &mut Tx<'_>,
@@ -800,29 +822,11 @@ impl Registry for SqlRegistry {
         app: &AppName,
         username: &str,
     ) -> Result<Option<DeviceName>, RegistryError> {
-        let row = sqlx::query("SELECT device FROM device_users WHERE application = $1 AND username = $2")
-            .bind(app.as_str())
-            .bind(username)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            let device: String = row.try_get("device")?;
-            Ok(DeviceName::parse(&device)?)
-        })
-        .transpose()
+        self.device_by_name(&USER_NAMES, app, username).await
     }
 
     async fn device_by_alias(&self, app: &AppName, alias: &str) -> Result<Option<DeviceName>, RegistryError> {
-        let row = sqlx::query("SELECT device FROM device_aliases WHERE application = $1 AND alias = $2")
-            .bind(app.as_str())
-            .bind(alias)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            let device: String = row.try_get("device")?;
-            Ok(DeviceName::parse(&device)?)
-        })
-        .transpose()
+        self.device_by_name(&ALIASES, app, alias).await
     }
 
     async fn changes(&self) -> Result<Option<tokio::sync::mpsc::UnboundedReceiver<Change>>, RegistryError> {
